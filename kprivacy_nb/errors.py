@@ -1,0 +1,78 @@
+"""Exceptions a user can cause.
+
+Every error a user can trigger is a :class:`KPrivacyError` whose message says what to do next.
+Magics turn these into IPython ``UsageError`` (one line, no traceback) and the CLI into a one-line
+message on stderr. Messages never contain secrets.
+"""
+
+from __future__ import annotations
+
+
+class KPrivacyError(Exception):
+    """Base class of every user-facing kprivacy_nb error."""
+
+    exit_code = 1
+
+
+class InvalidParameterError(KPrivacyError, ValueError):
+    """A parameter is out of range or inconsistent (bad sizes, δ ≥ 1/n, σ < 0…)."""
+
+    exit_code = 2
+
+
+class SecretOnLineError(KPrivacyError):
+    """A magic line or argument contains something that looks like a secret."""
+
+    exit_code = 2
+
+
+class KeyFileError(KPrivacyError):
+    """A key file is missing, unreadable, malformed or has unsafe permissions."""
+
+
+class BudgetExceededError(KPrivacyError):
+    """A DP run would spend more privacy budget than its ledger has left."""
+
+
+class LedgerError(KPrivacyError):
+    """The ledger database is unknown, corrupted, locked or otherwise unusable."""
+
+
+class TrainingError(KPrivacyError):
+    """DP training cannot start or had to stop (unsupported layer, non-finite gradients…)."""
+
+
+class CryptoError(KPrivacyError):
+    """Base class of encryption, decryption and signature failures."""
+
+
+class HeaderError(CryptoError):
+    """The age header is malformed or unsupported."""
+
+
+class HMACError(CryptoError):
+    """The age header MAC does not match: the header was modified or the key is wrong."""
+
+
+class PayloadError(CryptoError):
+    """The age payload failed authentication or is truncated."""
+
+
+class ArmorError(CryptoError):
+    """The ASCII armor is malformed."""
+
+
+class NoIdentityMatchError(CryptoError):
+    """None of the given identities or passphrases opens the file."""
+
+
+class SignatureError(CryptoError):
+    """A signature is missing, malformed or does not verify."""
+
+
+class SerializationError(KPrivacyError):
+    """An object can't be serialised or deserialised safely (unknown type, pickle refused…)."""
+
+
+class FileExistsRefusedError(KPrivacyError, FileExistsError):
+    """The output file exists and overwriting was not asked for."""

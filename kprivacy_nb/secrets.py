@@ -1,0 +1,255 @@
+"""The one place secrets come from, and the registry that keeps them out of output.
+
+A secret (passphrase, identity, signing key) reaches kprivacy_nb in exactly three ways:
+
+* a prompt (:func:`getpass.getpass`, which ipykernel answers without echo),
+* an environment variable whose *name* is given (``--passphrase-env VAR``),
+* a key file, refused if group/other can read it.
+
+Everything resolved here is wrapped in :class:`Secret` (whose ``repr`` never shows the value) and
+registered with :data:`REGISTRY`, so :func:`redact` can mask it if anything later prints it.
+This module imports neither IPython nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+import getpass
+import math
+import os
+import re
+import stat
+import threading
+from collections import Counter
+from pathlib import Path
+
+from .errors import KeyFileError, KPrivacyError, SecretOnLineError
+
+MASK = "***"
+_MIN_SECRET_LEN = 4
+
+
+class Secret:
+    """A secret string that does not show itself in ``repr``/``str``/f-strings.
+
+    >>> s = Secret("hunter2")
+    >>> s
+    Secret(***)
+    >>> s.reveal()
+    'hunter2'
+    """
+
+    __slots__ = ("_value", "source")
+
+    def __init__(self, value: str, source: str = "value") -> None:
+        self._value = value
+        self.source = source
+        REGISTRY.register(value)
+
+    def reveal(self) -> str:
+        """Return the secret value; call only at the point of use."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({MASK})"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+    def __reduce__(self):  # pragma: no cover - defensive
+        raise TypeError("Secret objects cannot be pickled")
+
+
+class SecretRegistry:
+    """Secrets this process has handled, so they can be masked in anything printed later."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._secrets: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
+
+    def register(self, value: str | bytes | None) -> None:
+        if value is None:
+            return
+        if isinstance(value, bytes):
+            try:
+                value = value.decode()
+            except UnicodeDecodeError:
+                return
+        pieces = {value, value.strip()}
+        # Key files: also mask each non-comment line on its own.
+        pieces.update(line.strip() for line in value.splitlines() if not line.startswith("#"))
+        with self._lock:
+            added = False
+            for piece in pieces:
+                if len(piece) >= _MIN_SECRET_LEN and piece not in self._secrets:
+                    self._secrets.add(piece)
+                    added = True
+            if added:
+                ordered = sorted(self._secrets, key=len, reverse=True)
+                self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
+
+    def forget_all(self) -> None:
+        with self._lock:
+            self._secrets.clear()
+            self._pattern = None
+
+    def __len__(self) -> int:
+        return len(self._secrets)
+
+    def redact(self, text: str) -> str:
+        """Return ``text`` with every registered secret (and any age secret key) masked."""
+        pattern = self._pattern
+        if pattern is not None:
+            text = pattern.sub(MASK, text)
+        return AGE_SECRET_KEY_RE.sub(MASK, text)
+
+    def contains_secret(self, text: str) -> bool:
+        return self.redact(text) != text
+
+
+REGISTRY = SecretRegistry()
+
+
+def redact(text: str) -> str:
+    """Mask every secret kprivacy_nb has seen (and any age secret key) in ``text``."""
+    return REGISTRY.redact(text)
+
+
+def register_secret(value: str | bytes | None) -> None:
+    """Tell the redaction registry about a secret handled outside this module."""
+    REGISTRY.register(value)
+
+
+# --- detecting secrets typed on a magic line ---------------------------------------------------
+
+AGE_SECRET_KEY_RE = re.compile(r"AGE-SECRET-KEY-(?:PQ-)?1[0-9A-Za-z]{20,}")
+_SSH_PRIVATE_RE = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+_LITERAL_FLAG_RE = re.compile(
+    r"(?:^|\s)--?(?:passphrase|password|passwd|pass|secret|key|identity-string)(?:=|\s+)(?!-)(\S+)",
+    re.IGNORECASE,
+)
+_TOKEN_RE = re.compile(r"[A-Za-z0-9+/=_\-]{32,}")
+# Public things that look random but are not secrets.
+_PUBLIC_PREFIXES = ("age1", "ssh-ed25519", "ssh-rsa", "kpsig1", "kppub1")
+
+
+def _entropy_bits_per_char(token: str) -> float:
+    counts = Counter(token)
+    n = len(token)
+    return -sum(c / n * math.log2(c / n) for c in counts.values())
+
+
+def _is_high_entropy(token: str) -> bool:
+    if token.lower().startswith(_PUBLIC_PREFIXES):
+        return False
+    if re.fullmatch(r"[0-9a-f]+", token):  # hex digests are public identifiers
+        return False
+    classes = sum(
+        bool(re.search(p, token)) for p in (r"[a-z]", r"[A-Z]", r"[0-9]", r"[+/=_\-]")
+    )
+    return classes >= 3 and _entropy_bits_per_char(token) >= 4.0
+
+
+def find_secret(line: str) -> str | None:
+    """Return why ``line`` looks like it contains a secret, or ``None`` if it looks clean.
+
+    Flags that *name* a secret (``--passphrase-env VAR``, ``--identity FILE``) are fine; literal
+    values are not.
+    """
+    if AGE_SECRET_KEY_RE.search(line):
+        return "an age secret key (AGE-SECRET-KEY-1…)"
+    if _SSH_PRIVATE_RE.search(line):
+        return "a private key block"
+    m = _LITERAL_FLAG_RE.search(line)
+    if m:
+        return f"a literal value after {m.group(0).split()[0].split('=')[0]!s}"
+    for token in _TOKEN_RE.findall(line):
+        if _is_high_entropy(token):
+            return "a long high-entropy token (an API key or password?)"
+    if REGISTRY.contains_secret(line):
+        return "a secret this session has already handled"
+    return None
+
+
+def check_line(line: str) -> None:
+    """Raise :class:`SecretOnLineError` if ``line`` contains what looks like a secret."""
+    why = find_secret(line)
+    if why:
+        raise SecretOnLineError(
+            f"refused: this line contains {why}. Secrets never go on a magic line — use a prompt "
+            "(omit the value), --passphrase-env VAR, or a key file (-i FILE). The line was removed "
+            "from the input history."
+        )
+
+
+# --- the key-source resolver --------------------------------------------------------------------
+
+
+def check_key_file_permissions(path: Path) -> None:
+    """Refuse a key file that group or others can read or write."""
+    st = path.stat()
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"{path} is readable by group/others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"fix it with: chmod 600 {path}"
+        )
+
+
+def read_key_file(path: str | os.PathLike) -> Secret:
+    """Read a secret key file after checking its permissions; the content is registered."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise KeyFileError(f"key file {p} does not exist")
+    if not p.is_file():
+        raise KeyFileError(f"{p} is not a file")
+    check_key_file_permissions(p)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"cannot read key file {p}: {type(exc).__name__}") from None
+    return Secret(text, source=f"file {p}")
+
+
+def secret_from_env(var: str) -> Secret:
+    """Read a secret from the environment variable named ``var``."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var or ""):
+        raise KPrivacyError(f"{var!r} is not an environment variable name")
+    value = os.environ.get(var)
+    if value is None or value == "":
+        raise KPrivacyError(f"environment variable {var} is not set (or empty)")
+    return Secret(value, source=f"env {var}")
+
+
+def prompt_secret(prompt: str = "Passphrase: ", *, confirm: bool = False) -> Secret:
+    """Ask for a secret without echo (ipykernel answers :func:`getpass.getpass` as a password box)."""
+    try:
+        value = getpass.getpass(prompt)
+    except (EOFError, OSError, RuntimeError) as exc:
+        raise KPrivacyError(
+            "no way to prompt for a passphrase here (no terminal or frontend input); "
+            "use --passphrase-env VAR instead"
+        ) from exc
+    if not value:
+        raise KPrivacyError("empty passphrase refused")
+    if confirm:
+        again = getpass.getpass("Confirm: ")
+        if again != value:
+            raise KPrivacyError("the two passphrases differ")
+    return Secret(value, source="prompt")
+
+
+def resolve_passphrase(
+    env: str | None = None, *, prompt: str = "Passphrase: ", confirm: bool = False
+) -> Secret:
+    """The passphrase source resolver: the named env var if given, else a no-echo prompt."""
+    if env:
+        return secret_from_env(env)
+    return prompt_secret(prompt, confirm=confirm)
