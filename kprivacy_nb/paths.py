@@ -31,7 +31,9 @@ def home_dir(create: bool = True) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, *, force: bool = False, mode: int = 0o600) -> Iterator[BinaryIO]:
+def atomic_write(
+    path: str | os.PathLike, *, force: bool = False, mode: int = 0o600
+) -> Iterator[BinaryIO]:
     """Open a binary temp file next to ``path``; on success it atomically replaces ``path``.
 
     The temp file is created with ``mode`` (0600 by default) from the start, so its content is
@@ -57,7 +59,9 @@ def atomic_write(path: str | os.PathLike, *, force: bool = False, mode: int = 0o
             f.flush()
             os.fsync(f.fileno())
         if not force and target.exists():
-            raise FileExistsRefusedError(f"{target} appeared while writing; pass --force to overwrite")
+            raise FileExistsRefusedError(
+                f"{target} appeared while writing; pass --force to overwrite"
+            )
         os.replace(tmp, target)
         with contextlib.suppress(OSError):
             dfd = os.open(folder, os.O_RDONLY)

@@ -109,7 +109,7 @@ class SecretRegistry:
         pattern = self._pattern
         if pattern is not None:
             text = pattern.sub(MASK, text)
-        return AGE_SECRET_KEY_RE.sub(MASK, text)
+        return SIGNING_KEY_RE.sub(MASK, AGE_SECRET_KEY_RE.sub(MASK, text))
 
     def contains_secret(self, text: str) -> bool:
         return self.redact(text) != text
@@ -131,9 +131,11 @@ def register_secret(value: str | bytes | None) -> None:
 # --- detecting secrets typed on a magic line ---------------------------------------------------
 
 AGE_SECRET_KEY_RE = re.compile(r"AGE-SECRET-KEY-(?:PQ-)?1[0-9A-Za-z]{20,}")
+# kprivacy_nb Ed25519 signing keys (kprivacy_nb.crypto.signing).
+SIGNING_KEY_RE = re.compile(r"KPRIVACY-SIGNING-KEY-1[0-9A-Za-z]{20,}", re.IGNORECASE)
 _SSH_PRIVATE_RE = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 _LITERAL_FLAG_RE = re.compile(
-    r"(?:^|\s)--?(?:passphrase|password|passwd|pass|secret|key|identity-string)(?:=|\s+)(?!-)(\S+)",
+    r"(?:^|[\s'\"])--?(?:passphrase|password|passwd|secret|secret-key|identity-string)(?:=|\s+)(?!-)(\S+)",
     re.IGNORECASE,
 )
 _TOKEN_RE = re.compile(r"[A-Za-z0-9+/=_\-]{32,}")
@@ -152,9 +154,7 @@ def _is_high_entropy(token: str) -> bool:
         return False
     if re.fullmatch(r"[0-9a-f]+", token):  # hex digests are public identifiers
         return False
-    classes = sum(
-        bool(re.search(p, token)) for p in (r"[a-z]", r"[A-Z]", r"[0-9]", r"[+/=_\-]")
-    )
+    classes = sum(bool(re.search(p, token)) for p in (r"[a-z]", r"[A-Z]", r"[0-9]", r"[+/=_\-]"))
     return classes >= 3 and _entropy_bits_per_char(token) >= 4.0
 
 
@@ -166,6 +166,8 @@ def find_secret(line: str) -> str | None:
     """
     if AGE_SECRET_KEY_RE.search(line):
         return "an age secret key (AGE-SECRET-KEY-1…)"
+    if SIGNING_KEY_RE.search(line):
+        return "a signing secret key (KPRIVACY-SIGNING-KEY-1…)"
     if _SSH_PRIVATE_RE.search(line):
         return "a private key block"
     m = _LITERAL_FLAG_RE.search(line)

@@ -18,7 +18,7 @@ REDACTED_INPUT = "# [kprivacy_nb] input removed: it contained a secret"
 
 
 def scrub_history(shell: Any, needle: str | None = None) -> int:
-    """Remove the current input (or every input containing ``needle``) from IPython's history.
+    """Remove every input that contains ``needle`` (or looks like a secret) from IPython's history.
 
     Covers ``In``/``_ih``, ``_i``/``_ii``/``_iii``/``_iN``, the raw/parsed caches, the pending DB
     write cache and the rows already in the history database. Returns how many places changed.
@@ -31,8 +31,8 @@ def scrub_history(shell: Any, needle: str | None = None) -> int:
     def bad(text: Any) -> bool:
         if not isinstance(text, str):
             return False
-        if needle is not None:
-            return needle in text
+        if needle and (needle in text or repr(needle)[1:-1] in text):
+            return True
         return secrets.find_secret(text) is not None
 
     for hist in (hm.input_hist_parsed, hm.input_hist_raw):
@@ -75,13 +75,13 @@ def refuse_secret_line(shell: Any, line: str, cell: str | None = None) -> None:
     why = secrets.find_secret(line)
     if why is None:
         return
-    scrub_history(shell)
     if shell is not None:
+        scrub_history(shell, line)
         # The history DB writer may flush after this magic returns: scrub again after the cell.
         events = shell.events
 
         def _later(*_a: Any) -> None:
-            scrub_history(shell)
+            scrub_history(shell, line)
             with contextlib.suppress(ValueError):
                 events.unregister("post_run_cell", _later)
 

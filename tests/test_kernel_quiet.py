@@ -1,0 +1,74 @@
+"""Quiet mode in a real Jupyter kernel (nbclient + ipykernel), where fd 1/2 reach the cell."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+from nbclient import NotebookClient  # noqa: E402
+
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
+
+TRAIN = """\
+import numpy as np, keras
+m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+m.compile("sgd", "sparse_categorical_crossentropy", metrics=["accuracy"])
+h = m.fit(np.random.rand(64, 4), np.random.randint(0, 2, 64), epochs=2, batch_size=16)
+"""
+FD_WRITES = """\
+import os, time
+os.write(2, b"I0000 00:00:1795619555.1 77 port.cc:1] fd-level noise line\\n")
+os.write(2, b"E0000 00:00:1795619555.2 77 op_kernel.cc:1] fd-level real failure\\n")
+time.sleep(0.5)  # ipykernel forwards fd output from a watcher thread: let it arrive in this cell
+"""
+NOISE_MARKERS = ("oneDNN", "cuda", "absl::InitializeLog", "━", "cuInit", "fd-level noise")
+
+
+def kernel_env() -> dict[str, str]:
+    """The kernel's environment, as a user's would be: ipykernel stops forwarding fd 1/2 into
+    cells when it sees PYTEST_CURRENT_TEST, which would hide exactly what is tested here."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    return env
+
+
+def run(cells: list[str]) -> list[str]:
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    client = NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=True)
+    client.execute(env=kernel_env())
+    texts = []
+    for cell in nb.cells:
+        parts = []
+        for out in cell.outputs:
+            if out.output_type == "stream":
+                parts.append(out.text)
+            elif out.output_type == "error":
+                parts.append(f"{out.ename}: {out.evalue}")
+            elif "text/plain" in out.get("data", {}):
+                parts.append(out.data["text/plain"])
+        texts.append("".join(parts))
+    return texts
+
+
+def test_quiet_on_holds_back_tensorflow_noise_but_not_errors():
+    out = run(["%load_ext kprivacy_nb", TRAIN, FD_WRITES, "1/0", "%quiet --show 10"])
+    load, train, fd, error, show = out
+    assert load == ""
+    for marker in NOISE_MARKERS:
+        assert marker not in train + fd, f"noise {marker!r} reached the cell"
+    assert "Epoch 1/2 · 4/4" in train and "Epoch 2/2 · 4/4" in train
+    assert "fd-level real failure" in fd
+    assert "ZeroDivisionError" in error
+    assert "fd-level noise line" in show  # nothing lost
+    assert "oneDNN" in show or "cuda" in show
+
+
+def test_quiet_off_lets_the_noise_through():
+    # Proves the filter is what removes it: same cells, quiet mode off before TF is imported.
+    out = run(["%load_ext kprivacy_nb\n%quiet off", TRAIN, FD_WRITES])
+    _, train, fd = out
+    assert "━" in train
+    assert "fd-level noise line" in fd
+    assert any(m in train for m in ("oneDNN", "cuda", "absl::InitializeLog", "cuInit"))
