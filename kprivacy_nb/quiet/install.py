@@ -162,8 +162,10 @@ class QuietController:
                 stream.__class__ = base
                 if nxt is not None:
                     stream.write = nxt
-            elif isinstance(getattr(sys, name), _StreamProxy):
-                setattr(sys, name, stream)
+            else:
+                current = getattr(sys, name)
+                if isinstance(current, _StreamProxy) and current._kp_stream is stream:
+                    setattr(sys, name, stream)
         self._patches.clear()
         self.restore_tf_log_level()
 
@@ -172,7 +174,7 @@ class QuietController:
 
     # -- cells -----------------------------------------------------------------------------
     def start_cell(self, label: str) -> None:
-        if self._patches:
+        if self._patches and self._cell_depth == 0:
             self.install()  # someone may have swapped sys.stdout/sys.stderr since
         self._cell_depth += 1
         if self._cell_depth == 1:

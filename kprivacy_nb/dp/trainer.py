@@ -1,0 +1,392 @@
+"""``dp_fit``: train a Keras 3 model with DP-SGD and account for exactly what was run.
+
+The algorithm (Abadi et al. 2016, as TF Privacy and Opacus implement it), per step: sample a batch
+(Poisson with q = B/n by default), clip every example's gradient over all trainable weights to
+norm ≤ C, sum, add N(0, σ²C²) once per coordinate, divide by the expected batch size (Poisson) or
+the batch size (shuffle), apply the optimizer. The ε reported is the accountant's ε for the steps
+actually applied (:func:`kprivacy_nb.dp.accounting.dpsgd_event`).
+
+This module imports TensorFlow only when training starts, and never imports IPython: progress
+goes to callback objects (see :class:`TrainingCallback`); the notebook monitor lives in
+:mod:`kprivacy_nb.widgets.monitor`.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidParameterError, TrainingError
+from . import accounting
+from .reporting import LogReporter, TrainingCallback, _call, _default_reporter, _fmt
+
+__all__ = ["dp_fit", "DPFitResult", "TrainingPlan", "TrainingCallback", "LogReporter"]
+
+
+@dataclass
+class TrainingPlan:
+    """Everything known before the first step (shown by monitors)."""
+
+    n: int
+    batch_size: int
+    epochs: int
+    steps_per_epoch: int
+    noise_multiplier: float
+    l2_norm_clip: float
+    delta: float
+    sampling: str
+    accountant: str
+    planned_curve: accounting.EpsilonCurve
+    target_epsilon: float | None = None
+    ledger_name: str | None = None
+    ledger_cap: float | None = None
+    ledger_spent: float | None = None
+    clipping: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DPFitResult:
+    """Outcome of :func:`dp_fit`: the trained model, its history and its privacy cost."""
+
+    model: Any
+    history: dict[str, list[float]]
+    epsilon: float
+    epsilon_curve: accounting.EpsilonCurve
+    noise_multiplier: float
+    delta: float
+    steps: int
+    clipping: dict[str, str]
+    l2_norm_clip: float
+    batch_size: int
+    n: int
+    sampling: str
+    accountant: str
+    epochs_completed: int
+    planned_curve: accounting.EpsilonCurve
+    target_epsilon: float | None = None
+    interrupted: bool = False
+    ledger_name: str | None = None
+    reservation_id: Any = None
+    seconds: float = 0.0
+    trace_count: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
+            "l2_norm_clip": self.l2_norm_clip, "sampling": self.sampling, "steps": self.steps,
+            "epochs_completed": self.epochs_completed, "accountant": self.accountant,
+            "batch_size": self.batch_size, "n": self.n, "interrupted": self.interrupted,
+            "ledger": self.ledger_name,
+        }  # fmt: skip
+
+    def __repr__(self) -> str:
+        stop = ", interrupted" if self.interrupted else ""
+        return (
+            f"DPFitResult(ε={_fmt(self.epsilon)}, δ={self.delta:g}, σ={self.noise_multiplier:.4g}, "
+            f"C={self.l2_norm_clip:g}, sampling={self.sampling}, steps={self.steps}, "
+            f"epochs={self.epochs_completed}, accountant={self.accountant}{stop})"
+        )
+
+    def _repr_html_(self) -> str:
+        rows = [
+            ("ε (spent)", _fmt(self.epsilon)), ("δ", f"{self.delta:g}"),
+            ("σ (noise multiplier)", f"{self.noise_multiplier:.4g}"),
+            ("C (clipping norm)", f"{self.l2_norm_clip:g}"),
+            ("sampling", f"{self.sampling} (batch {self.batch_size} of n={self.n})"),
+            ("steps", f"{self.steps} ({self.epochs_completed} epochs)"),
+            ("accountant", self.accountant.upper()),
+        ]  # fmt: skip
+        if self.target_epsilon is not None:
+            rows.append(("target ε", _fmt(self.target_epsilon)))
+        if self.ledger_name:
+            rows.append(("ledger", self.ledger_name))
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            if self.history.get(key):
+                rows.append((key, f"{self.history[key][-1]:.4f}"))
+        body = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+            f"<td style='text-align:left'>{html.escape(v)}</td></tr>"
+            for k, v in rows
+        )
+        note = " — <b>interrupted</b>" if self.interrupted else ""
+        return (
+            "<div class='kprivacy-card'><b>DP-SGD privacy card</b>"
+            f"{note}<table>{body}</table></div>"
+        )
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _num_rows(data: Any, what: str) -> int:
+    import tensorflow as tf
+
+    leaves = tf.nest.flatten(data)
+    if not leaves:
+        raise InvalidParameterError(f"{what} is empty")
+    sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else -1 for leaf in leaves}
+    if len(sizes) != 1 or -1 in sizes:
+        raise InvalidParameterError(
+            f"{what}: every input array needs the same number of rows (first dimension); got {sorted(sizes)}"
+        )
+    return sizes.pop()
+
+
+def _to_tensors(data: Any) -> Any:
+    import tensorflow as tf
+
+    def convert(a: Any) -> Any:
+        arr = np.asarray(a)
+        if arr.dtype == object:
+            raise InvalidParameterError("data arrays must be numeric (got an object array)")
+        if arr.dtype.kind == "f" and arr.dtype != np.float32:
+            arr = arr.astype(np.float32)
+        if arr.dtype.kind == "b":
+            arr = arr.astype(np.float32)
+        return tf.constant(arr)
+
+    return tf.nest.map_structure(convert, data)
+
+
+# --------------------------------------------------------------------------- dp_fit
+
+
+def dp_fit(
+    model: Any,
+    x: Any,
+    y: Any = None,
+    *,
+    epochs: int,
+    batch_size: int,
+    l2_norm_clip: float = 1.0,
+    noise_multiplier: float | None = None,
+    target_epsilon: float | None = None,
+    delta: float | None = None,
+    optimizer: Any = "sgd",
+    learning_rate: float | None = None,
+    sampling: str = "poisson",
+    accountant: str = "pld",
+    validation_data: tuple[Any, Any] | None = None,
+    ledger: Any = None,
+    seed: int | None = None,
+    verbose: int = 1,
+    loss: Any = None,
+    callbacks: Sequence[Any] | None = None,
+) -> DPFitResult:
+    """Train ``model`` on ``(x, y)`` with DP-SGD; return a :class:`DPFitResult`.
+
+    Give either ``noise_multiplier`` (σ) or ``target_epsilon`` (σ is then calibrated so the
+    planned run ends at ε ≤ target). ``delta`` defaults to 1/n rounded down to a power of ten.
+    ``ledger`` (a budget name, or ``(name, Ledger)``) reserves the planned spend before training
+    and records the actual spend afterwards (refused up front if it would overspend). Ctrl-C stops
+    cleanly: the model keeps its weights and the result (and ledger) record the steps run.
+    ``seed`` makes sampling and noise reproducible (tests only: real runs use OS entropy).
+
+    >>> run = dp_fit(model, x_train, y_train, epochs=10, batch_size=256,
+    ...              target_epsilon=3.0, delta=1e-5)                       # doctest: +SKIP
+    >>> run.epsilon <= 3.0                                                 # doctest: +SKIP
+    True
+    """
+    started = time.perf_counter()
+    if y is None:
+        raise InvalidParameterError("dp_fit needs labels y (unsupervised losses are not supported)")
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise InvalidParameterError(
+            "give exactly one of noise_multiplier (σ) or target_epsilon (σ is then calibrated)"
+        )
+    if (
+        l2_norm_clip is None
+        or not float(l2_norm_clip) > 0
+        or not math.isfinite(float(l2_norm_clip))
+    ):
+        raise InvalidParameterError(f"l2_norm_clip must be a positive number, got {l2_norm_clip}")
+    if target_epsilon is not None and not float(target_epsilon) > 0:
+        raise InvalidParameterError(f"target_epsilon must be > 0, got {target_epsilon}")
+    n = _num_rows(x, "x")
+    n_y = _num_rows(y, "y")
+    if n != n_y:
+        raise InvalidParameterError(f"x has {n} rows but y has {n_y}: they must match")
+    sampling = str(sampling).lower()
+    accountant = str(accountant).lower()
+    no_noise = noise_multiplier is not None and float(noise_multiplier) == 0
+    if no_noise and ledger is not None:
+        raise InvalidParameterError(
+            "noise_multiplier=0 has ε = ∞: it cannot be charged to a ledger"
+        )
+    delta = accounting.validate(
+        n, batch_size, epochs=epochs, noise_multiplier=noise_multiplier, delta=delta,
+        sampling=sampling, accountant=accountant, allow_no_noise=no_noise,
+    )  # fmt: skip
+
+    import keras
+
+    from . import clipping, engine
+    from .sampling import make_rng, make_sampler
+
+    if not isinstance(model, keras.Model):
+        raise InvalidParameterError(f"model must be a keras.Model, got {type(model).__name__}")
+    clipping.check_model(model)
+    loss_obj = loss if loss is not None else getattr(model, "loss", None)
+    loss_fn = clipping.per_example_loss_fn(loss_obj)
+    X, Y = _to_tensors(x), _to_tensors(y)
+    _check_fits(model, loss_fn, X, Y)
+    val = None
+    if validation_data is not None:
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+            raise InvalidParameterError("validation_data must be a pair (x_val, y_val)")
+        if _num_rows(validation_data[0], "validation x") != _num_rows(
+            validation_data[1], "validation y"
+        ):
+            raise InvalidParameterError("validation x and y have different numbers of rows")
+        val = (_to_tensors(validation_data[0]), _to_tensors(validation_data[1]))
+
+    if target_epsilon is not None:
+        sigma = accounting.calibrate_noise(
+            float(target_epsilon), n, batch_size, epochs, delta, sampling=sampling,
+            accountant=accountant,
+        )  # fmt: skip
+    else:
+        sigma = float(noise_multiplier)
+    opt = engine.resolve_optimizer(optimizer, learning_rate)
+    eng = engine.DPSGDEngine(
+        model, loss_fn, opt, l2_norm_clip=float(l2_norm_clip),
+        noise_multiplier=sigma, X=X, Y=Y, seed=seed,
+        accuracy=engine.accuracy_fn(loss_obj),
+    )  # fmt: skip
+    eng.trace()
+    spe = accounting.steps_per_epoch(n, batch_size, sampling)
+    planned = accounting.epsilon_curve(
+        n, batch_size, epochs, sigma, delta, sampling=sampling, accountant=accountant
+    )
+
+    def event(steps: int) -> Any:
+        return accounting.dpsgd_event(
+            n=n, batch_size=batch_size, noise_multiplier=sigma, steps=steps, sampling=sampling
+        )
+
+    reservation, ledger_name, cap, spent = None, None, None, None
+    if ledger is not None:
+        from .ledger import resolve_ledger
+
+        target = resolve_ledger(ledger)
+        if target is not None:
+            ledger_name = target.name
+            budget = target.budget()
+            cap, spent = budget.epsilon_cap, budget.committed_epsilon
+            reservation = target.reserve(
+                event(int(epochs) * spe), accountant=accountant,
+                description=f"dp_fit {getattr(model, 'name', 'model')}: {epochs} epochs, "
+                f"batch {batch_size}, σ={sigma:.4g}, C={l2_norm_clip:g}",
+            )  # fmt: skip
+
+    plan = TrainingPlan(
+        n=n, batch_size=int(batch_size), epochs=int(epochs), steps_per_epoch=spe,
+        noise_multiplier=sigma, l2_norm_clip=float(l2_norm_clip), delta=delta, sampling=sampling,
+        accountant=accountant, planned_curve=planned,
+        target_epsilon=None if target_epsilon is None else float(target_epsilon),
+        ledger_name=ledger_name, ledger_cap=cap, ledger_spent=spent, clipping=eng.report,
+    )  # fmt: skip
+    cbs = list(callbacks or [])
+    if verbose:
+        cbs.insert(0, _default_reporter())
+
+    history: dict[str, list[float]] = {}
+    iterations0 = int(opt.iterations.numpy())
+    epochs_done, interrupted = 0, False
+    sampler = make_sampler(sampling, n, batch_size, make_rng(seed))
+
+    def applied_steps() -> int:
+        return int(opt.iterations.numpy()) - iterations0
+
+    def finish_ledger(steps: int) -> None:
+        if reservation is None:
+            return
+        if steps > 0:
+            reservation.settle(event(steps))
+        else:
+            reservation.cancel()
+
+    try:
+        _call(cbs, "on_train_begin", plan)
+        for epoch in range(1, int(epochs) + 1):
+            t0 = time.perf_counter()
+            totals = np.zeros(3)
+            for idx in sampler.epoch():
+                out = eng.step(X, Y, idx, sampler.denominator(idx))
+                if out[3] < 0.5:
+                    raise TrainingError(
+                        f"non-finite loss or gradient at step {applied_steps() + 1} (epoch {epoch}); "
+                        "training stopped and the weights from before that step were kept. Lower "
+                        "the learning rate, check the data for NaN/inf, or use a numerically "
+                        "stable loss (from_logits=True)"
+                    )
+                totals += out[:3]
+            epochs_done = epoch
+            logs = {"loss": totals[0] / max(totals[1], 1)}
+            if eng.accuracy is not None:
+                logs["accuracy"] = totals[2] / max(totals[1], 1)
+            if val is not None:
+                logs.update({f"val_{k}": v for k, v in eng.evaluate(*val).items()})
+            for key, value in logs.items():
+                history.setdefault(key, []).append(float(value))
+            eps_now = planned.epsilon[epoch - 1] if applied_steps() == epoch * spe else (
+                accounting.epsilon_of_event(event(applied_steps()), delta, accountant)
+            )  # fmt: skip
+            history.setdefault("epsilon", []).append(float(eps_now))
+            _call(cbs, "on_epoch_end", epoch, {
+                **logs, "epsilon": eps_now, "delta": delta, "epochs": int(epochs),
+                "steps": applied_steps(), "seconds": time.perf_counter() - t0,
+            })  # fmt: skip
+    except KeyboardInterrupt:
+        interrupted = True
+    except BaseException:
+        finish_ledger(applied_steps())
+        raise
+    steps = applied_steps()
+    finish_ledger(steps)
+    eps = 0.0 if steps == 0 else accounting.epsilon_of_event(event(steps), delta, accountant)
+    curve = accounting.EpsilonCurve(
+        epochs=planned.epochs[:epochs_done], epsilon=planned.epsilon[:epochs_done],
+        steps=planned.steps[:epochs_done], delta=delta, accountant=accountant, sampling=sampling,
+        noise_multiplier=sigma, n=n, batch_size=int(batch_size),
+    )  # fmt: skip
+    result = DPFitResult(
+        model=model, history=history, epsilon=float(eps), epsilon_curve=curve,
+        noise_multiplier=sigma, delta=delta, steps=steps, clipping=eng.report,
+        l2_norm_clip=float(l2_norm_clip), batch_size=int(batch_size), n=n, sampling=sampling,
+        accountant=accountant, epochs_completed=epochs_done, planned_curve=planned,
+        target_epsilon=None if target_epsilon is None else float(target_epsilon),
+        interrupted=interrupted, ledger_name=ledger_name,
+        reservation_id=getattr(reservation, "id", None),
+        seconds=time.perf_counter() - started, trace_count=eng.trace_count,
+    )  # fmt: skip
+    _call(cbs, "on_train_end", result)
+    return result
+
+
+def _check_fits(model: Any, loss_fn: Callable, X: Any, Y: Any) -> None:
+    """Run the model and loss on two examples so shape mistakes fail with a clear message."""
+    import tensorflow as tf
+
+    xs = tf.nest.map_structure(lambda t: t[:2], X)
+    try:
+        preds = model(xs, training=False)
+    except Exception as exc:  # Keras raises many types; re-word them once
+        raise InvalidParameterError(f"x does not fit the model's input: {exc}") from None
+    try:
+        values = loss_fn(Y[:2], preds)
+    except Exception as exc:
+        raise InvalidParameterError(
+            f"y does not fit the model's output and loss (prediction shape {tuple(preds.shape)}, "
+            f"y shape {tuple(Y.shape)}): {exc}"
+        ) from None
+    if values.shape.rank != 1 or values.shape[0] != preds.shape[0]:
+        raise InvalidParameterError(
+            f"the loss must give one value per example; got shape {tuple(values.shape)}"
+        )

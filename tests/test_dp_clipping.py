@@ -1,0 +1,201 @@
+"""DP-SGD math: one step equals the naive per-example clipped mean, for every fast path."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from kprivacy_nb import dp_fit  # noqa: E402
+from kprivacy_nb.dp.clipping import per_example_loss_fn  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier=0")
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+class Scale(keras.layers.Layer):
+    """A custom layer with no fast path (exercises the vectorised fallback)."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.w
+
+
+def _models(rng):
+    k = keras.layers
+    return {
+        "dense": ([k.Dense(4, activation="tanh"), k.Dense(3)], rng.normal(size=(8, 5))),
+        "dense_seq_ghost": (
+            [k.Dense(40, activation="tanh"), k.Dense(40), k.GlobalAveragePooling1D(), k.Dense(3)],
+            rng.normal(size=(8, 3, 5)),
+        ),
+        "dense_seq_per_example": (
+            [k.Dense(4), k.GlobalAveragePooling1D(), k.Dense(3)], rng.normal(size=(8, 7, 5)),
+        ),
+        "conv2d": (
+            [k.Conv2D(3, 3, strides=2, padding="same", activation="relu"), k.Conv2D(4, (2, 3)),
+             k.Flatten(), k.Dense(3)],
+            rng.normal(size=(8, 8, 8, 2)),
+        ),
+        "conv2d_ghost": ([k.Conv2D(40, 3), k.Flatten(), k.Dense(3)], rng.normal(size=(8, 4, 4, 8))),
+        "conv1d": (
+            [k.Conv1D(4, 3, padding="causal", dilation_rate=2), k.Conv1D(2, 2, strides=2),
+             k.Flatten(), k.Dense(3)],
+            rng.normal(size=(8, 10, 3)),
+        ),
+        "embedding": (
+            [k.Embedding(5, 4), k.GlobalAveragePooling1D(), k.Dense(3)],
+            rng.integers(0, 5, (8, 9)),
+        ),
+        "layernorm": ([k.LayerNormalization(), k.Flatten(), k.Dense(3)], rng.normal(size=(8, 4, 5))),
+        "groupnorm": (
+            [k.GroupNormalization(groups=3), k.Flatten(), k.Dense(3)], rng.normal(size=(8, 4, 6)),
+        ),
+        "fallback": ([Scale(), k.Dense(3)], rng.normal(size=(8, 5))),
+    }  # fmt: skip
+
+
+def _naive_clipped_mean(model, x, y, clip):
+    """Per-example gradients one example at a time, clipped jointly, averaged."""
+    loss_fn = per_example_loss_fn(LOSS)
+    total = [np.zeros(v.shape) for v in model.trainable_variables]
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(loss_fn(y[i : i + 1], model(x[i : i + 1], training=True)))
+        grads = [
+            tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, model.trainable_variables)
+        ]
+        norm = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads))
+        for acc, g in zip(total, grads, strict=False):
+            acc += min(1.0, clip / norm) * g
+    return [t / len(x) for t in total], norm
+
+
+def _build(layers, x, rng):
+    dtype = "int32" if x.dtype.kind == "i" else "float32"
+    model = keras.Sequential([keras.Input(x.shape[1:], dtype=dtype), *layers])
+    for v in model.trainable_variables:
+        v.assign(rng.normal(size=v.shape).astype("float32") * 0.5)
+    return model
+
+
+def _one_step(model, x, y, clip, **kw):
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    run = dp_fit(
+        model, x, y, epochs=1, batch_size=len(x), sampling="shuffle", noise_multiplier=0.0,
+        l2_norm_clip=clip, optimizer=keras.optimizers.SGD(1.0), loss=LOSS, verbose=0, seed=0, **kw,
+    )  # fmt: skip
+    after = [v.numpy() for v in model.trainable_variables]
+    return run, [b - a for b, a in zip(before, after, strict=False)]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["dense", "dense_seq_ghost", "dense_seq_per_example", "conv2d", "conv2d_ghost", "conv1d",
+     "embedding", "layernorm", "groupnorm", "fallback"],
+)  # fmt: skip
+def test_step_equals_naive_clipped_mean(name):
+    rng = np.random.default_rng(1)
+    layers, x = _models(rng)[name]
+    x = x.astype("int32") if x.dtype.kind == "i" else x.astype("float32")
+    y = rng.integers(0, 3, len(x))
+    model = _build(layers, x, rng)
+    # Pick C between the per-example norms so that some examples are clipped and some are not.
+    loss_fn = per_example_loss_fn(LOSS)
+    norms = []
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(loss_fn(y[i : i + 1], model(x[i : i + 1])))
+        g = tape.gradient(loss, model.trainable_variables)
+        norms.append(
+            np.sqrt(sum(float(tf.reduce_sum(tf.square(tf.convert_to_tensor(t)))) for t in g))
+        )
+    clip = float(np.median(norms))
+    expected, _ = _naive_clipped_mean(model, x, y, clip)
+    run, update = _one_step(model, x, y, clip)
+    for e, u in zip(expected, update, strict=False):
+        np.testing.assert_allclose(u, e, atol=1e-5, rtol=1e-4)
+    assert run.steps == 1
+    paths = " ".join(run.clipping.values())
+    if name == "fallback":
+        assert [k for k, v in run.clipping.items() if "fallback" in v] == [model.layers[0].name]
+    else:
+        assert "fallback" not in paths
+    if name.endswith("ghost"):
+        assert "ghost norm (" in paths
+
+
+def test_tiny_clip_is_mean_of_unit_directions():
+    rng = np.random.default_rng(2)
+    layers, x = _models(rng)["conv2d"]
+    x = x.astype("float32")
+    y = rng.integers(0, 3, len(x))
+    model = _build(layers, x, rng)
+    expected, _ = _naive_clipped_mean(model, x, y, 1e-4)
+    _, update = _one_step(model, x, y, 1e-4)
+    for e, u in zip(expected, update, strict=False):
+        np.testing.assert_allclose(u, e, atol=1e-3 * 1e-4)  # float32 round-off, relative to C
+
+
+def test_large_clip_no_noise_equals_plain_sgd_step():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(16, 6)).astype("float32")
+    y = rng.integers(0, 3, 16)
+    model = _build([keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)], x, rng)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(per_example_loss_fn(LOSS)(y, model(x, training=True)))
+    grads = tape.gradient(loss, model.trainable_variables)
+    lr = 0.5
+    expected = [
+        v.numpy() - lr * g.numpy() for v, g in zip(model.trainable_variables, grads, strict=False)
+    ]
+    dp_fit(
+        model, x, y, epochs=1, batch_size=16, sampling="shuffle", noise_multiplier=0.0,
+        l2_norm_clip=1e6, optimizer=keras.optimizers.SGD(lr), loss=LOSS, verbose=0,
+    )  # fmt: skip
+    for e, v in zip(expected, model.trainable_variables, strict=False):
+        np.testing.assert_allclose(v.numpy(), e, atol=1e-6)
+
+
+def test_noise_has_the_right_scale():
+    # Zero inputs and no bias: every gradient is exactly zero, so the update is pure noise
+    # N(0, (σC)²) divided by the batch size, times the learning rate.
+    n, sigma, clip = 50, 2.0, 0.5
+    x = np.zeros((n, 100), "float32")
+    y = np.zeros((n, 80), "float32")
+    model = keras.Sequential([keras.Input((100,)), keras.layers.Dense(80, use_bias=False)])
+    before = model.trainable_variables[0].numpy().copy()
+    dp_fit(
+        model, x, y, epochs=1, batch_size=n, sampling="shuffle", noise_multiplier=sigma,
+        l2_norm_clip=clip, delta=1e-3, optimizer=keras.optimizers.SGD(1.0), loss="mse", verbose=0,
+    )  # fmt: skip
+    update = (before - model.trainable_variables[0].numpy()).ravel()
+    expected_std = sigma * clip / n
+    assert abs(update.std() / expected_std - 1) < 0.04
+    assert abs(update.mean()) < 5 * expected_std / np.sqrt(update.size)
+    # Excess kurtosis of a Gaussian is 0.
+    z = update / update.std()
+    assert abs((z**4).mean() - 3) < 0.25
+
+
+def test_noise_is_seeded_only_when_asked():
+    def run(seed):
+        x = np.zeros((10, 4), "float32")
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, use_bias=False)])
+        model.trainable_variables[0].assign(np.zeros((4, 2), "float32"))
+        dp_fit(
+            model, x, np.zeros((10, 2), "float32"), epochs=1, batch_size=10, sampling="shuffle",
+            noise_multiplier=1.0, delta=1e-2, loss="mse", verbose=0, seed=seed,
+        )  # fmt: skip
+        return model.trainable_variables[0].numpy()
+
+    np.testing.assert_array_equal(run(5), run(5))
+    assert not np.array_equal(run(None), run(None))

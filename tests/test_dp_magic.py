@@ -1,0 +1,122 @@
+"""%dp_fit through a real IPython InteractiveShell, and the training monitor."""
+
+from __future__ import annotations
+
+import io
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from IPython.core.error import UsageError  # noqa: E402
+
+from kprivacy_nb.dp.trainer import DPFitResult  # noqa: E402
+from kprivacy_nb.widgets.monitor import TrainingMonitor  # noqa: E402
+
+
+def _ns(ip):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int64")
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2)])
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ip.user_ns.update(model=model, x_train=x, y_train=y, x_val=x[:50], y_val=y[:50])
+    return model
+
+
+def test_dp_fit_magic_stores_result(ip, capsys):
+    model = _ns(ip)
+    out = ip.run_line_magic(
+        "dp_fit",
+        "model x_train y_train --epochs 2 --batch-size 20 --target-epsilon 3 --delta 1e-3 "
+        "--validation x_val y_val --seed 1 -o run",
+    )
+    run = ip.user_ns["run"]
+    assert out is run and isinstance(run, DPFitResult)
+    assert run.model is model and run.epsilon <= 3 and run.steps == 20
+    assert "val_accuracy" in run.history
+    printed = capsys.readouterr().out
+    assert printed.count("epoch ") == 2  # one log line per epoch outside a notebook
+
+
+def test_dp_fit_magic_options_and_errors(ip):
+    _ns(ip)
+    ip.user_ns["opt"] = keras.optimizers.Adam(0.01)
+    run = ip.run_line_magic(
+        "dp_fit",
+        "model x_train y_train --epochs 1 --batch-size 50 --noise-multiplier 1.5 --delta 1e-3 "
+        "--optimizer opt --sampling shuffle --accountant rdp --l2-norm-clip 0.5 --quiet",
+    )
+    assert run.sampling == "shuffle" and run.accountant == "rdp" and run.l2_norm_clip == 0.5
+    with pytest.raises(UsageError, match="no variable named 'missing'"):
+        ip.run_line_magic("dp_fit", "missing x_train y_train --epochs 1 --batch-size 5 "
+                                    "--noise-multiplier 1")  # fmt: skip
+    with pytest.raises(UsageError, match="larger than the dataset"):
+        ip.run_line_magic("dp_fit", "model x_train y_train --epochs 1 --batch-size 500 "
+                                    "--noise-multiplier 1 --quiet")  # fmt: skip
+    ip.user_ns["bn"] = keras.Sequential(
+        [keras.Input((6,)), keras.layers.BatchNormalization(), keras.layers.Dense(2)]
+    )
+    with pytest.raises(UsageError, match="GroupNormalization"):
+        ip.run_line_magic("dp_fit", "bn x_train y_train --epochs 1 --batch-size 5 "
+                                    "--noise-multiplier 1 --loss mse --quiet")  # fmt: skip
+
+
+def test_dp_fit_magic_has_help(ip):
+    doc = ip.find_line_magic("dp_fit").__doc__
+    assert "--target-epsilon" in doc and "%dp_fit model x_train y_train" in doc
+
+
+def test_monitor_updates_one_display_in_place(monkeypatch):
+    import IPython.display
+
+    class Handle:
+        def __init__(self):
+            self.updates = 0
+
+        def update(self, obj):
+            assert isinstance(obj, IPython.display.Image)
+            self.updates += 1
+
+    shown = []
+
+    def fake_display(obj, display_id=False):
+        shown.append(obj)
+        return Handle()
+
+    monkeypatch.setattr(IPython.display, "display", fake_display)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int64")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    monitor = TrainingMonitor(notebook=True)
+    from kprivacy_nb import dp_fit
+
+    dp_fit(model, x, y, epochs=3, batch_size=20, target_epsilon=4.0, delta=1e-3, verbose=0,
+           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+           validation_data=(x, y), callbacks=[monitor])  # fmt: skip
+    assert len(shown) == 1  # one display, then updates in place
+    assert monitor._handle.updates == 4  # 3 epochs + final
+    fig = monitor.figure()
+    eps_ax, loss_ax, acc_ax = fig.axes
+    labels = [line.get_label() for line in eps_ax.get_lines()]
+    assert {"planned", "target", "spent"} <= set(labels)
+    spent = next(line for line in eps_ax.get_lines() if line.get_label() == "spent")
+    assert list(spent.get_xdata()) == [1, 2, 3] and max(spent.get_ydata()) <= 4.0
+    assert {line.get_label() for line in acc_ax.get_lines()} == {"train", "validation"}
+
+
+def test_monitor_text_mode_prints_one_line_per_epoch():
+    out = io.StringIO()
+    monitor = TrainingMonitor(notebook=False, stream=out)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4)).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    from kprivacy_nb import dp_fit
+
+    dp_fit(model, x, x[:, :1], epochs=2, batch_size=20, noise_multiplier=1.0, delta=1e-2,
+           loss="mse", verbose=0, callbacks=[monitor])  # fmt: skip
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) == 3 and lines[2].startswith("epoch 2/2")
