@@ -17,7 +17,9 @@ from .errors import InvalidParameterError
 NAMESPACE_HINTS = ("__vsc_ipynb_file__", "__session__", "__notebook_path__")
 
 
-def find_notebook_path(namespace: Mapping[str, Any], cwd: str | os.PathLike | None = None) -> Path | None:
+def find_notebook_path(
+    namespace: Mapping[str, Any], cwd: str | os.PathLike | None = None
+) -> Path | None:
     """The path of the running notebook, from the hints frontends leave in the namespace."""
     base = Path(cwd or os.getcwd())
     for key in NAMESPACE_HINTS:
@@ -35,7 +37,9 @@ def find_notebook_path(namespace: Mapping[str, Any], cwd: str | os.PathLike | No
     return None
 
 
-def clean_notebook(data: bytes, *, strip_outputs: bool = False, clear_widget_state: bool = False) -> bytes:
+def clean_notebook(
+    data: bytes, *, strip_outputs: bool = False, clear_widget_state: bool = False
+) -> bytes:
     """Return the notebook JSON with outputs and/or saved widget state removed.
 
     Widget state (``metadata.widgets``) can hold the values the widgets showed, so it is worth
