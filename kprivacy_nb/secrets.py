@@ -154,8 +154,11 @@ def _is_high_entropy(token: str) -> bool:
         return False
     if re.fullmatch(r"[0-9a-f]+", token):  # hex digests are public identifiers
         return False
-    classes = sum(bool(re.search(p, token)) for p in (r"[a-z]", r"[A-Z]", r"[0-9]", r"[+/=_\-]"))
-    return classes >= 3 and _entropy_bits_per_char(token) >= 4.0
+    if "/" in token:
+        # A path, or base64 with slashes: judge the long pieces on their own.
+        return any(len(p) >= 20 and _is_high_entropy(p) for p in token.split("/"))
+    mixed = all(re.search(p, token) for p in (r"[a-z]", r"[A-Z]", r"[0-9]"))
+    return bool(mixed) and _entropy_bits_per_char(token) >= 4.0
 
 
 def find_secret(line: str) -> str | None:

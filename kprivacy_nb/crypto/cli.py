@@ -1,9 +1,292 @@
-"""Placeholder: subcommands arrive with the issue that owns this area."""
+"""``kprivacy-nb keygen | encrypt | decrypt | sign | verify | inspect`` (flags mirror age's).
+
+Files written are standard age v1 files; ``age``/``rage`` can open them and vice versa. Input
+defaults to stdin and output to stdout, streamed chunk by chunk. Secrets never come from the
+command line: identities from files (``-i``), passphrases from a prompt or ``--passphrase-env``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import InvalidParameterError, KPrivacyError
+from ..paths import atomic_write
+from ..secrets import resolve_passphrase
+from . import age, keys, signing
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this area's subcommands to the ``kprivacy-nb`` parser."""
+    """Add the crypto subcommands to the ``kprivacy-nb`` parser."""
+    p = subparsers.add_parser(
+        "keygen",
+        help="create an age identity (or --signing key); prints only the public key",
+        description="Create a key file (mode 0600) and print its public key. With NAME it goes "
+        "to the keys folder and NAME can be used with -r/--to. Example: kprivacy-nb keygen alice",
+    )
+    p.add_argument("name", nargs="?", help="key name (keys/NAME.key, 'NAME: age1…' registered)")
+    p.add_argument("-o", "--output", help="write the key file here instead")
+    p.add_argument("--signing", action="store_true", help="an Ed25519 signing key instead")
+    p.add_argument("--force", action="store_true", help="overwrite an existing key file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keygen)
+
+    p = subparsers.add_parser(
+        "encrypt",
+        help="encrypt to age recipients or a passphrase",
+        description="Encrypt IN (default stdin) to OUT (default stdout) as an age v1 file. "
+        "Example: kprivacy-nb encrypt -r alice -o data.age data.csv",
+    )
+    p.add_argument(
+        "-r", "--recipient", action="append", default=[], help="age1… key or a name (repeatable)"
+    )
+    p.add_argument(
+        "-R", "--recipients-file", action="append", default=[], help="recipients file (repeatable)"
+    )
+    p.add_argument("-p", "--passphrase", action="store_true", help="encrypt with a passphrase")
+    p.add_argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
+    p.add_argument("-a", "--armor", action="store_true", help="ASCII-armored output")
+    p.add_argument("-o", "--output", help="output file (default stdout)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("input", nargs="?", help="input file (default stdin)")
+    p.set_defaults(func=cmd_encrypt)
+
+    p = subparsers.add_parser(
+        "decrypt",
+        help="decrypt an age file",
+        description="Decrypt IN (default stdin) to OUT (default stdout). With -o, OUT appears "
+        "only if the whole file authenticated. Example: kprivacy-nb decrypt -i key.txt data.age",
+    )
+    p.add_argument("-i", "--identity", action="append", default=[], help="identity file or name")
+    p.add_argument("-p", "--passphrase", action="store_true", help="prompt for a passphrase")
+    p.add_argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
+    p.add_argument("-o", "--output", help="output file (default stdout)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("input", nargs="?", help="input file (default stdin)")
+    p.set_defaults(func=cmd_decrypt)
+
+    p = subparsers.add_parser(
+        "sign",
+        help="write a detached Ed25519 signature of a file",
+        description="Sign FILE's SHA-256 with a signing key; writes FILE.sig (or -o). "
+        "Example: kprivacy-nb sign -k me model.age",
+    )
+    p.add_argument("-k", "--key", required=True, help="signing key file or name")
+    p.add_argument("-o", "--output", help="signature file (default FILE.sig)")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_sign)
+
+    p = subparsers.add_parser(
+        "verify",
+        help="verify a detached signature, or the signature inside a secure_save file",
+        description="With FILE.sig (or -s), check the detached signature. Otherwise decrypt FILE "
+        "(-i/--passphrase-env) and check its container signature. "
+        "Example: kprivacy-nb verify -k me model.age",
+    )
+    p.add_argument("-k", "--key", required=True, help="signer: kppub1… key, name or .pub file")
+    p.add_argument("-s", "--signature", help="detached signature file (default FILE.sig)")
+    p.add_argument("-i", "--identity", action="append", default=[], help="identity file or name")
+    p.add_argument("--passphrase-env", metavar="VAR")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_verify)
+
+    p = subparsers.add_parser(
+        "inspect",
+        help="what a file is: age header, recipient types, container manifest",
+        description="Describe FILE without decrypting it; with -i/--passphrase-env also show the "
+        "container manifest (entries, types, sizes, digests, signature). "
+        "Example: kprivacy-nb inspect model.age -i alice",
+    )
+    p.add_argument("file")
+    p.add_argument("-i", "--identity", action="append", default=[], help="identity file or name")
+    p.add_argument("--passphrase-env", metavar="VAR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _input(path: str | None) -> Iterator[BinaryIO]:
+    if path is None or path == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        f = open(path, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise KPrivacyError(f"cannot read {path}: {exc.strerror}") from None
+    with f:
+        yield f
+
+
+@contextlib.contextmanager
+def _output(path: str | None, force: bool, *, binary: bool) -> Iterator[BinaryIO]:
+    if path is None or path == "-":
+        if binary and sys.stdout.isatty():
+            raise InvalidParameterError(
+                "refusing to write binary data to a terminal; use -o FILE or -a"
+            )
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    with atomic_write(path, force=force) as f:
+        yield f
+
+
+def _identities(args: argparse.Namespace, types: list[str]) -> list:
+    ids: list = []
+    if args.passphrase_env or getattr(args, "passphrase", False):
+        ids.append(age.ScryptIdentity(resolve_passphrase(args.passphrase_env)))
+    elif "scrypt" in types and not args.identity:
+        ids.append(age.ScryptIdentity(resolve_passphrase(None)))
+    if args.identity:
+        ids += keys.load_identities(args.identity)
+    elif not ids:
+        files = keys.default_identity_files()
+        if not files:
+            raise InvalidParameterError("no identity: pass -i FILE (or create one with keygen)")
+        ids += keys.load_identities(files)
+    return ids
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    make = signing.generate_signing_key if args.signing else keys.generate_identity
+    res = make(args.name, output=args.output, force=args.force)
+    print(f"# key file: {res.path} (mode 0600)", file=sys.stderr)
+    print(
+        json.dumps({"public_key": res.public, "path": str(res.path)}) if args.json else res.public
+    )
+    return 0
+
+
+def cmd_encrypt(args: argparse.Namespace) -> int:
+    use_pass = args.passphrase or args.passphrase_env
+    if use_pass and (args.recipient or args.recipients_file):
+        raise InvalidParameterError("use either recipients (-r/-R) or a passphrase, not both")
+    if use_pass:
+        recips: list = [age.ScryptRecipient(resolve_passphrase(args.passphrase_env, confirm=True))]
+    else:
+        recips = keys.resolve_recipients(args.recipient)
+        for f in args.recipients_file:
+            recips += keys.recipients_from_file(f)
+        if not recips:
+            raise InvalidParameterError("give at least one -r RECIPIENT / -R FILE, or --passphrase")
+    with _input(args.input) as src, _output(args.output, args.force, binary=not args.armor) as dst:
+        age.encrypt_stream(src, dst, recips, armor=args.armor)
+    return 0
+
+
+def cmd_decrypt(args: argparse.Namespace) -> int:
+    with _input(args.input) as src:
+        agefile = age.AgeFile(src)
+        ids = _identities(args, agefile.stanza_types())
+        with _output(args.output, args.force, binary=False) as dst:
+            agefile.decrypt_to(dst, ids)
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    key = signing.load_signing_key(args.key)
+    with _input(args.file) as f:
+        sig = signing.sign_detached(f, key)
+    out = args.output or f"{args.file}.sig"
+    with atomic_write(out, force=args.force, mode=0o644) as f:
+        f.write(sig.to_text().encode())
+    print(f"signed {args.file} with {sig.key} -> {out}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    expected = signing.load_verify_key(args.key)
+    sig_path = args.signature or (f"{args.file}.sig" if Path(f"{args.file}.sig").exists() else None)
+    if sig_path:
+        try:
+            text = Path(sig_path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise KPrivacyError(f"cannot read {sig_path}: {exc.strerror}") from None
+        sig = signing.DetachedSignature.from_text(text)
+        with _input(args.file) as f:
+            signing.verify_detached(f, sig, expected)
+        print(f"good signature by {expected} on {args.file}")
+        return 0
+    from .store import open_container
+
+    passphrase = resolve_passphrase(args.passphrase_env) if args.passphrase_env else None
+    open_container(
+        args.file,
+        identities=args.identity or None,
+        passphrase=passphrase,
+        verify_with=expected,
+    )
+    print(f"good signature by {expected} on the manifest of {args.file}")
+    return 0
+
+
+def describe(path: str, identities: list[str], passphrase_env: str | None) -> dict:
+    """What :func:`cmd_inspect` reports, as a dict (no secrets)."""
+    p = Path(path)
+    with _input(path) as f:
+        agefile = age.AgeFile(f)
+    info: dict = {
+        "file": str(p),
+        "size": p.stat().st_size,
+        "format": "age-encryption.org/v1",
+        "armored": agefile.armored,
+        "recipients": agefile.stanza_types(),
+    }
+    if identities or passphrase_env:
+        from .store import open_container
+
+        passphrase = resolve_passphrase(passphrase_env) if passphrase_env else None
+        try:
+            reader = open_container(path, identities=identities or None, passphrase=passphrase)
+        except KPrivacyError as exc:
+            if "not a kprivacy-nb container" in str(exc):
+                info["content"] = "opaque data (not a kprivacy-nb container)"
+                return info
+            raise
+        info["content"] = "kprivacy-nb container"
+        info["manifest"] = reader.manifest
+        info["signed_by"] = (reader.signature or {}).get("key")
+    return info
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = describe(args.file, args.identity, args.passphrase_env)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(
+        f"{info['file']}: age v1 file{' (ASCII armored)' if info['armored'] else ''}, "
+        f"{info['size']:,} bytes"
+    )
+    types = info["recipients"]
+    print(f"recipients: {len(types)} stanza(s): {', '.join(types)}")
+    if "content" in info:
+        print(f"content: {info['content']}")
+    m = info.get("manifest")
+    if m:
+        print(
+            f"created: {m.get('created')}  libraries: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(m.get("library", {}).items()))
+        )
+        print(f"signed by: {info.get('signed_by') or 'not signed'} (not verified: use verify)")
+        for e in m["entries"]:
+            size = sum(p["size"] for p in e["parts"])
+            print(f"entry {e['name']!r}: {e['type']}, {size:,} bytes")
+            for part in e["parts"]:
+                print(f"  {part['name']}: {part['size']:,} bytes sha256 {part['sha256']}")
+            card = e.get("meta", {}).get("privacy_card")
+            if card:
+                print(f"  privacy card: {json.dumps(card, sort_keys=True)}")
+    return 0

@@ -1,0 +1,256 @@
+"""Key files and names: age identities, named recipients, and where they live.
+
+Layout under :func:`kprivacy_nb.paths.home_dir`::
+
+    keys/NAME.key        age identity (AGE-SECRET-KEY-1…), 0600
+    keys/NAME.sign.key   Ed25519 signing key (KPRIVACY-SIGNING-KEY-1…), 0600
+    keys/NAME.sign.pub   its public key (kppub1…)
+    recipients.txt       "name: age1…" / "name: kppub1…" lines (public; # comments)
+
+A recipient can be named (``alice``), given literally (``age1…``) or as a recipients file;
+identities come from key files only (refused if group/other can read them).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidParameterError, KeyFileError
+from ..paths import atomic_write, home_dir
+from ..secrets import read_key_file
+from .age import X25519Identity, X25519Recipient, identities_from_text
+
+IDENTITY_SUFFIX = ".key"
+SIGNING_SUFFIX = ".sign.key"
+SIGNING_PUB_SUFFIX = ".sign.pub"
+RECIPIENTS_FILE = "recipients.txt"
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+
+
+def keys_dir(create: bool = True) -> Path:
+    """``home_dir()/keys`` (created 0700)."""
+    d = home_dir(create=create) / "keys"
+    if create:
+        d.mkdir(mode=0o700, exist_ok=True)
+    return d
+
+
+def recipients_file() -> Path:
+    return home_dir() / RECIPIENTS_FILE
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.fullmatch(name or "") or name.endswith((".key", ".pub")):
+        raise InvalidParameterError(
+            f"{name!r} is not a valid key name (letters, digits, '_', '.', '@', '-'; max 64)"
+        )
+    return name
+
+
+def now_iso() -> str:
+    return (
+        _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    )
+
+
+@dataclass(frozen=True)
+class KeygenResult:
+    """What keygen made: the key file and its *public* half (never the secret)."""
+
+    path: Path
+    public: str
+    kind: str = "age"
+    name: str | None = None
+
+    def __str__(self) -> str:
+        return self.public
+
+    def _repr_html_(self) -> str:
+        import html
+
+        who = f" <b>{html.escape(self.name)}</b>" if self.name else ""
+        return (
+            f"<div>New {html.escape(self.kind)} key{who} written to "
+            f"<code>{html.escape(str(self.path))}</code> (mode 0600).<br>"
+            f"Public key: <code>{html.escape(self.public)}</code></div>"
+        )
+
+
+def write_key_file(path: Path, text: str, *, force: bool) -> None:
+    """Write a secret key file atomically, 0600."""
+    with atomic_write(path, force=force) as f:
+        f.write(text.encode())
+
+
+def generate_identity(
+    name: str | None = None, *, output: str | os.PathLike | None = None, force: bool = False
+) -> KeygenResult:
+    """Create an age X25519 identity file (0600) and return its path and public recipient.
+
+    With ``name`` it goes to ``keys/NAME.key`` and ``NAME: age1…`` is added to recipients.txt,
+    so ``--to NAME`` works. ``output`` writes it to that path instead.
+    """
+    if name is not None:
+        check_name(name)
+    ident = X25519Identity.generate()
+    public = str(ident.recipient())
+    if output is not None:
+        path = Path(output).expanduser()
+    else:
+        path = keys_dir() / f"{name or 'default'}{IDENTITY_SUFFIX}"
+    text = f"# created: {now_iso()}\n# public key: {public}\n{ident.reveal()}\n"
+    write_key_file(path, text, force=force)
+    if name is not None:
+        add_named(name, public, force=force)
+    return KeygenResult(path, public, "age", name)
+
+
+# --- named public keys ----------------------------------------------------------------------------
+
+
+def read_named(path: Path | None = None) -> list[tuple[str | None, str]]:
+    """``(name, value)`` pairs of a recipients file; unnamed lines give ``(None, value)``."""
+    path = path or recipients_file()
+    if not path.exists():
+        return []
+    out: list[tuple[str | None, str]] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition(":")
+        if sep and _NAME_RE.fullmatch(name.strip()) and not value.startswith("//"):
+            out.append((name.strip(), value.strip()))
+        else:
+            out.append((None, line))
+    return out
+
+
+def _kind(value: str) -> str:
+    return "signing" if value.startswith("kppub1") else "age"
+
+
+def add_named(name: str, value: str, *, force: bool = False) -> None:
+    """Record ``name: value`` (an ``age1…`` or ``kppub1…`` public key) in recipients.txt."""
+    check_name(name)
+    path = recipients_file()
+    lines = (
+        path.read_text(encoding="utf-8").splitlines()
+        if path.exists()
+        else [
+            "# kprivacy-nb named public keys: 'name: age1…' (recipients), 'name: kppub1…' (signers)"
+        ]
+    )
+    kept = []
+    for line in lines:
+        n, sep, v = line.partition(":")
+        if sep and n.strip() == name and _kind(v.strip()) == _kind(value):
+            if v.strip() == value:
+                return
+            if not force:
+                raise InvalidParameterError(
+                    f"{name!r} already names another key in {path}; pass --force to replace it"
+                )
+            continue
+        kept.append(line)
+    kept.append(f"{name}: {value}")
+    with atomic_write(path, force=True) as f:
+        f.write(("\n".join(kept) + "\n").encode())
+
+
+def lookup_named(name: str, kind: str) -> list[str]:
+    return [v for n, v in read_named() if n == name and _kind(v) == kind]
+
+
+def _parse_recipient_values(values: list[str], origin: str) -> list[X25519Recipient]:
+    out = []
+    for v in values:
+        if v.startswith("kppub1"):
+            continue
+        if v.startswith(("ssh-ed25519", "ssh-rsa")):
+            raise InvalidParameterError(
+                f"{origin}: ssh recipients are not supported yet; use an age1… recipient"
+            )
+        out.append(X25519Recipient.parse(v))
+    return out
+
+
+def resolve_recipients(specs: list[str] | str) -> list[X25519Recipient]:
+    """Turn names, literal ``age1…`` keys and recipients files into recipients."""
+    if isinstance(specs, str):
+        specs = [specs]
+    out: list[X25519Recipient] = []
+    for spec in specs:
+        if isinstance(spec, X25519Recipient):
+            out.append(spec)
+        elif spec.startswith("age1"):
+            out.append(X25519Recipient.parse(spec))
+        elif _NAME_RE.fullmatch(spec) and lookup_named(spec, "age"):
+            out += _parse_recipient_values(lookup_named(spec, "age"), f"recipient {spec!r}")
+        elif Path(spec).expanduser().is_file():
+            out += recipients_from_file(spec)
+        else:
+            raise InvalidParameterError(
+                f"unknown recipient {spec!r}: give an age1… public key, a name listed in "
+                f"{recipients_file()} (add one with `kprivacy-nb keygen NAME`), "
+                "or a recipients file"
+            )
+    return out
+
+
+def recipients_from_file(path: str | os.PathLike) -> list[X25519Recipient]:
+    """Read an age recipients file (``age1…`` lines; ``name: age1…`` lines also accepted)."""
+    p = Path(path).expanduser()
+    try:
+        values = [v for _, v in read_named(p)]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"cannot read recipients file {p}: {type(exc).__name__}") from None
+    out = _parse_recipient_values(values, str(p))
+    if not out:
+        raise KeyFileError(f"recipients file {p} lists no age recipient")
+    return out
+
+
+# --- identities -----------------------------------------------------------------------------------
+
+
+def identity_path(spec: str | os.PathLike) -> Path:
+    """A key file path, or ``keys/NAME.key`` for a bare name."""
+    p = Path(spec).expanduser()
+    if p.exists() or os.sep in str(spec):
+        return p
+    if _NAME_RE.fullmatch(str(spec)):
+        named = keys_dir(create=False) / f"{spec}{IDENTITY_SUFFIX}"
+        if named.exists():
+            return named
+    return p
+
+
+def load_identities(specs: list[str | os.PathLike] | str | os.PathLike) -> list[X25519Identity]:
+    """Load identities from key files (refusing group/other-readable ones) or key names."""
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [specs]
+    out: list[X25519Identity] = []
+    for spec in specs:
+        if isinstance(spec, X25519Identity):
+            out.append(spec)
+            continue
+        path = identity_path(spec)
+        out += identities_from_text(read_key_file(path), origin=f"identity file {path}")
+    return out
+
+
+def default_identity_files() -> list[Path]:
+    """Every age identity file in ``keys/`` (signing keys excluded)."""
+    d = keys_dir(create=False)
+    if not d.is_dir():
+        return []
+    return sorted(
+        p
+        for p in d.iterdir()
+        if p.name.endswith(IDENTITY_SUFFIX) and not p.name.endswith(SIGNING_SUFFIX)
+    )

@@ -1,0 +1,216 @@
+"""age v1 format: keys, armor, STREAM boundaries, interop with rage (pyrage), tampering."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+
+import pyrage
+import pytest
+
+from kprivacy_nb import errors
+from kprivacy_nb.crypto import age, armor, bech32
+
+CHUNK = age.CHUNK
+
+
+@pytest.fixture(scope="module")
+def ident() -> age.X25519Identity:
+    return age.X25519Identity.generate()
+
+
+# --- bech32 / keys ----------------------------------------------------------------------------------
+
+
+def test_bech32_bip173_vectors():
+    # Valid BIP-173 test vectors.
+    for s in (
+        "A12UEL5L",
+        "a12uel5l",
+        "abcdef1qpzry9x8gf2tvdw0s3jn54khce6mua7lmqqqxw",
+        "split1checkupstagehandshakeupstreamerranterredcaperred2y9e3w",
+    ):
+        hrp, _ = bech32.decode(s)
+        assert hrp == s.lower()[: s.lower().rfind("1")]
+    for bad in ("A12uEL5L", "a12uel5m", "1pzry9x0s0muk", "pzry9x0s0muk", "abc1rzg"):
+        with pytest.raises(bech32.Bech32Error):
+            bech32.decode(bad)
+
+
+def test_key_strings_round_trip_with_rage():
+    theirs = pyrage.x25519.Identity.generate()
+    ours = age.X25519Identity.parse(str(theirs))
+    assert str(ours.recipient()) == str(theirs.to_public())
+    assert ours.reveal() == str(theirs)
+    assert str(age.X25519Recipient.parse(str(theirs.to_public()))) == str(theirs.to_public())
+
+
+def test_identity_repr_hides_secret(ident):
+    secret = ident.reveal()
+    for text in (repr(ident), str(ident), f"{ident}"):
+        assert secret not in text and "AGE-SECRET-KEY" not in text
+    sr = age.ScryptRecipient("correct horse battery", work_factor=18)
+    assert "correct horse" not in repr(sr)
+    assert "correct horse" not in repr(age.ScryptIdentity("correct horse battery"))
+
+
+def test_bad_recipient_strings():
+    with pytest.raises(errors.InvalidParameterError):
+        age.X25519Recipient.parse("age1notvalid")
+    with pytest.raises(errors.KeyFileError):
+        age.X25519Identity.parse("AGE-SECRET-KEY-1QQQ")
+
+
+# --- STREAM boundaries ------------------------------------------------------------------------------
+
+SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 16 * CHUNK, 16 * CHUNK + 1, 33 * CHUNK + 7]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("threads", [False, True])
+def test_round_trip_sizes(ident, size, threads):
+    data = os.urandom(size)
+    enc = io.BytesIO()
+    n = age.encrypt_stream(io.BytesIO(data), enc, [ident.recipient()], threads=threads)
+    assert n == size
+    chunks = max(1, -(-size // CHUNK))
+    blob = enc.getvalue()
+    header_len = blob.index(b"\n--- ") + len(b"\n--- ") + 43 + 1
+    assert len(blob) == header_len + 16 + size + 16 * chunks  # nonce + chunks with tags
+    out = io.BytesIO()
+    assert age.decrypt_stream(io.BytesIO(enc.getvalue()), out, [ident], threads=threads) == size
+    assert out.getvalue() == data
+    # Streaming reader and writer agree too.
+    w = io.BytesIO()
+    with age.EncryptWriter(w, [ident.recipient()]) as ew:
+        for i in range(0, size, 10_000):
+            ew.write(data[i : i + 10_000])
+    assert age.DecryptReader(io.BytesIO(w.getvalue()), [ident]).read() == data
+
+
+def test_multiple_recipients_and_armor(ident):
+    other = age.X25519Identity.generate()
+    blob = age.encrypt(b"x" * 1000, [other.recipient(), ident.recipient()], armor=True)
+    assert blob.startswith(armor.BEGIN) and blob.rstrip().endswith(armor.END)
+    assert all(len(line) <= 64 for line in blob.splitlines())
+    assert age.decrypt(blob, [ident]) == b"x" * 1000
+    assert age.decrypt(blob, [other]) == b"x" * 1000
+    with pytest.raises(errors.NoIdentityMatchError, match="no identity matches"):
+        age.decrypt(blob, [age.X25519Identity.generate()])
+
+
+def test_armor_is_strict():
+    good = armor.armor(b"hello world" * 10)
+    assert armor.dearmor(good) == b"hello world" * 10
+    for bad in (
+        good.replace(b"-----\n", b"-----\nHeader: x\n\n", 1),
+        good.replace(b"\n", b" \n", 2),
+        good + b"garbage",
+        good.replace(b"-----BEGIN", b"-----BEGIN ", 1),
+    ):
+        with pytest.raises(errors.ArmorError):
+            armor.dearmor(bad)
+
+
+def test_release_only_authenticated_chunks(ident):
+    data = os.urandom(3 * CHUNK + 100)
+    blob = bytearray(age.encrypt(data, [ident.recipient()]))
+    blob[-50] ^= 1  # corrupt the last chunk
+    got = []
+    with pytest.raises(errors.PayloadError):
+        for chunk in age.iter_decrypt(io.BytesIO(bytes(blob)), [ident]):
+            got.append(chunk)
+    assert b"".join(got) == data[: 3 * CHUNK]  # the genuine chunks, nothing of the bad one
+    reader = age.DecryptReader(io.BytesIO(bytes(blob)), [ident])
+    with pytest.raises(errors.PayloadError):
+        while reader.read(1000):
+            pass
+
+
+# --- passphrases ------------------------------------------------------------------------------------
+
+
+def test_scrypt_work_factor_bounds():
+    with pytest.raises(errors.InvalidParameterError):
+        age.ScryptRecipient("pw", work_factor=17)
+    with pytest.raises(errors.InvalidParameterError):
+        age.ScryptRecipient("pw", work_factor=23)
+    with pytest.raises(errors.InvalidParameterError, match="passphrase can't be combined"):
+        age.encrypt(b"x", [age.ScryptRecipient("pw"), age.X25519Identity.generate().recipient()])
+
+
+@pytest.mark.slow
+def test_scrypt_header_alone_and_default_factor(ident):
+    blob = age.encrypt(b"secret data", [age.ScryptRecipient("pw")])
+    header, _ = age.read_header(io.BytesIO(blob))
+    assert header.types() == ["scrypt"] and header.stanzas[0].args[1] == "18"
+    assert age.decrypt(blob, [age.ScryptIdentity("pw")]) == b"secret data"
+    with pytest.raises(errors.NoIdentityMatchError):
+        age.decrypt(blob, [age.ScryptIdentity("wrong")])
+    with pytest.raises(errors.HeaderError, match="above the limit"):
+        age.decrypt(blob, [age.ScryptIdentity("pw", max_work_factor=17)])
+
+
+# --- interop with rage (pyrage), both directions --------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 5, CHUNK, 3 * CHUNK + 1])
+def test_ours_to_rage_x25519(size):
+    theirs = pyrage.x25519.Identity.generate()
+    data = os.urandom(size)
+    blob = age.encrypt(data, [age.X25519Recipient.parse(str(theirs.to_public()))])
+    assert pyrage.decrypt(blob, [theirs]) == data
+    armored = age.encrypt(data, [age.X25519Recipient.parse(str(theirs.to_public()))], armor=True)
+    assert pyrage.decrypt(armored, [theirs]) == data
+
+
+@pytest.mark.parametrize("size", [0, 5, CHUNK, 3 * CHUNK + 1])
+def test_rage_to_ours_x25519(ident, size):
+    data = os.urandom(size)
+    rec = pyrage.x25519.Recipient.from_str(str(ident.recipient()))
+    assert age.decrypt(pyrage.encrypt(data, [rec]), [ident]) == data
+    assert age.decrypt(pyrage.encrypt(data, [rec], armored=True), [ident]) == data
+
+
+@pytest.mark.slow
+def test_passphrase_interop_both_ways():
+    data = os.urandom(CHUNK + 3)
+    ours = age.encrypt(data, [age.ScryptRecipient("hunter2 correct horse")])
+    assert pyrage.passphrase.decrypt(ours, "hunter2 correct horse") == data
+    theirs = pyrage.passphrase.encrypt(data, "hunter2 correct horse")
+    assert age.decrypt(theirs, [age.ScryptIdentity("hunter2 correct horse")]) == data
+
+
+# --- tampering --------------------------------------------------------------------------------------
+
+
+def test_thousand_tamperings_all_rejected_no_output(ident, tmp_path):
+    rng = random.Random(1234)
+    data = rng.randbytes(CHUNK + 1500)  # two chunks: exercises the chunk boundary too
+    blob = age.encrypt(data, [ident.recipient()])
+    out = tmp_path / "plain.bin"
+    cases = 0
+    for i in range(1000):
+        if i % 4 == 3:
+            tampered = blob[: rng.randrange(len(blob))]
+        else:
+            pos = rng.randrange(len(blob))
+            tampered = blob[:pos] + bytes([blob[pos] ^ rng.randrange(1, 256)]) + blob[pos + 1 :]
+        with pytest.raises(errors.CryptoError):
+            age.decrypt_to_path(io.BytesIO(tampered), out, [ident])
+        assert not out.exists()
+        cases += 1
+    assert cases == 1000
+    assert list(tmp_path.iterdir()) == []
+    age.decrypt_to_path(io.BytesIO(blob), out, [ident])
+    assert out.read_bytes() == data
+
+
+def test_wrong_header_mac_is_hmac_error(ident):
+    blob = age.encrypt(b"abc", [ident.recipient()])
+    head, sep, rest = blob.partition(b"\n--- ")
+    mac = bytearray(rest[:43])
+    mac[0] = ord("A") if mac[0] != ord("A") else ord("B")
+    with pytest.raises(errors.HMACError):
+        age.decrypt(head + sep + bytes(mac) + rest[43:], [ident])
