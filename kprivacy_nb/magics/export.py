@@ -1,8 +1,316 @@
-"""Placeholder: filled in by the issue that owns these magics."""
+"""``%secure_export``, ``%%secure_output``, ``%secure_show``: what leaves the notebook, encrypted.
 
-from IPython.core.magic import Magics, magics_class
+Thin layer over :mod:`kprivacy_nb.crypto.bundle` and :mod:`kprivacy_nb.widgets.export`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import secrets as pyrandom
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display, update_display
+from IPython.utils.capture import capture_output
+from traitlets import Float, List, Unicode
+
+from ..errors import KPrivacyError
+from ..notebook_file import find_notebook_path
+from ._base import lookup, user_errors
+
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+def _passphrase(args: Any) -> Any:
+    from ..secrets import resolve_passphrase
+
+    if getattr(args, "passphrase_env", None) or getattr(args, "passphrase", False):
+        return resolve_passphrase(args.passphrase_env)
+    return None
+
+
+def _output_dicts(captured: Any, result: list[Any], shell: Any) -> tuple[list[dict], int]:
+    """nbformat-style output dicts from a capture; returns them and how many widgets were dropped."""
+    outputs: list[dict] = []
+    if captured.stdout:
+        outputs.append({"output_type": "stream", "name": "stdout", "text": captured.stdout})
+    if captured.stderr:
+        outputs.append({"output_type": "stream", "name": "stderr", "text": captured.stderr})
+    dropped = 0
+    for out in captured.outputs:
+        data = dict(out.data)
+        if WIDGET_MIME in data:
+            dropped += 1
+            continue
+        outputs.append(
+            {"output_type": "display_data", "data": data, "metadata": dict(out.metadata or {})}
+        )
+    for value in result:
+        data, metadata = shell.display_formatter.format(value)
+        outputs.append({"output_type": "execute_result", "data": data, "metadata": metadata})
+    return outputs, dropped
 
 
 @magics_class
 class ExportMagics(Magics):
-    pass
+    """Encrypted export panel and encrypted cell outputs."""
+
+    default_recipients = List(
+        Unicode(), help="Recipients used when a line names none (names or age1… keys)"
+    ).tag(config=True)
+    show_seconds = Float(
+        60.0, help="How long %secure_show leaves decrypted outputs visible (0: until re-run)"
+    ).tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self.blobs: dict[str, str] = {}  # id -> armored ciphertext (public)
+        self._timers: list[threading.Timer] = []
+
+    def on_unload(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+
+    # -- %secure_export ---------------------------------------------------------------------
+    @magic_arguments()
+    @argument("items", nargs="*", help="variables to export (none: open the export panel)")
+    @argument("-o", "--output", metavar="FILE", help="output .age file")
+    @argument("--to", action="append", default=[], help="recipient name or age1… (repeatable)")
+    @argument("--passphrase", action="store_true", help="encrypt with a passphrase (prompt)")
+    @argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
+    @argument("--sign-with", metavar="KEY", help="signing key name or file")
+    @argument(
+        "--notebook",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="include this notebook (path found from the frontend if omitted)",
+    )
+    @argument("--strip-outputs", action="store_true", help="notebook without its outputs")
+    @argument("--clear-widget-state", action="store_true", help="notebook without widget state")
+    @argument("--force", action="store_true", help="overwrite an existing file")
+    @argument("-a", "--armor", action="store_true", help="ASCII-armored output")
+    @line_magic
+    @user_errors
+    def secure_export(self, line: str = "") -> Any:
+        """Export several objects (and the notebook) as ONE signed, encrypted age file.
+
+        With no items, shows the one-click export panel. Examples::
+
+            %secure_export
+            %secure_export model run X_test -o share.age --to alice --sign-with me
+            %secure_export model --notebook --strip-outputs -o share.age --to alice
+
+        Open it with ``secure_load("share.age")`` (a dict-like bundle) or list it with
+        ``python -m kprivacy_nb inspect share.age -i KEY``; ``age -d`` opens it too.
+        """
+        args = parse_argstring(self.secure_export, line)
+        from ..crypto.bundle import export_bundle
+
+        ns = self.shell.user_ns
+        if not args.items and args.notebook is None:
+            from ..widgets.export import ExportPanel
+
+            return ExportPanel(
+                ns, notebook_path=find_notebook_path(ns), output=args.output or "export.age"
+            )
+        if not args.output:
+            raise UsageError("say where to write: -o FILE.age")
+        items = {name: lookup(self.shell, name) for name in args.items}
+        notebook = None
+        if args.notebook is not None:
+            notebook = args.notebook or find_notebook_path(ns)
+            if not notebook:
+                raise UsageError(
+                    "can't tell which notebook this is; give its path: --notebook PATH.ipynb"
+                )
+        passphrase = _passphrase(args)
+        recipients = args.to or (None if passphrase is not None else self.default_recipients)
+        return export_bundle(
+            items,
+            args.output,
+            recipients=recipients or None,
+            passphrase=passphrase,
+            sign_with=args.sign_with,
+            notebook=notebook,
+            strip_outputs=args.strip_outputs,
+            clear_widget_state=args.clear_widget_state,
+            force=args.force,
+            armor=args.armor,
+        )
+
+    # -- %%secure_output --------------------------------------------------------------------
+    @magic_arguments()
+    @argument("--to", action="append", default=[], help="recipient name or age1… (repeatable)")
+    @argument("--passphrase", action="store_true", help="encrypt with a passphrase (prompt)")
+    @argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
+    @argument("--sign-with", metavar="KEY", help="signing key name or file")
+    @cell_magic
+    @user_errors
+    def secure_output(self, line: str, cell: str) -> None:
+        """Run the cell; store and show its outputs ONLY encrypted.
+
+        stdout/stderr, rich displays and the cell's value are captured, encrypted as one age
+        blob to the recipients, and replaced by a placeholder; the saved notebook, ``Out`` and
+        ``_`` never hold the plaintext. Errors still show normally. Example::
+
+            %%secure_output --to alice
+            df[df.patient_id == 1234]
+
+        A key holder shows them again (transiently) with ``%secure_show``.
+        """
+        args = parse_argstring(self.secure_output, line)
+        from ..crypto.bundle import OUTPUTS_MIME, encrypt_outputs
+        from ..crypto.store import _recipients_for
+
+        passphrase = _passphrase(args)
+        recipients = args.to or (None if passphrase is not None else self.default_recipients)
+        if not recipients and passphrase is None:
+            raise UsageError("say who can read the output: --to NAME|age1… or --passphrase")
+        # Resolve keys before running the cell, so a typo doesn't run (and lose) the cell.
+        _recipients_for(recipients or None, passphrase, 18)
+        values: list[Any] = []
+        saved_hook = sys.displayhook
+
+        def hook(value: Any) -> None:
+            if value is not None:
+                values.append(value)
+
+        with capture_output(stdout=True, stderr=True, display=True) as captured:
+            sys.displayhook = hook
+            try:
+                result = self.shell.run_cell(cell, store_history=False)
+            finally:
+                sys.displayhook = saved_hook
+        outputs, dropped = _output_dicts(captured, values, self.shell)
+        if not outputs:
+            if not (result.error_before_exec or result.error_in_exec):
+                print("(the cell produced no output; nothing to encrypt)")
+            return None
+        armored, shown = encrypt_outputs(
+            outputs,
+            recipients=recipients or None,
+            passphrase=passphrase,
+            sign_with=args.sign_with,
+        )
+        blob_id = pyrandom.token_hex(4)
+        self.blobs[blob_id] = armored
+        who = ", ".join(args.to) if args.to else ("passphrase" if passphrase else ", ".join(shown))
+        text = (
+            f"🔒 encrypted output — {len(outputs)} item(s) for {who} "
+            f"(id {blob_id}; a key holder runs %secure_show {blob_id})"
+        )
+        if dropped:
+            text += (
+                f"\n⚠ {dropped} widget(s) were not included: widget state lives outside the "
+                "output and can't be encrypted"
+            )
+        display(
+            {
+                "text/plain": text,
+                "text/html": f"<div><code>{html.escape(text)}</code></div>",
+                OUTPUTS_MIME: armored,
+            },
+            raw=True,
+            metadata={"kprivacy_nb": {"id": blob_id, "recipients": list(shown)}},
+        )
+        return None
+
+    # -- %secure_show -----------------------------------------------------------------------
+    @magic_arguments()
+    @argument("id", nargs="?", help="the id on the placeholder (default: the latest)")
+    @argument("-i", "--identity", action="append", default=[], help="identity file or key name")
+    @argument("--passphrase", action="store_true", help="decrypt with a passphrase (prompt)")
+    @argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
+    @argument("--verify-with", metavar="PUB", help="require a signature by this key")
+    @argument("--notebook", metavar="PATH", help="look for the blob in this saved notebook")
+    @argument(
+        "--for",
+        dest="seconds",
+        type=float,
+        default=None,
+        help="seconds before the plaintext is hidden again (default: %%config setting)",
+    )
+    @line_magic
+    @user_errors
+    def secure_show(self, line: str = "") -> None:
+        """Decrypt an encrypted cell output and show it for a while.
+
+        The plaintext is shown in this cell's output and replaced by a note after ``--for``
+        seconds (default 60), so save the notebook only after it is hidden again. Example::
+
+            %secure_show 3f2a9c1d -i alice
+        """
+        args = parse_argstring(self.secure_show, line)
+        from ..crypto.bundle import decrypt_outputs
+
+        armored = self._find_blob(args.id, args.notebook)
+        passphrase = _passphrase(args)
+        outputs = decrypt_outputs(
+            armored,
+            identities=args.identity or None,
+            passphrase=passphrase,
+            verify_with=args.verify_with,
+        )
+        seconds = self.show_seconds if args.seconds is None else args.seconds
+        ids = []
+        for out in outputs:
+            display_id = pyrandom.token_hex(6)
+            ids.append(display_id)
+            if out.get("output_type") == "stream":
+                data = {"text/plain": out.get("text", "")}
+            else:
+                data = out.get("data", {})
+            display(data, raw=True, metadata=out.get("metadata", {}), display_id=display_id)
+        if seconds and seconds > 0:
+
+            def hide() -> None:
+                for display_id in ids:
+                    update_display(
+                        {"text/plain": "🔒 (decrypted output hidden again)"},
+                        raw=True,
+                        display_id=display_id,
+                    )
+
+            timer = threading.Timer(seconds, hide)
+            timer.daemon = True
+            timer.start()
+            self._timers.append(timer)
+        return None
+
+    def _find_blob(self, blob_id: str | None, notebook: str | None) -> str:
+        from ..crypto.bundle import OUTPUTS_MIME
+
+        if blob_id and blob_id in self.blobs:
+            return self.blobs[blob_id]
+        if not blob_id and not notebook and self.blobs:
+            return list(self.blobs.values())[-1]
+        path = notebook or find_notebook_path(self.shell.user_ns)
+        if not path:
+            raise KPrivacyError(
+                "no encrypted output with that id in this session; give the saved notebook: "
+                "--notebook PATH.ipynb"
+            )
+        try:
+            nb = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise KPrivacyError(f"cannot read notebook {path}: {exc}") from None
+        found = []
+        for cell in nb.get("cells", []):
+            for out in cell.get("outputs", []):
+                data = out.get("data", {})
+                meta = out.get("metadata", {}).get("kprivacy_nb", {})
+                if OUTPUTS_MIME in data and (not blob_id or meta.get("id") == blob_id):
+                    text = data[OUTPUTS_MIME]
+                    found.append("".join(text) if isinstance(text, list) else text)
+        if not found:
+            raise KPrivacyError(f"no encrypted output {blob_id or ''} found in {path}".strip())
+        return found[-1]
