@@ -34,9 +34,7 @@ from dp_accounting.pld import privacy_loss_distribution as _pld
 from dp_accounting.rdp import rdp_privacy_accountant as _rdp
 
 from ..errors import InvalidParameterError
-
-SAMPLINGS = ("poisson", "shuffle")
-ACCOUNTANTS = ("pld", "rdp")
+from .names import ACCOUNTANTS, SAMPLINGS  # noqa: E402  (re-exported)
 
 #: PLD grid step used by :func:`compute_epsilon` (dp_accounting's own default).
 PLD_DISCRETIZATION = 1e-4

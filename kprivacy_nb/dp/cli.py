@@ -14,7 +14,7 @@ import sys
 import warnings
 from typing import Any
 
-from . import accounting
+from .names import ACCOUNTANTS, SAMPLINGS
 
 _SAMPLING_NOTE = {
     "poisson": "Poisson subsampling (amplification by sampling)",
@@ -31,8 +31,8 @@ def _common(p: argparse.ArgumentParser, *, sigma: bool, epochs_required: bool = 
     p.add_argument(
         "--delta", type=float, default=None, help="δ (default: 1/n rounded down to a power of ten)"
     )
-    p.add_argument("--sampling", choices=accounting.SAMPLINGS, default="poisson")
-    p.add_argument("--accountant", choices=accounting.ACCOUNTANTS, default="pld")
+    p.add_argument("--sampling", choices=SAMPLINGS, default="poisson")
+    p.add_argument("--accountant", choices=ACCOUNTANTS, default="pld")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -82,6 +82,8 @@ def _fmt_eps(eps: float) -> str:
 
 
 def cmd_epsilon(args: argparse.Namespace) -> int:
+    from . import accounting  # lazily: the crypto subcommands don't need it
+
     delta = accounting.validate(
         args.n,
         args.batch_size,
@@ -130,6 +132,8 @@ def cmd_epsilon(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from . import accounting  # lazily: the crypto subcommands don't need it
+
     delta = accounting.validate(
         args.n,
         args.batch_size,
@@ -175,6 +179,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
+    from . import accounting  # lazily: the crypto subcommands don't need it
+
     accounting.validate(
         args.n,
         args.batch_size,

@@ -1,0 +1,70 @@
+"""%%secure_output in a real kernel: the saved notebook carries no plaintext of the output."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+from nbclient import NotebookClient  # noqa: E402
+
+from kprivacy_nb.crypto.bundle import OUTPUTS_MIME, decrypt_outputs  # noqa: E402
+
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
+
+# The marker is computed, so it appears in the outputs only, never in the cell sources.
+SECRET_CELL = """\
+%%secure_output --to alice
+marker = "PATIENT-" + str(6173 * 2)
+print("stdout", marker)
+import pandas as pd
+import matplotlib.pyplot as plt
+display(pd.DataFrame({"id": [marker]}))
+fig, ax = plt.subplots(); ax.set_title(marker); ax.plot([1, 2]); display(fig); plt.close(fig)
+{"result": marker}
+"""
+MARKER = "PATIENT-12346"
+
+
+def test_secure_output_keeps_plaintext_out_of_the_notebook(tmp_path, kp_home):
+    cells = [
+        "%load_ext kprivacy_nb\n%secure_keygen alice",
+        SECRET_CELL,
+        "print('in Out:', any('PATIENT-' in repr(v) for v in Out.values()), "
+        "'| in _:', 'PATIENT-' in repr(_))",
+        "%%secure_output --to alice\nraise ValueError('visible ' + 'error')",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    env["KPRIVACY_NB_HOME"] = str(kp_home)
+    env.pop("MPLBACKEND", None)  # the kernel picks the inline backend, as in Jupyter
+    client = NotebookClient(
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        allow_errors=True,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute(env=env)
+    saved = tmp_path / "saved.ipynb"
+    nbformat.write(nb, saved)
+    text = saved.read_text()
+    assert MARKER not in text
+    placeholder = [o for o in nb.cells[1].outputs if OUTPUTS_MIME in o.get("data", {})]
+    assert len(placeholder) == 1
+    assert "encrypted output — " in placeholder[0]["data"]["text/plain"]
+    assert "in Out: False | in _: False" in nb.cells[2].outputs[0]["text"]
+    errors = [o for o in nb.cells[3].outputs if o["output_type"] == "error"]
+    assert errors and errors[0]["evalue"] == "visible error"
+
+    armored = placeholder[0]["data"][OUTPUTS_MIME]
+    outputs = decrypt_outputs(armored, identities=[kp_home / "keys" / "alice.key"])
+    kinds = [o["output_type"] for o in outputs]
+    assert kinds.count("display_data") == 2 and "execute_result" in kinds
+    everything = json.dumps(outputs)
+    assert f"stdout {MARKER}" in everything  # the print
+    assert MARKER in outputs[-1]["data"]["text/plain"]  # the cell's value
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the figure
+    assert any(MARKER in o.get("data", {}).get("text/html", "") for o in outputs)  # the frame
