@@ -44,7 +44,7 @@ class QuietMagics(Magics, Configurable):
         super().__init__(shell=shell, **kwargs)
         self.controller = QuietController(enabled=self.enabled, max_cells=self.max_cells)
         self._wrapped: list[tuple[Any, str, Any]] = []
-        self.observe(self._enabled_changed, names="enabled")
+        self.observe(self._on_enabled, names="enabled")
 
     # -- lifecycle -------------------------------------------------------------------------
     def on_load(self) -> None:
@@ -107,7 +107,7 @@ class QuietMagics(Magics, Configurable):
     def _post_run_cell(self, result: Any = None) -> None:
         self.controller.end_cell()
 
-    def _enabled_changed(self, change: dict) -> None:
+    def _on_enabled(self, change: dict) -> None:
         self.controller.enabled = bool(change["new"])
 
     # -- the magic -------------------------------------------------------------------------
