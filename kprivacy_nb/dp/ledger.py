@@ -659,15 +659,18 @@ class Ledger:
         hint = _what_fits(event, existing, cap, delta, accountant) if left > 0 else None
         return msg + (f" {hint}" if hint else " Create a new budget or use less data.")
 
+    def _require_reserved(self, db: Any, run_id: int) -> None:
+        row = db.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise LedgerError(f"run {run_id} is not in the ledger {self.location}")
+        if row[0] != "reserved":
+            raise LedgerError(f"run {run_id} is already {row[0]}")
+
     def _settle(self, run_id: int, event: dp_accounting.DpEvent, *, reserved: Any) -> None:
         payload = event_to_json(event)
 
         def tx(db: Any) -> None:
-            row = db.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
-            if row is None:
-                raise LedgerError(f"run {run_id} is not in the ledger {self.location}")
-            if row[0] != "reserved":
-                raise LedgerError(f"run {run_id} is already {row[0]}")
+            self._require_reserved(db, run_id)
             db.execute(
                 "UPDATE runs SET status = 'settled', event = ?, settled_at = ? WHERE id = ?",
                 (payload, _now(), run_id),
@@ -693,11 +696,7 @@ class Ledger:
 
     def _cancel(self, run_id: int) -> None:
         def tx(db: Any) -> None:
-            row = db.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
-            if row is None:
-                raise LedgerError(f"run {run_id} is not in the ledger {self.location}")
-            if row[0] != "reserved":
-                raise LedgerError(f"run {run_id} is already {row[0]}")
+            self._require_reserved(db, run_id)
             db.execute(
                 "UPDATE runs SET status = 'cancelled', settled_at = ? WHERE id = ?",
                 (_now(), run_id),
