@@ -343,3 +343,29 @@ def test_concurrent_processes_never_overspend_or_lose_records(tmp_path):
     assert granted == fit == b.runs == len(runs)  # every grant recorded, none beyond the cap
     assert b.spent_epsilon <= cap
     assert len({r.description for r in runs}) > 1  # several processes really competed
+
+
+def test_dp_ledger_settle_records_a_stale_reservation_as_fully_spent(tmp_path):
+    from IPython.core.error import UsageError
+    from IPython.testing.globalipapp import get_ipython
+
+    from kprivacy_nb.dp import accounting
+    from kprivacy_nb.dp.ledger import Ledger
+
+    ledger = Ledger()
+    ledger.create("stale", 8.0, 1e-5)
+    event = accounting.dpsgd_event(n=10000, batch_size=100, noise_multiplier=1.0, steps=200)
+    res = ledger.reserve("stale", event)  # a kernel reserved, then died before settling
+    ip = get_ipython()
+    ip.run_line_magic("load_ext", "kprivacy_nb")
+    try:
+        with pytest.raises(UsageError, match=f"pending in 'stale': {res.id}"):
+            ip.run_line_magic("dp_ledger", "settle stale")
+        ip.run_line_magic("dp_ledger", f"settle stale --run {res.id}")
+        (run,) = ledger.runs("stale")
+        assert run.status == "settled" and run.event == event
+        assert ledger.budget("stale").spent_epsilon == pytest.approx(
+            accounting.epsilon_of_event(event, 1e-5, "pld"), rel=1e-6
+        )
+    finally:
+        ip.run_line_magic("unload_ext", "kprivacy_nb")

@@ -205,30 +205,38 @@ class BudgetMagics(Magics):
         )
 
     @magic_arguments()
-    @argument("action", nargs="?", default="list", help="list (default), create, show or delete")
+    @argument(
+        "action", nargs="?", default="list", help="list (default), create, show, settle or delete"
+    )
     @argument("name", nargs="?", default=None, help="budget name")
     @argument("--epsilon", type=float, default=None, help="create: the ε cap")
     @argument("--delta", type=float, default=None, help="create: δ of the budget")
     @argument("--accountant", choices=_ACCOUNTANTS, default=None, help="create: accountant")
     @argument("--plot", action="store_true", help="show: plot cumulative ε per run")
     @argument("--yes", action="store_true", help="delete: confirm deleting the budget and runs")
+    @argument("--run", type=int, default=None, help="settle: id of a run left pending")
     @line_magic
     @user_errors
     def dp_ledger(self, line: str = "") -> Any:
-        """Privacy-budget ledger: list, create, show or delete named budgets.
+        """Privacy-budget ledger: list, create, show, settle or delete named budgets.
 
         Examples::
 
             %dp_ledger                                      # table of budgets
             %dp_ledger create customers --epsilon 8 --delta 1e-5
             %dp_ledger show customers --plot
+            %dp_ledger settle customers --run 7              # a run a crashed kernel left
             %dp_ledger delete customers --yes
+
+        ``settle`` records a pending reservation (say, of a kernel that died mid-training) as
+        fully spent: nobody knows how many of its steps ran, so the conservative answer is all.
         """
         args = parse_argstring(self.dp_ledger, line)
         action = args.action.lower()
-        if action not in ("list", "create", "show", "delete"):
+        if action not in ("list", "create", "show", "settle", "delete"):
             raise UsageError(
-                f"unknown %dp_ledger action {args.action!r}; use list, create, show or delete"
+                f"unknown %dp_ledger action {args.action!r}; "
+                "use list, create, show, settle or delete"
             )
         if action != "list" and not args.name:
             raise UsageError(f"%dp_ledger {action} needs a budget name")
@@ -249,6 +257,18 @@ class BudgetMagics(Magics):
             if action == "show":
                 budget = ledger.budget(args.name)
                 return BudgetView(budget, ledger.cumulative_epsilon(args.name), args.plot)
+            if action == "settle":
+                pending = {r.id: r for r in ledger.runs(args.name) if r.status == "reserved"}
+                if args.run not in pending:
+                    ids = ", ".join(str(i) for i in pending) or "none"
+                    raise UsageError(
+                        f"give the pending run to settle with --run ID (pending in "
+                        f"{args.name!r}: {ids})"
+                    )
+                ledger.settle(args.run, pending[args.run].event)
+                return BudgetView(
+                    ledger.budget(args.name), ledger.cumulative_epsilon(args.name), False
+                )
             if action == "delete":
                 if not args.yes:
                     ledger.budget(args.name)  # unknown name → clear error first
