@@ -20,6 +20,12 @@ class InvalidParameterError(KPrivacyError, ValueError):
     exit_code = 2
 
 
+class OutputPathError(InvalidParameterError):
+    """The output folder is missing or not writable (a failure, exit code 1, not a usage error)."""
+
+    exit_code = 1
+
+
 class SecretOnLineError(KPrivacyError):
     """A magic line or argument contains something that looks like a secret."""
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import FileExistsRefusedError, KPrivacyError
+from .errors import FileExistsRefusedError, OutputPathError
 
 
 def home_dir(create: bool = True) -> Path:
@@ -30,6 +30,22 @@ def home_dir(create: bool = True) -> Path:
     return home
 
 
+def check_target(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Refuse, before any work is done, a write :func:`atomic_write` would refuse.
+
+    An existing file without ``force``, a missing folder or one we can't write into.
+    """
+    target = Path(path).expanduser()
+    if not force and target.exists():
+        raise FileExistsRefusedError(f"{target} exists; pass --force (force=True) to overwrite it")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputPathError(f"folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise OutputPathError(f"folder {folder} is not writable")
+    return target
+
+
 @contextlib.contextmanager
 def atomic_write(
     path: str | os.PathLike, *, force: bool = False, mode: int = 0o600
@@ -43,14 +59,8 @@ def atomic_write(
     >>> with atomic_write("out.bin") as f:  # doctest: +SKIP
     ...     f.write(b"data")
     """
-    target = Path(path)
-    if not force and target.exists():
-        raise FileExistsRefusedError(f"{target} exists; pass --force (force=True) to overwrite it")
+    target = check_target(path, force=force)
     folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise KPrivacyError(f"folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise KPrivacyError(f"folder {folder} is not writable")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     try:
         os.fchmod(fd, mode)

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import FileExistsRefusedError, InvalidParameterError, SerializationError
+from ..errors import InvalidParameterError, SerializationError
 from ..notebook_file import clean_notebook
-from ..paths import atomic_write
+from ..paths import atomic_write, check_target
 from ..secrets import Secret
 from . import age, serializers
 from .container import ContainerReader, Entry, write_container
@@ -204,12 +204,7 @@ def export_bundle(
     """
     if not items and notebook is None:
         raise InvalidParameterError("nothing to export: choose at least one item")
-    target = Path(path).expanduser()
-    if target.exists() and not force:
-        raise FileExistsRefusedError(f"{target} exists; tick overwrite (--force) to replace it")
-    folder = target.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise InvalidParameterError(f"cannot write into folder {folder} (missing or not writable)")
+    target = check_target(path, force=force)  # before serialising anything
     recips, shown = _recipients_for(recipients, passphrase, work_factor)
     signer = load_signing_key(sign_with) if sign_with is not None else None
     entries = _entries_for(items, allow_pickle=allow_pickle, progress=progress)

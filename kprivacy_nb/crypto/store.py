@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidParameterError, KeyFileError, NoIdentityMatchError
-from ..paths import atomic_write
+from ..paths import atomic_write, check_target
 from ..secrets import Secret
 from . import age, serializers
 from .container import ContainerReader, Entry, write_container
@@ -99,11 +99,7 @@ def secure_save(
     or ``passphrase`` (scrypt). ``sign_with``: a signing key name or file. The file is written
     atomically with mode 0600 and never overwrites an existing one without ``force``.
     """
-    target = Path(path).expanduser()
-    if target.exists() and not force:
-        from ..errors import FileExistsRefusedError
-
-        raise FileExistsRefusedError(f"{target} exists; pass --force (force=True) to overwrite it")
+    target = check_target(path, force=force)  # before serialising anything
     recips, shown = _recipients_for(recipients, passphrase, work_factor)
     signer = load_signing_key(sign_with) if sign_with is not None else None
     type_name, parts, meta = serializers.dump(obj, allow_pickle=allow_pickle)
