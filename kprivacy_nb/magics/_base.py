@@ -108,6 +108,14 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def passphrase_from_args(args: Any, *, confirm: bool = False) -> Any:
+    """The passphrase a magic's ``--passphrase`` (prompt) / ``--passphrase-env VAR`` asked for,
+    or ``None`` when neither was given."""
+    if getattr(args, "passphrase_env", None) or getattr(args, "passphrase", False):
+        return secrets.resolve_passphrase(args.passphrase_env, confirm=confirm)
+    return None
+
+
 def split_line(line: str) -> list[str]:
     """Split a magic line like a shell would, with a clear error on bad quoting."""
     try:

@@ -18,10 +18,9 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import CaselessStrEnum, Float, Unicode
 
+from ..dp.names import ACCOUNTANTS as _ACCOUNTANTS  # cheap: no dp-accounting import
+from ..dp.names import SAMPLINGS as _SAMPLINGS
 from ._base import user_errors
-
-_ACCOUNTANTS = ("pld", "rdp")  # == kprivacy_nb.dp.accounting.ACCOUNTANTS (not imported: load time)
-_SAMPLINGS = ("poisson", "shuffle")
 
 
 def _fmt(eps: float) -> str:

@@ -22,17 +22,9 @@ from traitlets import Float, List, Unicode
 
 from ..errors import KPrivacyError
 from ..notebook_file import find_notebook_path
-from ._base import lookup, user_errors
+from ._base import lookup, passphrase_from_args, user_errors
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
-
-
-def _passphrase(args: Any) -> Any:
-    from ..secrets import resolve_passphrase
-
-    if getattr(args, "passphrase_env", None) or getattr(args, "passphrase", False):
-        return resolve_passphrase(args.passphrase_env)
-    return None
 
 
 def _output_dicts(captured: Any, result: list[Any], shell: Any) -> tuple[list[dict], int]:
@@ -132,7 +124,7 @@ class ExportMagics(Magics):
                 raise UsageError(
                     "can't tell which notebook this is; give its path: --notebook PATH.ipynb"
                 )
-        passphrase = _passphrase(args)
+        passphrase = passphrase_from_args(args)
         recipients = args.to or (None if passphrase is not None else self.default_recipients)
         return export_bundle(
             items,
@@ -171,7 +163,7 @@ class ExportMagics(Magics):
         from ..crypto.bundle import OUTPUTS_MIME, encrypt_outputs
         from ..crypto.store import _recipients_for
 
-        passphrase = _passphrase(args)
+        passphrase = passphrase_from_args(args)
         recipients = args.to or (None if passphrase is not None else self.default_recipients)
         if not recipients and passphrase is None:
             raise UsageError("say who can read the output: --to NAME|age1… or --passphrase")
@@ -253,7 +245,7 @@ class ExportMagics(Magics):
         from ..crypto.bundle import decrypt_outputs
 
         armored = self._find_blob(args.id, args.notebook)
-        passphrase = _passphrase(args)
+        passphrase = passphrase_from_args(args)
         outputs = decrypt_outputs(
             armored,
             identities=args.identity or None,

@@ -16,7 +16,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Int, List, Unicode
 
-from ._base import lookup, user_errors
+from ._base import lookup, passphrase_from_args, user_errors
 
 
 class LoadResult:
@@ -59,14 +59,6 @@ class SecureMagics(Magics):
         config=True
     )
 
-    @staticmethod
-    def _passphrase(args: Any, *, confirm: bool) -> Any:
-        from ..secrets import resolve_passphrase
-
-        if args.passphrase_env or args.passphrase:
-            return resolve_passphrase(args.passphrase_env, confirm=confirm)
-        return None
-
     @magic_arguments()
     @argument("obj", help="variable to save (with --path: a file or folder to save)")
     @argument("path", help="output .age file")
@@ -96,7 +88,7 @@ class SecureMagics(Magics):
         from ..crypto.store import secure_save
 
         obj = Path(args.obj) if args.is_path else lookup(self.shell, args.obj)
-        passphrase = self._passphrase(args, confirm=True)
+        passphrase = passphrase_from_args(args, confirm=True)
         recipients = args.to or (None if passphrase is not None else self.default_recipients)
         if args.allow_pickle:
             print("⚠️ --allow-pickle: unknown types will be pickled; loading needs the same flag")
@@ -135,7 +127,7 @@ class SecureMagics(Magics):
         args = parse_argstring(self.secure_load, line)
         from ..crypto.store import secure_load, stanza_types_of
 
-        passphrase = self._passphrase(args, confirm=False)
+        passphrase = passphrase_from_args(args, confirm=False)
         if passphrase is None and not args.identity:
             try:
                 types = stanza_types_of(args.path)

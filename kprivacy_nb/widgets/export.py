@@ -19,7 +19,7 @@ import ipywidgets as w
 
 from ..crypto import serializers
 from ..crypto.bundle import ExportResult, export_bundle
-from ..crypto.keys import keys_dir, read_named
+from ..crypto.keys import SIGNING_SUFFIX, keys_dir, read_named
 from ..errors import KPrivacyError
 from ..secrets import redact, secret_from_env
 
@@ -65,7 +65,7 @@ def signing_key_names() -> list[str]:
     folder = keys_dir(create=False)
     if not folder.is_dir():
         return []
-    return sorted(p.name[: -len(".sign.key")] for p in folder.glob("*.sign.key"))
+    return sorted(p.name[: -len(SIGNING_SUFFIX)] for p in folder.glob(f"*{SIGNING_SUFFIX}"))
 
 
 class ExportPanel(w.VBox):
