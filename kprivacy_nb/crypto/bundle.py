@@ -31,7 +31,7 @@ from . import age, serializers
 from .container import ContainerReader, Entry, write_container
 from .keys import now_iso
 from .signing import SigningKey, load_signing_key
-from .store import RecipientSpec, _recipients_for, open_container
+from .store import RecipientSpec, _recipients_for, open_container, open_container_from
 
 BUNDLE_KIND = "bundle"
 NOTEBOOK_TYPE = "jupyter.notebook"
@@ -351,16 +351,13 @@ def decrypt_outputs(
     verify_with: Any = None,
 ) -> list[dict]:
     """Decrypt what :func:`encrypt_outputs` produced back into output dicts."""
-    from .signing import load_verify_key
-    from .store import _identities_for
-
-    verifier = load_verify_key(verify_with) if verify_with is not None else None
     raw = armored.encode("ascii", errors="replace")
-    header, _ = age.read_header(io.BytesIO(raw))
-    ids = _identities_for(identities, passphrase, header.types())
-    plain = io.BytesIO()
-    age.decrypt_stream(io.BytesIO(raw), plain, ids, threads=False)
-    reader = ContainerReader(plain, verify_with=verifier)
+    reader = open_container_from(
+        lambda: io.BytesIO(raw),
+        identities=identities,
+        passphrase=passphrase,
+        verify_with=verify_with,
+    )
     entry = reader.entry("outputs")
     if entry["type"] != OUTPUTS_TYPE:
         raise SerializationError("this blob does not hold encrypted cell outputs")

@@ -15,10 +15,10 @@ from __future__ import annotations
 import html
 import io
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import InvalidParameterError, KeyFileError, NoIdentityMatchError
 from ..paths import atomic_write, check_target
@@ -174,11 +174,30 @@ def open_container(
     Nothing is deserialised here: the age payload is authenticated to its last chunk, then the
     signature (if ``verify_with``) is verified before the manifest is even parsed.
     """
-    verifier = load_verify_key(verify_with) if verify_with is not None else None
     src = Path(path).expanduser()
-    ids = _identities_for(identities, passphrase, stanza_types_of(src))
+    return open_container_from(
+        lambda: open(src, "rb"),
+        identities=identities,
+        passphrase=passphrase,
+        verify_with=verify_with,
+    )
+
+
+def open_container_from(
+    opener: Callable[[], BinaryIO],
+    *,
+    identities: Sequence[IdentitySpec] | IdentitySpec | None = None,
+    passphrase: str | Secret | None = None,
+    verify_with: str | os.PathLike | VerifyKey | None = None,
+) -> ContainerReader:
+    """:func:`open_container` for any age source; ``opener()`` returns it from the start
+    (called twice: once to read the header's recipient types, once to decrypt)."""
+    verifier = load_verify_key(verify_with) if verify_with is not None else None
+    with opener() as f:
+        header, _ = age.read_header(f)
+    ids = _identities_for(identities, passphrase, header.types())
     buf = io.BytesIO()
-    with open(src, "rb") as f:
+    with opener() as f:
         age.decrypt_stream(f, buf, ids, threads=False)
     return ContainerReader(buf, verify_with=verifier)
 
