@@ -1,12 +1,15 @@
 """DP-SGD overhead: DP step time ÷ the same model's plain ``model.fit`` step time.
 
 Cases (batch 256, measured in one run on this machine): MLP 784-256-256-10, a small CNN
-(2 conv + 2 dense on 28×28×1) and Embedding(10000, 32) + pooling + dense. Each case trains the
-plain model with ``model.fit`` and a fresh copy with ``dp_fit`` (Poisson sampling, σ=1, C=1) on
-the same synthetic data; per-step times are the median over epochs after the first (tracing and
-warm-up excluded). Prints one JSON line per case.
+(2 conv + 2 dense on 28×28×1) and Embedding(10000, 32) + pooling + dense. Each case trains a
+fresh model with ``dp_fit`` (Poisson sampling, σ=1, C=1) and, interleaved with it, an identical
+model with plain ``model.fit`` on the same synthetic data: after every DP epoch one plain epoch
+runs (from a ``dp_fit`` callback, outside the DP epoch's timing). Interleaving matters on shared
+machines, whose speed drifts by tens of percent within a minute; both sides see the same drift.
+Per-step times are medians over the epochs after the first (tracing and warm-up excluded); the
+ratio is the median of the per-epoch DP/plain ratios. Prints one JSON line per case.
 
-    python bench/dp_overhead.py [mlp cnn embedding] [--epochs 4] [--steps 30]
+    python bench/dp_overhead.py [mlp cnn embedding] [--epochs 12] [--steps 30]
 """
 
 from __future__ import annotations
@@ -48,23 +51,24 @@ def build(case: str) -> tuple[keras.Model, np.ndarray]:
 
 
 class EpochTimer(keras.callbacks.Callback):
-    def __init__(self) -> None:
-        super().__init__()
-        self.times: list[float] = []
-
     def on_epoch_begin(self, epoch, logs=None):
         self._t = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self._t)
+        self.seconds = time.perf_counter() - self._t
 
 
-class DPTimer:
-    def __init__(self) -> None:
-        self.times: list[float] = []
+class Interleaved:
+    """dp_fit callback: times each DP epoch, then runs and times one plain epoch."""
+
+    def __init__(self, plain_epoch) -> None:
+        self.plain_epoch = plain_epoch
+        self.dp: list[float] = []
+        self.plain: list[float] = []
 
     def on_epoch_end(self, epoch, logs):
-        self.times.append(logs["seconds"])
+        self.dp.append(logs["seconds"])
+        self.plain.append(self.plain_epoch())
 
 
 def run_case(case: str, epochs: int, steps: int) -> dict:
@@ -76,20 +80,28 @@ def run_case(case: str, epochs: int, steps: int) -> dict:
     y = rng.integers(0, 10, n)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
-    plain = EpochTimer()
-    model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0, callbacks=[plain])
-    base = statistics.median(plain.times[1:]) / steps
 
+    def plain_epoch() -> float:
+        timer = EpochTimer()  # the epoch itself, not fit()'s per-call set-up
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[timer])
+        return timer.seconds
+
+    plain_epoch()  # trace and warm up outside the measurements
     dp_model, _ = build(case)
-    dp = DPTimer()
+    timer = Interleaved(plain_epoch)
     run = dp_fit(
         dp_model, x, y, epochs=epochs, batch_size=BATCH, noise_multiplier=1.0, l2_norm_clip=1.0,
-        optimizer=keras.optimizers.SGD(0.01), loss=loss, verbose=0, callbacks=[dp],
+        optimizer=keras.optimizers.SGD(0.01), loss=loss, verbose=0, callbacks=[timer],
     )  # fmt: skip
-    dp_step = statistics.median(dp.times[1:]) / run.planned_curve.steps[0]
+    # Poisson batches vary in size; per epoch they average BATCH over n / BATCH steps, as plain.
+    dp_steps = run.planned_curve.steps[0]
+    dp = [t / dp_steps for t in timer.dp[1:]]
+    plain = [t / steps for t in timer.plain[1:]]
     return {
-        "case": case, "batch_size": BATCH, "plain_step_ms": round(base * 1e3, 3),
-        "dp_step_ms": round(dp_step * 1e3, 3), "ratio": round(dp_step / base, 3),
+        "case": case, "batch_size": BATCH, "epochs": epochs, "steps_per_epoch": steps,
+        "plain_step_ms": round(statistics.median(plain) * 1e3, 3),
+        "dp_step_ms": round(statistics.median(dp) * 1e3, 3),
+        "ratio": round(statistics.median(d / p for d, p in zip(dp, plain, strict=True)), 3),
         "clipping": run.clipping, "traces": run.trace_count,
     }  # fmt: skip
 
@@ -97,7 +109,7 @@ def run_case(case: str, epochs: int, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="*", default=["mlp", "cnn", "embedding"])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--steps", type=int, default=30, help="steps per epoch")
     args = parser.parse_args()
     for case in args.cases:

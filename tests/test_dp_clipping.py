@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kprivacy_nb import dp_fit  # noqa: E402
-from kprivacy_nb.dp.clipping import per_example_loss_fn  # noqa: E402
+from kprivacy_nb.dp.clipping import FastClipper, per_example_loss_fn  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier=0")
 
@@ -46,6 +46,16 @@ def _models(rng):
             rng.normal(size=(8, 8, 8, 2)),
         ),
         "conv2d_ghost": ([k.Conv2D(40, 3), k.Flatten(), k.Dense(3)], rng.normal(size=(8, 4, 4, 8))),
+        "conv2d_same_dilated": (
+            [k.Conv2D(3, (2, 2), padding="same"), k.Conv2D(2, 3, dilation_rate=2, padding="same"),
+             k.Flatten(), k.Dense(3)],
+            rng.normal(size=(8, 7, 6, 2)),
+        ),
+        # Declared without a spatial size (dp_fit still traces with the data's size).
+        "conv2d_any_size": (
+            [k.Conv2D(3, 3, strides=2), k.GlobalAveragePooling2D(), k.Dense(3)],
+            rng.normal(size=(8, 7, 7, 2)), (None, None, 2),
+        ),
         "conv1d": (
             [k.Conv1D(4, 3, padding="causal", dilation_rate=2), k.Conv1D(2, 2, strides=2),
              k.Flatten(), k.Dense(3)],
@@ -54,6 +64,16 @@ def _models(rng):
         "embedding": (
             [k.Embedding(5, 4), k.GlobalAveragePooling1D(), k.Dense(3)],
             rng.integers(0, 5, (8, 9)),
+        ),
+        # Ids of any rank; some examples repeat tokens, some don't; a large vocabulary.
+        "embedding_2d_ids": (
+            [k.Embedding(70000, 3), k.Reshape((12, 3)), k.GlobalAveragePooling1D(), k.Dense(3)],
+            np.concatenate([rng.integers(0, 4, (4, 3, 4)), rng.integers(0, 70000, (4, 3, 4))]),
+        ),
+        # Sequence length unknown when traced (64-bit sort keys).
+        "embedding_dynamic_length": (
+            [k.Embedding(6, 3), k.GlobalAveragePooling1D(), k.Dense(3)],
+            rng.integers(0, 6, (8, 10)), (None,),
         ),
         "layernorm": ([k.LayerNormalization(), k.Flatten(), k.Dense(3)], rng.normal(size=(8, 4, 5))),
         "groupnorm": (
@@ -79,9 +99,10 @@ def _naive_clipped_mean(model, x, y, clip):
     return [t / len(x) for t in total], norm
 
 
-def _build(layers, x, rng):
+def _build(layers, x, rng, input_shape=None):
     dtype = "int32" if x.dtype.kind == "i" else "float32"
-    model = keras.Sequential([keras.Input(x.shape[1:], dtype=dtype), *layers])
+    shape = x.shape[1:] if input_shape is None else input_shape
+    model = keras.Sequential([keras.Input(shape, dtype=dtype), *layers])
     for v in model.trainable_variables:
         v.assign(rng.normal(size=v.shape).astype("float32") * 0.5)
     return model
@@ -99,15 +120,16 @@ def _one_step(model, x, y, clip, **kw):
 
 @pytest.mark.parametrize(
     "name",
-    ["dense", "dense_seq_ghost", "dense_seq_per_example", "conv2d", "conv2d_ghost", "conv1d",
-     "embedding", "layernorm", "groupnorm", "fallback"],
+    ["dense", "dense_seq_ghost", "dense_seq_per_example", "conv2d", "conv2d_ghost",
+     "conv2d_same_dilated", "conv2d_any_size", "conv1d", "embedding", "embedding_2d_ids", "embedding_dynamic_length",
+     "layernorm", "groupnorm", "fallback"],
 )  # fmt: skip
 def test_step_equals_naive_clipped_mean(name):
     rng = np.random.default_rng(1)
-    layers, x = _models(rng)[name]
+    layers, x, *input_shape = _models(rng)[name]
     x = x.astype("int32") if x.dtype.kind == "i" else x.astype("float32")
     y = rng.integers(0, 3, len(x))
-    model = _build(layers, x, rng)
+    model = _build(layers, x, rng, *input_shape)
     # Pick C between the per-example norms so that some examples are clipped and some are not.
     loss_fn = per_example_loss_fn(LOSS)
     norms = []
@@ -131,6 +153,32 @@ def test_step_equals_naive_clipped_mean(name):
         assert "fallback" not in paths
     if name.endswith("ghost"):
         assert "ghost norm (" in paths
+
+
+def test_unknown_sizes_when_traced_give_the_same_clipped_sums():
+    # Traced with unknown spatial size / sequence length, the conv falls back to extracting
+    # patches at run time and the embedding to 64-bit sort keys; results must not change.
+    rng = np.random.default_rng(4)
+    k = keras.layers
+    cases = [
+        ([k.Conv2D(3, 3, strides=2, padding="same"), k.GlobalAveragePooling2D(), k.Dense(3)],
+         rng.normal(size=(6, 7, 7, 2)).astype("float32"), (None, None, 2), "float32"),
+        ([k.Embedding(6, 3), k.GlobalAveragePooling1D(), k.Dense(3)],
+         rng.integers(0, 6, (6, 10)).astype("int32"), (None,), "int32"),
+    ]  # fmt: skip
+    for layers, x, shape, dtype in cases:
+        model = _build(layers, x, rng, shape)
+        y = rng.integers(0, 3, len(x))
+        clipper = FastClipper(model, per_example_loss_fn(LOSS), l2_norm_clip=0.5, sample_x=x[:2])
+        spec = tf.TensorSpec([None, *shape], dtype)
+        sums = lambda x, y, c=clipper: c.clipped_sum(x, y, tf.ones(6)).grads  # noqa: E731
+        dynamic = tf.function(sums, input_signature=[spec, tf.TensorSpec([None], tf.int64)])
+        static = tf.function(sums)
+        for a, b in zip(dynamic(x, y), static(x, tf.constant(y)), strict=True):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+        expected, _ = _naive_clipped_mean(model, x, y, 0.5)
+        for e, g in zip(expected, dynamic(x, y), strict=True):
+            np.testing.assert_allclose(g.numpy() / len(x), e, atol=1e-5, rtol=1e-4)
 
 
 def test_tiny_clip_is_mean_of_unit_directions():

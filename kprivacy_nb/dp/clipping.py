@@ -134,10 +134,11 @@ class _Recorder:
     taps: list[_Tap] = field(default_factory=list)
 
     def probe(self, layer: Any, kind: str, z: tf.Tensor, **saved: Any) -> tf.Tensor:
-        p = tf.zeros_like(z)
-        self.tape.watch(p)
-        self.taps.append(_Tap(layer, kind, saved, p))
-        return z + p
+        # Watching the layer's output makes the tape give dLoss/dz for it directly.
+        z = tf.identity(z)
+        self.tape.watch(z)
+        self.taps.append(_Tap(layer, kind, saved, z))
+        return z
 
 
 @dataclass
@@ -177,17 +178,20 @@ def _static_positions(t: tf.Tensor) -> int | None:
 
 
 def _linear_grads(
-    a: tf.Tensor, dz: tf.Tensor, kernel: Any, bias: Any, kernel_shape: Any, name: str
+    parts: list[tf.Tensor], dz: tf.Tensor, kernel: Any, bias: Any, kernel_shape: Any, name: str
 ) -> _LayerGrads:
     """Norms and clipped sums for ``z = a @ W (+ b)`` applied at T positions of each example.
 
-    ``a``: (B, T, p) inputs (or patches), ``dz``: (B, T, o). ``W`` has ``p*o`` entries.
+    ``a`` (B, T, p) is given as K pieces (B, T, c) with p = K·c, in the order of ``W``'s rows:
+    one piece for Dense; one per kernel offset for a convolution, so its patches are never
+    assembled. ``dz``: (B, T, o). ``W`` has ``p*o`` entries.
     """
-    positions = _static_positions(a)
-    p, o = a.shape[-1], dz.shape[-1]
+    positions = _static_positions(parts[0])
+    c_in, o = parts[0].shape[-1], dz.shape[-1]
+    p = len(parts) * c_in
     bias_g = tf.reduce_sum(dz, axis=1) if bias is not None else None
     if positions == 1:
-        a2, dz2 = a[:, 0, :], dz[:, 0, :]
+        a2, dz2 = tf.concat([t[:, 0, :] for t in parts], 1), dz[:, 0, :]
         sq = tf.reduce_sum(tf.square(a2), 1) * tf.reduce_sum(tf.square(dz2), 1)
         method = f"{name}: ghost norm"
 
@@ -195,16 +199,20 @@ def _linear_grads(
             return tf.matmul(a2, dz2 * c[:, None], transpose_a=True)
 
     elif positions is not None and positions * (p + o) <= p * o:
-        aa = tf.einsum("btp,bsp->bts", a, a)
-        gg = tf.einsum("bto,bso->bts", dz, dz)
+        aa = tf.add_n([tf.matmul(t, t, transpose_b=True) for t in parts])  # (B, T, T)
+        gg = tf.matmul(dz, dz, transpose_b=True)
         sq = tf.reduce_sum(aa * gg, axis=[1, 2])
         method = f"{name}: ghost norm ({positions} positions)"
 
         def kernel_sum(c: tf.Tensor) -> tf.Tensor:
-            return tf.einsum("btp,bto->po", a, dz * c[:, None, None])
+            weighted = tf.reshape(dz * c[:, None, None], [-1, o])
+            return tf.concat(
+                [tf.matmul(tf.reshape(t, [-1, c_in]), weighted, transpose_a=True) for t in parts],
+                0,
+            )
 
     else:
-        per_ex = tf.einsum("btp,bto->bpo", a, dz)
+        per_ex = tf.concat([tf.matmul(t, dz, transpose_a=True) for t in parts], 1)  # (B, p, o)
         sq = tf.reduce_sum(tf.square(per_ex), axis=[1, 2])
         method = f"{name}: per-example kernel gradients ({positions or '?'} positions)"
 
@@ -221,6 +229,41 @@ def _linear_grads(
         return out
 
     return _LayerGrads(sq, clipped, method)
+
+
+def _conv_pieces(
+    x: tf.Tensor, size: Any, strides: Any, rates: Any, padding: str
+) -> list[tf.Tensor] | None:
+    """The convolution's input seen through each kernel offset: kh·kw tensors (B, T, c).
+
+    Piece (i, j) holds, at every output position, the input pixel that kernel tap (i, j) reads;
+    together they are the image patches, split by tap — strided slices instead of TensorFlow's
+    ExtractImagePatches, which is several times slower on CPU. None if the spatial size is not
+    static.
+    """
+    height, width = x.shape[1], x.shape[2]
+    if height is None or width is None:
+        return None
+    (kh, kw), (sh, sw), (rh, rw) = size, strides, rates
+    if padding == "same":
+        pads = []
+        for n, k, s, r in ((height, kh, sh, rh), (width, kw, sw, rw)):
+            total = max((-(-n // s) - 1) * s + (k - 1) * r + 1 - n, 0)
+            pads.append([total // 2, total - total // 2])
+        x = tf.pad(x, [[0, 0], *pads, [0, 0]])
+        height, width = height + sum(pads[0]), width + sum(pads[1])
+    oh = (height - (kh - 1) * rh - 1) // sh + 1
+    ow = (width - (kw - 1) * rw - 1) // sw + 1
+    pieces = []
+    for i in range(kh):
+        for j in range(kw):
+            piece = x[
+                :,
+                i * rh : i * rh + (oh - 1) * sh + 1 : sh,
+                j * rw : j * rw + (ow - 1) * sw + 1 : sw,
+            ]
+            pieces.append(tf.reshape(piece, [-1, oh * ow, x.shape[-1]]))
+    return pieces
 
 
 # --------------------------------------------------------------------------- handlers
@@ -274,7 +317,7 @@ class _DenseHandler(_Handler):
     def grads(self, tap: _Tap, dz: tf.Tensor) -> _LayerGrads:
         layer, x = tap.layer, tap.saved["x"]
         return _linear_grads(
-            _flat3(x), _flat3(dz), layer.kernel, layer.bias, layer.kernel.shape, "Dense"
+            [_flat3(x)], _flat3(dz), layer.kernel, layer.bias, layer.kernel.shape, "Dense"
         )
 
 
@@ -323,16 +366,20 @@ class _ConvHandler(_Handler):
             )
         else:
             size, stride, rate = layer.kernel_size, layer.strides, layer.dilation_rate
-        patches = tf.image.extract_patches(
-            x,
-            sizes=[1, *size, 1],
-            strides=[1, *stride, 1],
-            rates=[1, *rate, 1],
-            padding=tap.saved["padding"].upper(),
-        )
+        padding = tap.saved["padding"]
+        pieces = _conv_pieces(x, size, stride, rate, padding)
+        if pieces is None:  # spatial size unknown until run time
+            patches = tf.image.extract_patches(
+                x,
+                sizes=[1, *size, 1],
+                strides=[1, *stride, 1],
+                rates=[1, *rate, 1],
+                padding=padding.upper(),
+            )
+            pieces = [_flat3(patches)]
         name = f"Conv{layer.rank}D"
         return _linear_grads(
-            _flat3(patches), _flat3(dz), layer.kernel, layer.bias if layer.use_bias else None,
+            pieces, _flat3(dz), layer.kernel, layer.bias if layer.use_bias else None,
             layer.kernel.shape, name,
         )  # fmt: skip
 
@@ -347,7 +394,8 @@ class _EmbeddingHandler(_Handler):
         idx = tf.convert_to_tensor(inputs)
         if idx.dtype not in (tf.int32, tf.int64):
             idx = tf.cast(idx, tf.int32)
-        z = ops.take(layer.embeddings, idx, axis=0)
+        idx = tf.where(idx < 0, idx + tf.cast(layer.input_dim, idx.dtype), idx)  # as ops.take
+        z = tf.gather(layer.embeddings, idx)
         z = rec.probe(layer, self.kind, z, idx=idx)
         return ops.cast(z, layer.compute_dtype)
 
@@ -357,32 +405,61 @@ class _EmbeddingHandler(_Handler):
         batch = tf.shape(dz)[0]
         idx = tf.reshape(tf.cast(tap.saved["idx"], tf.int32), [batch, -1])
         dz = tf.reshape(dz, [batch, -1, dim])
+        flat_dz = tf.reshape(dz, [-1, dim])
+        sq = tf.reduce_sum(tf.square(dz), axis=2)  # (batch, positions): one row each
         if tap.saved["idx"].shape.rank == 1 or _static_positions(dz) == 1:
-            sq = tf.reduce_sum(tf.square(dz), axis=[1, 2])
+            sq = tf.reduce_sum(sq, axis=1)
             method = "Embedding: per-example rows"
         else:
-            # Sum the output-gradients of repeated tokens within each example, then take norms.
-            length = tf.shape(idx)[1]
-            order = tf.argsort(idx, axis=1, stable=True)
-            sidx = tf.gather(idx, order, batch_dims=1)
-            sdz = tf.gather(dz, order, batch_dims=1)
-            new = tf.concat(
-                [tf.ones([batch, 1], tf.int32), tf.cast(sidx[:, 1:] != sidx[:, :-1], tf.int32)], 1
-            )
-            seg = tf.cumsum(new, axis=1) - 1 + tf.range(batch)[:, None] * length
-            summed = tf.math.unsorted_segment_sum(
-                tf.reshape(sdz, [-1, dim]), tf.reshape(seg, [-1]), batch * length
-            )
-            sq = tf.reduce_sum(tf.reshape(tf.square(summed), [batch, -1]), axis=1)
+            sq = self._token_sums_sq(idx, flat_dz, sq, layer.input_dim)
             method = "Embedding: per-example token sums"
-        flat_idx = tf.reshape(idx, [-1])
+        tokens = tf.reshape(idx, [-1])
 
         def clipped(c: tf.Tensor) -> list[tuple[Any, tf.Tensor]]:
             weighted = tf.reshape(dz * c[:, None, None], [-1, dim])
-            table = tf.math.unsorted_segment_sum(weighted, flat_idx, layer.input_dim)
-            return [(layer.embeddings, table)]
+            return [
+                (layer.embeddings, tf.math.unsorted_segment_sum(weighted, tokens, layer.input_dim))
+            ]
 
         return _LayerGrads(sq, clipped, method)
+
+    @staticmethod
+    def _token_sums_sq(
+        idx: tf.Tensor, flat_dz: tf.Tensor, pos_sq: tf.Tensor, vocabulary: int
+    ) -> tf.Tensor:
+        """Per-example ‖gradient of the table‖² when an example may repeat a token.
+
+        Row v of example b's gradient is the sum of dz over b's positions holding token v, so
+        ‖g_b‖² = Σ over positions whose token occurs once in b of ‖dz‖² (``pos_sq``) + Σ over
+        repeated tokens of ‖their dz summed‖². Each example's tokens are sorted (with their
+        positions packed into the same integer, so one sort gives both) to find the repeats; only
+        those rows are gathered and summed — usually a small fraction.
+        """
+        batch, length = tf.shape(idx)[0], tf.shape(idx)[1]
+        # key = token · 2^bits + position: shifts and masks, not (slow) integer division.
+        bits = max(1, int(idx.shape[1] - 1).bit_length()) if idx.shape[1] else 31
+        dtype = tf.int32 if vocabulary < 2 ** (31 - bits) else tf.int64
+        packed = tf.bitwise.left_shift(tf.cast(idx, dtype), tf.cast(bits, dtype)) | tf.range(
+            length, dtype=dtype
+        )
+        packed = tf.sort(packed, axis=1)
+        tok = tf.bitwise.right_shift(packed, tf.cast(bits, dtype))
+        pos = tf.cast(packed & tf.cast(2**bits - 1, dtype), tf.int32)  # original position
+        same = tok[:, 1:] == tok[:, :-1]  # (batch, length - 1): equal to the next sorted token
+        edge = tf.zeros([batch, 1], tf.bool)
+        repeated = tf.concat([same, edge], 1) | tf.concat([edge, same], 1)
+        # Tokens that occur once: their own squared norm (read in sorted order).
+        sorted_sq = tf.gather(pos_sq, pos, batch_dims=1)
+        total = tf.reduce_sum(tf.where(repeated, 0.0, sorted_sq), axis=1)
+        # Repeated tokens: sum each run of equal tokens, then square.
+        where = tf.cast(tf.where(tf.reshape(repeated, [-1]))[:, 0], tf.int32)
+        run_start = tf.gather(tf.reshape(tf.concat([~edge, ~same], 1), [-1]), where)
+        seg = tf.cumsum(tf.cast(run_start, tf.int32)) - 1
+        example = where // length
+        rows = tf.gather(flat_dz, example * length + tf.gather(tf.reshape(pos, [-1]), where))
+        run_sq = tf.reduce_sum(tf.square(tf.math.segment_sum(rows, seg)), axis=1)
+        run_example = tf.math.segment_max(example, seg)
+        return total + tf.math.unsorted_segment_sum(run_sq, run_example, batch)
 
 
 def _norm_axes(layer: Any, ndim: int) -> list[int]:
@@ -599,8 +676,10 @@ class FastClipper:
 
     # -- per batch (call inside tf.function for speed)
 
-    def clipped_sum(self, x: Any, y: Any, weights: tf.Tensor) -> ClippedBatch:
-        """Clipped per-example gradient sum of the batch; rows with weight 0 contribute nothing."""
+    def clipped_sum(self, x: Any, y: Any, weights: tf.Tensor, scale: Any = 1.0) -> ClippedBatch:
+        """Clipped per-example gradient sum of the batch, times ``scale``; rows with weight 0
+        contribute nothing. (Scaling the clip factors costs nothing; scaling the sums later would
+        be one more pass over every weight.)"""
         weights = tf.cast(weights, tf.float32)
         with tf.GradientTape(persistent=self.uses_fallback) as tape:
             rec = _Recorder(tape)
@@ -642,6 +721,7 @@ class FastClipper:
         norms = tf.sqrt(sq)
         clip = tf.constant(self.l2_norm_clip, tf.float32)
         factors = tf.where(norms > clip, clip / tf.maximum(norms, 1e-30), 1.0) * weights
+        factors = factors * tf.cast(scale, tf.float32)
         sums: list[tf.Tensor | None] = [None] * len(self.variables)
         for part in parts:
             for var, g in part.clipped(factors):
@@ -653,8 +733,12 @@ class FastClipper:
             for v, g in zip(self.variables, sums, strict=False)
         ]
         finite = tf.reduce_all(tf.math.is_finite(sq)) & tf.reduce_all(tf.math.is_finite(losses))
-        for g in grads:
-            finite = finite & tf.reduce_all(tf.math.is_finite(g))
+        # A finite squared norm for every example bounds each clipped sum by (batch size)·C, so
+        # checking ``sq`` covers every fast-path gradient; only the fallback's are checked again.
+        fallback = {id(v) for v in self.fallback_variables}
+        for v, g in zip(self.variables, grads, strict=False):
+            if id(v) in fallback:
+                finite = finite & tf.reduce_all(tf.math.is_finite(g))
         reg_grads = None
         if reg is not None:
             reg_grads = tape.gradient(reg, self.variables, unconnected_gradients=zero)

@@ -11,7 +11,6 @@ run through the same graph: no padding, no truncation, no retracing.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,20 +19,9 @@ import numpy as np
 import tensorflow as tf
 
 from .clipping import FastClipper
+from .noise import GaussianNoise
 
-__all__ = ["DPSGDEngine", "accuracy_fn", "noise_generator"]
-
-
-def noise_generator(seed: int | None) -> np.random.Generator:
-    """Source of the per-step noise keys: OS entropy unless ``seed`` is given (tests).
-
-    Each step draws a fresh 128-bit key from it; the Gaussian noise of that step is TensorFlow's
-    stateless Philox normal sampler under that key (one call for all coordinates), so noise
-    generation has no state to serialise and can overlap the forward/backward pass.
-    """
-    if seed is not None:
-        return np.random.default_rng([int(seed), 0x6B70])
-    return np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
+__all__ = ["DPSGDEngine", "accuracy_fn"]
 
 
 def accuracy_fn(loss: Any) -> Callable[[Any, Any], tf.Tensor] | None:
@@ -105,17 +93,19 @@ class DPSGDEngine:
         self.variables = self.clipper.variables
         self.noise_std = float(noise_multiplier) * float(l2_norm_clip)
         self.accuracy = accuracy
-        self.noise = noise_generator(seed)
+        sizes = [int(np.prod(v.shape)) for v in self.variables]
+        self.noise = GaussianNoise(sizes, seed, prefetch=True) if self.noise_std > 0 else None
+        self._no_noise = np.zeros(0, np.float32)
         self.optimizer.build(self.variables)
         self._step = tf.function(
             self._step_impl,
             input_signature=[
                 _spec(X), _spec(Y), tf.TensorSpec([None], tf.int32),
-                tf.TensorSpec([None], tf.float32), tf.TensorSpec([], tf.float32),
-                tf.TensorSpec([2], tf.int64),
+                tf.TensorSpec([2], tf.float32), tf.TensorSpec([None], tf.float32),
             ],
         )  # fmt: skip
         self._eval = tf.function(self._eval_impl, input_signature=[_batch_spec(X), _batch_spec(Y)])
+        self._concrete: Any = None
 
     @property
     def report(self) -> dict[str, str]:
@@ -127,7 +117,7 @@ class DPSGDEngine:
 
     def trace(self) -> None:
         """Trace the step now (errors in the model surface before any update is applied)."""
-        self._step.get_concrete_function()
+        self._concrete = self._step.get_concrete_function()
 
     def _stats(self, y: Any, preds: Any, losses: tf.Tensor, weights: tf.Tensor) -> list[tf.Tensor]:
         correct = tf.constant(0.0)
@@ -135,28 +125,27 @@ class DPSGDEngine:
             correct = tf.reduce_sum(self.accuracy(y, preds) * weights)
         return [tf.reduce_sum(losses), tf.reduce_sum(weights), correct]
 
-    def _noise(self, key: tf.Tensor) -> list[tf.Tensor]:
-        sizes = [int(np.prod(v.shape)) for v in self.variables]
-        flat = tf.random.stateless_normal(
-            [sum(sizes)], seed=key, stddev=self.noise_std, alg="philox"
-        )
+    def _noise(self, flat: tf.Tensor) -> list[tf.Tensor]:
+        """The per-variable views of the step's flat noise vector (see :class:`.GaussianNoise`)."""
         return [
-            tf.cast(tf.reshape(part, v.shape), v.dtype)
-            for part, v in zip(tf.split(flat, sizes), self.variables, strict=False)
+            tf.cast(tf.reshape(flat[o : o + n], v.shape), v.dtype)
+            for o, n, v in zip(self.noise.offsets, self.noise.sizes, self.variables, strict=True)
         ]
 
     def _step_impl(
-        self, X: Any, Y: Any, idx: tf.Tensor, weights: tf.Tensor, denom: tf.Tensor, key: tf.Tensor
+        self, X: Any, Y: Any, idx: tf.Tensor, meta: tf.Tensor, noise: tf.Tensor
     ) -> tf.Tensor:
-        noise = self._noise(key) if self.noise_std > 0 else None
+        # meta = [denominator, row weight]; the weight is 0 only for an empty batch's dummy row.
+        weights = tf.fill(tf.shape(idx), meta[1])
+        # (Σ clipped + N(0, σ²C²)) / denom: 1/denom is folded into the clip factors here and into
+        # the noise's standard deviation by ``step``.
+        scale = 1.0 / meta[0]
         x = tf.nest.map_structure(lambda t: tf.gather(t, idx), X)
         y = tf.gather(Y, idx)
-        out = self.clipper.clipped_sum(x, y, weights)
-        noisy = []
-        for i, g in enumerate(out.grads):
-            if noise is not None:
-                g = g + noise[i]
-            noisy.append(g / tf.cast(denom, g.dtype))
+        out = self.clipper.clipped_sum(x, y, weights, scale=scale)
+        noisy = out.grads
+        if self.noise is not None:
+            noisy = [g + n for g, n in zip(noisy, self._noise(noise), strict=True)]
         if out.regularization_grads is not None:
             noisy = [
                 g + tf.cast(r, g.dtype)
@@ -172,16 +161,25 @@ class DPSGDEngine:
 
     def step(self, X: Any, Y: Any, idx: np.ndarray, denominator: float) -> np.ndarray:
         """Run one DP-SGD step on rows ``idx``; an empty batch still adds (and applies) noise."""
+        weight = 1.0
         if len(idx) == 0:  # one masked dummy row keeps every shape non-empty
-            idx, weights = np.zeros(1, np.int32), np.zeros(1, np.float32)
-        else:
-            weights = np.ones(len(idx), np.float32)
-        key = self.noise.integers(-(2**63), 2**63 - 1, size=2, dtype=np.int64, endpoint=True)
-        out = self._step(
-            X, Y, tf.constant(idx, tf.int32), tf.constant(weights),
-            tf.constant(float(denominator)), tf.constant(key),
-        )  # fmt: skip
+            idx, weight = np.zeros(1, np.int32), 0.0
+        noise = self._no_noise
+        if self.noise is not None:
+            noise = self.noise.next(self.noise_std / denominator)
+        meta = np.array([denominator, weight], np.float32)
+        if self._concrete is None:
+            self.trace()
+        # The concrete function skips the signature matching of a tf.function call (~0.2 ms).
+        out = self._concrete(
+            X, Y, tf.constant(idx, tf.int32), tf.constant(meta), tf.constant(noise)
+        )
         return out.numpy()
+
+    def close(self) -> None:
+        """Stop the noise generator's background thread (training is over)."""
+        if self.noise is not None:
+            self.noise.close()
 
     def _eval_impl(self, x: Any, y: Any) -> tf.Tensor:
         preds = self.model(x, training=False)

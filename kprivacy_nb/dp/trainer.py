@@ -348,6 +348,8 @@ def dp_fit(
     except BaseException:
         finish_ledger(applied_steps())
         raise
+    finally:
+        eng.close()
     steps = applied_steps()
     finish_ledger(steps)
     eps = 0.0 if steps == 0 else accounting.epsilon_of_event(event(steps), delta, accountant)
