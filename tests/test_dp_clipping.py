@@ -12,7 +12,12 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kprivacy_nb import dp_fit  # noqa: E402
-from kprivacy_nb.dp.clipping import FastClipper, per_example_loss_fn  # noqa: E402
+from kprivacy_nb.dp.clipping import (  # noqa: E402
+    FastClipper,
+    _reads_model_input,
+    per_example_loss_fn,
+    repeats,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier=0")
 
@@ -70,6 +75,11 @@ def _models(rng):
             [k.Embedding(70000, 3), k.Reshape((12, 3)), k.GlobalAveragePooling1D(), k.Dense(3)],
             np.concatenate([rng.integers(0, 4, (4, 3, 4)), rng.integers(0, 70000, (4, 3, 4))]),
         ),
+        # Ids reach the embedding through another layer: repeats are found in the graph.
+        "embedding_after_reshape": (
+            [k.Reshape((12,)), k.Embedding(7, 3), k.GlobalAveragePooling1D(), k.Dense(3)],
+            rng.integers(0, 7, (8, 3, 4)),
+        ),
         # Sequence length unknown when traced (64-bit sort keys).
         "embedding_dynamic_length": (
             [k.Embedding(6, 3), k.GlobalAveragePooling1D(), k.Dense(3)],
@@ -121,7 +131,7 @@ def _one_step(model, x, y, clip, **kw):
 @pytest.mark.parametrize(
     "name",
     ["dense", "dense_seq_ghost", "dense_seq_per_example", "conv2d", "conv2d_ghost",
-     "conv2d_same_dilated", "conv2d_any_size", "conv1d", "embedding", "embedding_2d_ids", "embedding_dynamic_length",
+     "conv2d_same_dilated", "conv2d_any_size", "conv1d", "embedding", "embedding_2d_ids", "embedding_after_reshape", "embedding_dynamic_length",
      "layernorm", "groupnorm", "fallback"],
 )  # fmt: skip
 def test_step_equals_naive_clipped_mean(name):
@@ -155,9 +165,10 @@ def test_step_equals_naive_clipped_mean(name):
         assert "ghost norm (" in paths
 
 
-def test_unknown_sizes_when_traced_give_the_same_clipped_sums():
-    # Traced with unknown spatial size / sequence length, the conv falls back to extracting
-    # patches at run time and the embedding to 64-bit sort keys; results must not change.
+def test_in_graph_paths_give_the_same_clipped_sums():
+    # Called directly (no repeats found on the host), the embedding finds repeated tokens in the
+    # graph: 32-bit sort keys for a known length, 64-bit ones when the length is unknown at
+    # trace time. With an unknown spatial size, the conv extracts patches at run time.
     rng = np.random.default_rng(4)
     k = keras.layers
     cases = [
@@ -165,6 +176,8 @@ def test_unknown_sizes_when_traced_give_the_same_clipped_sums():
          rng.normal(size=(6, 7, 7, 2)).astype("float32"), (None, None, 2), "float32"),
         ([k.Embedding(6, 3), k.GlobalAveragePooling1D(), k.Dense(3)],
          rng.integers(0, 6, (6, 10)).astype("int32"), (None,), "int32"),
+        ([k.Embedding(6, 3), k.GlobalAveragePooling1D(), k.Dense(3)],  # 32-bit keys in-graph
+         rng.integers(0, 6, (6, 10)).astype("int32"), (10,), "int32"),
     ]  # fmt: skip
     for layers, x, shape, dtype in cases:
         model = _build(layers, x, rng, shape)
@@ -179,6 +192,49 @@ def test_unknown_sizes_when_traced_give_the_same_clipped_sums():
         expected, _ = _naive_clipped_mean(model, x, y, 0.5)
         for e, g in zip(expected, dynamic(x, y), strict=True):
             np.testing.assert_allclose(g.numpy() / len(x), e, atol=1e-5, rtol=1e-4)
+
+
+def test_repeats_match_a_direct_count():
+    rng = np.random.default_rng(5)
+    for ids, vocabulary in [
+        (rng.integers(0, 4, (7, 9)), 4),
+        (rng.integers(-5, 5, (6, 2, 5)), 5),  # negative ids wrap, as in Keras
+        (rng.integers(0, 2**40, (3, 6)).astype(np.int64), 2**40),  # 64-bit keys
+        (np.zeros((2, 1), np.int32), 3),
+    ]:
+        rep = repeats(ids, vocabulary)
+        flat = np.where(ids < 0, ids + vocabulary, ids).reshape(len(ids), -1)
+        length = flat.shape[1]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for b, row in enumerate(flat):
+            for t, token in enumerate(row):
+                groups.setdefault((b, int(token)), []).append(b * length + t)
+        single = np.ones(flat.size, bool)
+        expected = {}
+        for (b, _), positions in groups.items():
+            if len(positions) > 1:
+                single[positions] = False
+                expected[frozenset(positions)] = b
+        np.testing.assert_array_equal(rep.single.ravel(), single)
+        got = {}
+        for g in np.unique(rep.group):
+            got[frozenset(rep.rows[rep.group == g].tolist())] = int(rep.owner[g])
+        assert got == expected
+        assert np.all(np.diff(rep.group) >= 0)
+
+
+def test_host_path_only_for_embeddings_reading_the_model_input():
+    k = keras.layers
+    direct = keras.Sequential([keras.Input((5,), dtype="int32"), k.Embedding(9, 2)])
+    assert _reads_model_input(direct, direct.layers[0])
+    reshaped = keras.Sequential(
+        [keras.Input((1, 5), dtype="int32"), k.Reshape((5,)), k.Embedding(9, 2)]
+    )
+    assert not _reads_model_input(reshaped, reshaped.layers[1])
+    inp = keras.Input((5,), dtype="int32")
+    shared = k.Embedding(9, 2)
+    two_calls = keras.Model(inp, k.Concatenate()([shared(inp), shared(inp)]))
+    assert not _reads_model_input(two_calls, shared)
 
 
 def test_tiny_clip_is_mean_of_unit_directions():

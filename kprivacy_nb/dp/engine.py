@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from .clipping import FastClipper
+from .clipping import FastClipper, RepeatedTokens, repeats
 from .noise import GaussianNoise
 
 __all__ = ["DPSGDEngine", "accuracy_fn"]
@@ -86,6 +86,7 @@ class DPSGDEngine:
         Y: Any,
         seed: int | None = None,
         accuracy: Callable[[Any, Any], tf.Tensor] | None = None,
+        host_x: np.ndarray | None = None,
     ) -> None:
         sample_x = tf.nest.map_structure(lambda t: t[:2], X)
         self.clipper = FastClipper(model, loss_fn, l2_norm_clip=l2_norm_clip, sample_x=sample_x)
@@ -94,16 +95,26 @@ class DPSGDEngine:
         self.noise_std = float(noise_multiplier) * float(l2_norm_clip)
         self.accuracy = accuracy
         sizes = [int(np.prod(v.shape)) for v in self.variables]
-        self.noise = GaussianNoise(sizes, seed, prefetch=True) if self.noise_std > 0 else None
-        self._no_noise = np.zeros(0, np.float32)
+        self.noise = None
+        if self.noise_std > 0:
+            self.noise = GaussianNoise(sizes, seed, prefetch=True)
+        self._no_noise = tf.zeros([0], tf.float32)
         self.optimizer.build(self.variables)
-        self._step = tf.function(
-            self._step_impl,
-            input_signature=[
-                _spec(X), _spec(Y), tf.TensorSpec([None], tf.int32),
-                tf.TensorSpec([2], tf.float32), tf.TensorSpec([None], tf.float32),
-            ],
-        )  # fmt: skip
+        signature = [
+            _spec(X), _spec(Y), tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([2], tf.float32), tf.TensorSpec([None], tf.float32),
+        ]  # fmt: skip
+        # Embeddings that read the input ids directly get their repeated tokens found on the
+        # host (``host_x`` is the same data as ``X``, as a NumPy array).
+        self._host_x = host_x
+        self._host_vocab = [layer.input_dim for layer in self.clipper.host_embeddings]
+        if host_x is None:
+            self._host_vocab = []
+        if self._host_vocab:
+            vector = tf.TensorSpec([None], tf.int32)
+            spec = RepeatedTokens(tf.TensorSpec([None, None], tf.bool), vector, vector, vector)
+            signature.append(tuple(spec for _ in self._host_vocab))
+        self._step = tf.function(self._step_impl, input_signature=signature)
         self._eval = tf.function(self._eval_impl, input_signature=[_batch_spec(X), _batch_spec(Y)])
         self._concrete: Any = None
 
@@ -133,7 +144,13 @@ class DPSGDEngine:
         ]
 
     def _step_impl(
-        self, X: Any, Y: Any, idx: tf.Tensor, meta: tf.Tensor, noise: tf.Tensor
+        self,
+        X: Any,
+        Y: Any,
+        idx: tf.Tensor,
+        meta: tf.Tensor,
+        noise: tf.Tensor,
+        repeated: tuple[RepeatedTokens, ...] = (),
     ) -> tf.Tensor:
         # meta = [denominator, row weight]; the weight is 0 only for an empty batch's dummy row.
         weights = tf.fill(tf.shape(idx), meta[1])
@@ -142,7 +159,7 @@ class DPSGDEngine:
         scale = 1.0 / meta[0]
         x = tf.nest.map_structure(lambda t: tf.gather(t, idx), X)
         y = tf.gather(Y, idx)
-        out = self.clipper.clipped_sum(x, y, weights, scale=scale)
+        out = self.clipper.clipped_sum(x, y, weights, scale=scale, repeated=repeated)
         noisy = out.grads
         if self.noise is not None:
             noisy = [g + n for g, n in zip(noisy, self._noise(noise), strict=True)]
@@ -166,15 +183,21 @@ class DPSGDEngine:
             idx, weight = np.zeros(1, np.int32), 0.0
         noise = self._no_noise
         if self.noise is not None:
-            noise = self.noise.next(self.noise_std / denominator)
+            noise = tf.constant(self.noise.next(self.noise_std / denominator))
         meta = np.array([denominator, weight], np.float32)
+        args = [X, Y, tf.constant(idx, tf.int32), tf.constant(meta), noise]
+        if self._host_vocab:
+            ids = self._host_x[idx]
+            args.append(
+                tuple(
+                    RepeatedTokens(*map(tf.constant, repeats(ids, vocabulary)))
+                    for vocabulary in self._host_vocab
+                )
+            )
         if self._concrete is None:
             self.trace()
         # The concrete function skips the signature matching of a tf.function call (~0.2 ms).
-        out = self._concrete(
-            X, Y, tf.constant(idx, tf.int32), tf.constant(meta), tf.constant(noise)
-        )
-        return out.numpy()
+        return self._concrete(*args).numpy()
 
     def close(self) -> None:
         """Stop the noise generator's background thread (training is over)."""

@@ -83,9 +83,10 @@ class GaussianNoise:
 
     ``next(std)`` returns one flat float32 vector holding N(0, std²) values for every coordinate;
     chunk ``i`` (``sizes[i]`` values) starts at ``offsets[i]``, a multiple of :data:`ALIGN` (the
-    few padding values in between are noise too, and unused). With ``prefetch=True`` the next
-    step's vector is computed on a background thread while the current step trains; step k's
-    values are the same either way. Call ``close()`` when done.
+    few padding values in between are noise too, and unused).
+
+    With ``prefetch=True`` the next step's vector is made on a background thread while the
+    current step trains; step k's values are the same either way. Call ``close()`` when done.
 
     >>> noise = GaussianNoise([5, 3], seed=1)
     >>> noise.offsets, noise.next(2.0).shape
@@ -93,7 +94,11 @@ class GaussianNoise:
     """
 
     def __init__(
-        self, sizes: Sequence[int], seed: int | None = None, *, prefetch: bool = False
+        self,
+        sizes: Sequence[int],
+        seed: int | None = None,
+        *,
+        prefetch: bool = False,
     ) -> None:
         sizes = [int(n) for n in sizes]
         if not sizes or min(sizes) < 1:
@@ -115,7 +120,7 @@ class GaussianNoise:
             if prefetch
             else None
         )
-        self._pending: deque[tuple[float, Future[np.ndarray]]] = deque()
+        self._pending: deque[tuple[int, float, Future[np.ndarray]]] = deque()
         self.depth = 1 if prefetch else 0
 
     def words(self, step: int) -> np.ndarray:
@@ -136,12 +141,12 @@ class GaussianNoise:
             return self._draw(self._step, std)
         while len(self._pending) < self.depth + 1:  # this step's and the next ``depth`` steps'
             step = self._step + len(self._pending)
-            self._pending.append((std, self._pool.submit(self._draw, step, std)))
-        made_with, pending = self._pending.popleft()
-        values = pending.result()
-        if made_with != std:  # e.g. the short last batch of a shuffled epoch
-            values *= np.float32(std / made_with)
-        return values
+            self._pending.append((step, std, self._pool.submit(self._draw, step, std)))
+        step, made_with, pending = self._pending.popleft()
+        if made_with != std:  # e.g. the short last batch of a shuffled epoch: draw it again
+            pending.cancel()
+            return self._draw(step, std)
+        return pending.result()
 
     def close(self) -> None:
         """Stop the background thread (``next`` still works afterwards, without prefetching)."""

@@ -258,6 +258,7 @@ def dp_fit(
         model, loss_fn, opt, l2_norm_clip=float(l2_norm_clip),
         noise_multiplier=sigma, X=X, Y=Y, seed=seed,
         accuracy=engine.accuracy_fn(loss_obj),
+        host_x=x if isinstance(x, np.ndarray) and x.dtype.kind in "iu" else None,
     )  # fmt: skip
     eng.trace()
     spe = accounting.steps_per_epoch(n, batch_size, sampling)
