@@ -113,7 +113,7 @@ class DPSGDEngine:
         if self._host_vocab:
             vector = tf.TensorSpec([None], tf.int32)
             spec = RepeatedTokens(tf.TensorSpec([None, None], tf.bool), vector, vector, vector)
-            signature.append(tuple(spec for _ in self._host_vocab))
+            signature.extend(spec for _ in self._host_vocab)
         self._step = tf.function(self._step_impl, input_signature=signature)
         self._eval = tf.function(self._eval_impl, input_signature=[_batch_spec(X), _batch_spec(Y)])
         self._concrete: Any = None
@@ -150,8 +150,9 @@ class DPSGDEngine:
         idx: tf.Tensor,
         meta: tf.Tensor,
         noise: tf.Tensor,
-        repeated: tuple[RepeatedTokens, ...] = (),
+        *repeated: RepeatedTokens,
     ) -> tf.Tensor:
+        # (No parameter with a default here: TensorFlow then takes a much slower call path.)
         # meta = [denominator, row weight]; the weight is 0 only for an empty batch's dummy row.
         weights = tf.fill(tf.shape(idx), meta[1])
         # (Σ clipped + N(0, σ²C²)) / denom: 1/denom is folded into the clip factors here and into
@@ -188,11 +189,9 @@ class DPSGDEngine:
         args = [X, Y, tf.constant(idx, tf.int32), tf.constant(meta), noise]
         if self._host_vocab:
             ids = self._host_x[idx]
-            args.append(
-                tuple(
-                    RepeatedTokens(*map(tf.constant, repeats(ids, vocabulary)))
-                    for vocabulary in self._host_vocab
-                )
+            args.extend(
+                RepeatedTokens(*map(tf.constant, repeats(ids, vocabulary)))
+                for vocabulary in self._host_vocab
             )
         if self._concrete is None:
             self.trace()
