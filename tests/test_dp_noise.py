@@ -81,3 +81,23 @@ def test_keys_come_from_os_entropy_unless_seeded():
     assert not np.array_equal(
         GaussianNoise([64], seed=9).next(), GaussianNoise([64], seed=10).next()
     )
+
+
+def test_background_thread_runs_idle_and_is_lifted_while_waited_for(monkeypatch):
+    from kprivacy_nb.dp import noise as module
+
+    calls = []
+    real = module._set_idle
+    monkeypatch.setattr(
+        module, "_set_idle", lambda tid, idle: calls.append((tid, idle)) or real(tid, idle)
+    )
+    big = GaussianNoise([4_000_000], seed=2, prefetch=True)  # ~10 ms a draw: waited for
+    try:
+        got = [big.next(1.0), big.next(1.0)]  # back to back: the 2nd is still being made
+    finally:
+        big.close()
+    reference = GaussianNoise([4_000_000], seed=2)
+    for values in got:
+        np.testing.assert_array_equal(values, reference.next(1.0))
+    assert (0, True) in calls  # each background draw starts at idle priority
+    assert (big._worker, False) in calls and big._worker != 0  # lifted while the trainer waits

@@ -1,12 +1,16 @@
 """One DP-SGD step as a single traced TensorFlow function.
 
-``step(X, Y, idx, weights, denominator)`` gathers the batch ``idx`` from the whole training set
-(kept as tensors, so nothing is copied per step), computes the clipped per-example gradient sum
+``step(X, Y, idx, denominator)`` gathers the batch ``idx`` from the whole training set (kept as
+tensors, so nothing is copied per step), computes the clipped per-example gradient sum
 (:mod:`.clipping`), adds ``N(0, σ²C²)`` once per coordinate, divides by ``denominator`` (the
 expected batch size for Poisson sampling, the batch size for shuffling) and applies the Keras
 optimizer — unless something is non-finite, in which case nothing is applied and the step reports
 it. The batch dimension is left unknown in the traced signature, so Poisson batches of any size
 run through the same graph: no padding, no truncation, no retracing.
+
+The noise is made outside the graph (:mod:`.noise`: AES-CTR bits from OS entropy, Box–Muller), on
+a background thread, one step ahead; repeated tokens of embeddings that read the input ids are
+found on the host (:func:`.clipping.repeats`). Both are plain inputs of the traced step.
 """
 
 from __future__ import annotations

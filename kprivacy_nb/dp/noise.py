@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,17 +47,15 @@ MAX_ABS = math.sqrt(66 * math.log(2))
 ALIGN = 16
 
 
-def _background_priority() -> None:
-    """Run the calling thread only when a core would otherwise idle (Linux ``SCHED_IDLE``).
-
-    The training step keeps both cores of a small machine busy most of the time, but not all of
-    the time; at idle priority the noise for the next step is made in those gaps instead of
-    taking CPU from the step itself. Elsewhere this is a no-op.
-    """
+def _set_idle(thread_id: int, idle: bool) -> bool:
+    """Put a thread (native id; 0 = the calling one) in Linux's ``SCHED_IDLE`` class, or back to
+    the normal one. False where that is not possible (other systems, or not permitted)."""
     try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0 = this thread on Linux
+        policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+        os.sched_setscheduler(thread_id, policy, os.sched_param(0))
     except (AttributeError, OSError):
-        pass
+        return False
+    return True
 
 
 def normals_from_words(words: np.ndarray, size: int) -> np.ndarray:
@@ -115,11 +114,8 @@ class GaussianNoise:
         self._zeros = bytes(8 * ((self.total + 1) // 2))
         self._step = 0
         self.seeded = seed is not None
-        self._pool = (
-            ThreadPoolExecutor(1, "kprivacy-nb-noise", initializer=_background_priority)
-            if prefetch
-            else None
-        )
+        self._pool = ThreadPoolExecutor(1, "kprivacy-nb-noise") if prefetch else None
+        self._worker = 0  # native id of the pool's thread, once it runs
         self._pending: deque[tuple[int, float, Future[np.ndarray]]] = deque()
         self.depth = 1 if prefetch else 0
 
@@ -128,6 +124,15 @@ class GaussianNoise:
         counter = (int(step) << 64).to_bytes(16, "big")
         encryptor = Cipher(algorithms.AES(self._key), modes.CTR(counter)).encryptor()
         return np.frombuffer(encryptor.update(self._zeros), dtype=np.uint32)
+
+    def _draw_in_background(self, step: int, std: float) -> np.ndarray:
+        # The training step keeps a small machine's cores busy most, but not all, of the time; at
+        # idle priority the next step's noise is made in those gaps rather than taking CPU from
+        # the step. ``next`` lifts the priority if it has to wait (so load elsewhere can't starve
+        # training).
+        self._worker = threading.get_native_id()
+        _set_idle(0, True)
+        return self._draw(step, std)
 
     def _draw(self, step: int, std: float) -> np.ndarray:
         values = normals_from_words(self.words(step), self.total)
@@ -141,11 +146,14 @@ class GaussianNoise:
             return self._draw(self._step, std)
         while len(self._pending) < self.depth + 1:  # this step's and the next ``depth`` steps'
             step = self._step + len(self._pending)
-            self._pending.append((step, std, self._pool.submit(self._draw, step, std)))
+            future = self._pool.submit(self._draw_in_background, step, std)
+            self._pending.append((step, std, future))
         step, made_with, pending = self._pending.popleft()
         if made_with != std:  # e.g. the short last batch of a shuffled epoch: draw it again
             pending.cancel()
             return self._draw(step, std)
+        if not pending.done() and self._worker:
+            _set_idle(self._worker, False)  # we are waiting for it now
         return pending.result()
 
     def close(self) -> None:
