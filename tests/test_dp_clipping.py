@@ -18,6 +18,7 @@ from kprivacy_nb.dp.clipping import (  # noqa: E402
     per_example_loss_fn,
     repeats,
 )
+from kprivacy_nb.errors import InvalidParameterError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier=0")
 
@@ -227,6 +228,9 @@ def test_host_path_only_for_embeddings_reading_the_model_input():
     k = keras.layers
     direct = keras.Sequential([keras.Input((5,), dtype="int32"), k.Embedding(9, 2)])
     assert _reads_model_input(direct, direct.layers[0])
+    # A float input (Keras' default) rounds ids above 2^24 before the embedding sees them.
+    floats = keras.Sequential([keras.Input((5,)), k.Embedding(9, 2)])
+    assert not _reads_model_input(floats, floats.layers[0])
     reshaped = keras.Sequential(
         [keras.Input((1, 5), dtype="int32"), k.Reshape((5,)), k.Embedding(9, 2)]
     )
@@ -235,6 +239,62 @@ def test_host_path_only_for_embeddings_reading_the_model_input():
     shared = k.Embedding(9, 2)
     two_calls = keras.Model(inp, k.Concatenate()([shared(inp), shared(inp)]))
     assert not _reads_model_input(two_calls, shared)
+
+
+def test_host_repeats_are_used_exactly_when_the_embedding_reads_the_input(monkeypatch):
+    import kprivacy_nb.dp.engine as engine
+
+    calls = []
+    monkeypatch.setattr(engine, "repeats", lambda *a: calls.append(a) or repeats(*a))
+    rng = np.random.default_rng(6)
+    for name, expect_host in [("embedding", True), ("embedding_after_reshape", False)]:
+        calls.clear()
+        layers, x, *shape = _models(rng)[name]
+        x = x.astype("int32")
+        _one_step(_build(layers, x, rng, *shape), x, rng.integers(0, 3, len(x)), 1.0)
+        assert bool(calls) == expect_host, name
+
+
+def test_noise_thread_is_gone_after_training_ends_or_fails():
+    import threading
+
+    def noise_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("kprivacy-nb-noise")]
+
+    x, y = np.zeros((16, 3), "float32"), np.zeros(16, "int64")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    dp_fit(model, x, y, epochs=2, batch_size=4, noise_multiplier=1.0, delta=1e-3, loss=LOSS,
+           verbose=0)  # fmt: skip
+    assert noise_threads() == []
+
+    class Boom:
+        def on_epoch_end(self, epoch, logs):
+            raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        dp_fit(model, x, y, epochs=2, batch_size=4, noise_multiplier=1.0, delta=1e-3, loss=LOSS,
+               verbose=0, callbacks=[Boom()])  # fmt: skip
+    assert noise_threads() == []
+
+
+def test_embedding_ids_out_of_range_are_refused_clearly():
+    with pytest.raises(ValueError, match="token id 12 is out of range"):
+        repeats(np.array([[1, 12, 3]]), 10)
+    with pytest.raises(ValueError, match="token id -11"):
+        repeats(np.array([[1, -11]]), 10)
+    k = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((4,), dtype="int32"),
+            k.Embedding(10, 2),
+            k.GlobalAveragePooling1D(),
+            k.Dense(2),
+        ]
+    )
+    x = np.array([[1, 2, 3, 4]] * 7 + [[1, 2, 3, 2**30]], "int32")  # 2^30 would wrap int32 keys
+    with pytest.raises(InvalidParameterError, match="out of range"):
+        dp_fit(model, x, np.zeros(8, "int64"), epochs=1, batch_size=8, sampling="shuffle",
+               noise_multiplier=1.0, delta=1e-3, loss=LOSS, verbose=0)  # fmt: skip
 
 
 def test_tiny_clip_is_mean_of_unit_directions():
@@ -288,6 +348,43 @@ def test_noise_has_the_right_scale():
     # Excess kurtosis of a Gaussian is 0.
     z = update / update.std()
     assert abs((z**4).mean() - 3) < 0.25
+
+
+def test_noise_per_variable_per_step_and_on_a_short_last_batch(monkeypatch):
+    # All gradients are exactly zero (zero inputs, targets and initial weights), so each update
+    # is pure noise. Three variables of different sizes, shuffled batches of 8, 8 and 4 (the
+    # short last one is divided by 4, not 8), one learning-rate-1 SGD step each.
+    from kprivacy_nb.dp.engine import DPSGDEngine
+
+    sigma, clip = 1.5, 2.0
+    x, y = np.zeros((20, 300), "float32"), np.zeros((20, 3), "float32")
+    k = keras.layers
+    model = keras.Sequential([keras.Input((300,)), k.Dense(200), k.Dense(3, use_bias=False)])
+    for v in model.trainable_variables:
+        v.assign(np.zeros(v.shape, "float32"))
+    steps = []
+    real_step = DPSGDEngine.step
+
+    def step(self, *args, **kwargs):
+        before = [v.numpy().copy() for v in self.variables]
+        out = real_step(self, *args, **kwargs)
+        steps.append([b - v.numpy() for b, v in zip(before, self.variables, strict=True)])
+        return out
+
+    monkeypatch.setattr(DPSGDEngine, "step", step)
+    dp_fit(
+        model, x, y, epochs=1, batch_size=8, sampling="shuffle", noise_multiplier=sigma,
+        l2_norm_clip=clip, delta=1e-3, optimizer=keras.optimizers.SGD(1.0), loss="mse", verbose=0,
+    )  # fmt: skip
+    assert len(steps) == 3
+    for grads, batch in zip(steps, [8, 8, 4], strict=True):
+        flat = np.concatenate([g.ravel() for g in grads])
+        assert abs(flat.std() / (sigma * clip / batch) - 1) < 0.03
+        for g in grads:  # every variable gets its own noise at the same scale
+            assert abs(g.std() / (sigma * clip / batch) - 1) < 5 / np.sqrt(g.size) + 0.02
+        kernel, bias = grads[0].ravel(), grads[1].ravel()
+        assert not np.allclose(bias, kernel[: bias.size])  # not the same values reused
+    assert not np.allclose(steps[0][0], steps[1][0])  # fresh noise every step
 
 
 def test_noise_is_seeded_only_when_asked():

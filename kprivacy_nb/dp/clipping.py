@@ -419,8 +419,15 @@ def repeats(ids: np.ndarray, vocabulary: int) -> RepeatedTokens:
     if ids.dtype.kind != "i" and ids.dtype.kind != "u":
         ids = ids.astype(np.int64)
     batch, length = ids.shape
-    if ids.dtype.kind == "i" and ids.size and ids.min() < 0:  # wrapped, as ops.take does
-        ids = np.where(ids < 0, ids + vocabulary, ids)
+    if ids.size:
+        low, high = int(ids.min()), int(ids.max())
+        if high >= vocabulary or low < -vocabulary:
+            bad = high if high >= vocabulary else low
+            raise ValueError(
+                f"token id {bad} is out of range for an Embedding of {vocabulary} rows"
+            )
+        if low < 0:  # wrapped, as ops.take does
+            ids = np.where(ids < 0, ids + vocabulary, ids)
     # One vectorised sort of token·2^bits + position gives both the order and the sorted tokens.
     bits = max(1, (length - 1).bit_length())
     wide = np.int32 if vocabulary < 2 ** (31 - bits) else np.int64
@@ -507,6 +514,8 @@ class _EmbeddingHandler(_Handler):
         those rows are gathered and summed — usually a small fraction.
         """
         batch, length = tf.shape(idx)[0], tf.shape(idx)[1]
+        # Out-of-range ids would corrupt the packed keys below (gather only rejects them on CPU).
+        tf.debugging.assert_less(idx, tf.cast(vocabulary, idx.dtype), "token id out of range")
         # key = token · 2^bits + position: shifts and masks, not (slow) integer division.
         bits = max(1, int(idx.shape[1] - 1).bit_length()) if idx.shape[1] else 31
         dtype = tf.int32 if vocabulary < 2 ** (31 - bits) else tf.int64
@@ -668,6 +677,10 @@ def _reads_model_input(model: Any, layer: Any) -> bool:
         return False
     if not inputs or len(inputs) != 1 or len(nodes) != 1:
         return False
+    # Only integer inputs: Keras converts the data to the input's dtype first, and a float32
+    # input would merge ids above 2^24 that the host still tells apart.
+    if str(getattr(inputs[0], "dtype", "")) not in ("int32", "int64"):
+        return False
     args = nodes[0].input_tensors
     return len(args) == 1 and args[0] is inputs[0]
 
@@ -817,7 +830,7 @@ class FastClipper:
         sq = tf.zeros([batch], tf.float32)
         for part in parts:
             sq = sq + tf.cast(part.sq, tf.float32)
-        norms = tf.sqrt(sq)
+        norms = tf.sqrt(tf.maximum(sq, 0.0))  # float round-off can take a ghost norm² below 0
         clip = tf.constant(self.l2_norm_clip, tf.float32)
         factors = tf.where(norms > clip, clip / tf.maximum(norms, 1e-30), 1.0) * weights
         factors = factors * tf.cast(scale, tf.float32)

@@ -110,10 +110,11 @@ class DPSGDEngine:
         ]  # fmt: skip
         # Embeddings that read the input ids directly get their repeated tokens found on the
         # host (``host_x`` is the same data as ``X``, as a NumPy array).
-        self._host_x = host_x
-        self._host_vocab = [layer.input_dim for layer in self.clipper.host_embeddings]
-        if host_x is None:
-            self._host_vocab = []
+        self._host_x, self._host_vocab, self._host_dtype = host_x, [], None
+        if host_x is not None and self.clipper.host_embeddings:
+            self._host_vocab = [layer.input_dim for layer in self.clipper.host_embeddings]
+            # The ids as the model sees them: converted to its input's integer dtype.
+            self._host_dtype = np.dtype(str(model.inputs[0].dtype))
         if self._host_vocab:
             vector = tf.TensorSpec([None], tf.int32)
             spec = RepeatedTokens(tf.TensorSpec([None, None], tf.bool), vector, vector, vector)
@@ -192,11 +193,14 @@ class DPSGDEngine:
         meta = np.array([denominator, weight], np.float32)
         args = [X, Y, tf.constant(idx, tf.int32), tf.constant(meta), noise]
         if self._host_vocab:
-            ids = self._host_x[idx]
-            args.extend(
-                RepeatedTokens(*map(tf.constant, repeats(ids, vocabulary)))
-                for vocabulary in self._host_vocab
-            )
+            ids = self._host_x[idx].astype(self._host_dtype, copy=False)
+            try:
+                found = [repeats(ids, vocabulary) for vocabulary in self._host_vocab]
+            except ValueError as exc:
+                from ..errors import InvalidParameterError
+
+                raise InvalidParameterError(f"x: {exc}") from None
+            args.extend(RepeatedTokens(*map(tf.constant, r)) for r in found)
         if self._concrete is None:
             self.trace()
         # The concrete function skips the signature matching of a tf.function call (~0.2 ms).

@@ -47,15 +47,18 @@ MAX_ABS = math.sqrt(66 * math.log(2))
 ALIGN = 16
 
 
-def _set_idle(thread_id: int, idle: bool) -> bool:
-    """Put a thread (native id; 0 = the calling one) in Linux's ``SCHED_IDLE`` class, or back to
-    the normal one. False where that is not possible (other systems, or not permitted)."""
+#: Niceness of the noise thread: it should use the gaps the training step leaves rather than take
+#: CPU from it. (Not Linux ``SCHED_IDLE``: under outside load that can starve the thread for
+#: seconds while it holds the GIL, and the trainer with it; a nice thread still gets a slice.)
+BACKGROUND_NICENESS = 19
+
+
+def _lower_priority() -> None:
+    """Make the calling thread nicer (Linux: niceness is per thread); a no-op elsewhere."""
     try:
-        policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
-        os.sched_setscheduler(thread_id, policy, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
     except (AttributeError, OSError):
-        return False
-    return True
+        pass
 
 
 def normals_from_words(words: np.ndarray, size: int) -> np.ndarray:
@@ -114,8 +117,11 @@ class GaussianNoise:
         self._zeros = bytes(8 * ((self.total + 1) // 2))
         self._step = 0
         self.seeded = seed is not None
-        self._pool = ThreadPoolExecutor(1, "kprivacy-nb-noise") if prefetch else None
-        self._worker = 0  # native id of the pool's thread, once it runs
+        self._pool = (
+            ThreadPoolExecutor(1, "kprivacy-nb-noise", initializer=_lower_priority)
+            if prefetch
+            else None
+        )
         self._pending: deque[tuple[int, float, Future[np.ndarray]]] = deque()
         self.depth = 1 if prefetch else 0
 
@@ -124,15 +130,6 @@ class GaussianNoise:
         counter = (int(step) << 64).to_bytes(16, "big")
         encryptor = Cipher(algorithms.AES(self._key), modes.CTR(counter)).encryptor()
         return np.frombuffer(encryptor.update(self._zeros), dtype=np.uint32)
-
-    def _draw_in_background(self, step: int, std: float) -> np.ndarray:
-        # The training step keeps a small machine's cores busy most, but not all, of the time; at
-        # idle priority the next step's noise is made in those gaps rather than taking CPU from
-        # the step. ``next`` lifts the priority if it has to wait (so load elsewhere can't starve
-        # training).
-        self._worker = threading.get_native_id()
-        _set_idle(0, True)
-        return self._draw(step, std)
 
     def _draw(self, step: int, std: float) -> np.ndarray:
         values = normals_from_words(self.words(step), self.total)
@@ -146,15 +143,16 @@ class GaussianNoise:
             return self._draw(self._step, std)
         while len(self._pending) < self.depth + 1:  # this step's and the next ``depth`` steps'
             step = self._step + len(self._pending)
-            future = self._pool.submit(self._draw_in_background, step, std)
+            future = self._pool.submit(self._draw, step, std)
             self._pending.append((step, std, future))
         step, made_with, pending = self._pending.popleft()
-        if made_with != std:  # e.g. the short last batch of a shuffled epoch: draw it again
-            pending.cancel()
-            return self._draw(step, std)
-        if not pending.done() and self._worker:
-            _set_idle(self._worker, False)  # we are waiting for it now
-        return pending.result()
+        if made_with == std and pending.done():
+            return pending.result()
+        # Not ready (the machine is busy: never wait for the low-priority thread) or made for
+        # another σ/denominator (the short last batch of a shuffled epoch): draw it here. Step
+        # k's values are the same either way; a background draw still running is discarded.
+        pending.cancel()
+        return self._draw(step, std)
 
     def close(self) -> None:
         """Stop the background thread (``next`` still works afterwards, without prefetching)."""
