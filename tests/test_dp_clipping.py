@@ -255,14 +255,56 @@ def test_host_repeats_are_used_exactly_when_the_embedding_reads_the_input(monkey
         assert bool(calls) == expect_host, name
 
 
+def test_host_repeats_prepared_a_step_ahead_match_the_in_graph_path(monkeypatch):
+    import kprivacy_nb.dp.clipping as clipping
+
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 4, (24, 6)).astype("int32")  # many repeats, different per example
+    y = rng.integers(0, 3, 24)
+    k = keras.layers
+    layers = [k.Embedding(4, 3), k.GlobalAveragePooling1D(), k.Dense(3)]
+    start = _build(layers, x, rng)
+    weights = [v.numpy() for v in start.trainable_variables]
+
+    def train():
+        model = keras.models.clone_model(start)
+        for v, w in zip(model.trainable_variables, weights, strict=True):
+            v.assign(w)
+        dp_fit(
+            model,
+            x,
+            y,
+            epochs=2,
+            batch_size=4,
+            sampling="shuffle",
+            noise_multiplier=0.0,
+            l2_norm_clip=0.05,
+            optimizer=keras.optimizers.SGD(1.0),
+            loss=LOSS,
+            verbose=0,
+            seed=3,
+        )  # fmt: skip — 12 steps, each using the previous step's look-ahead
+        return [v.numpy() for v in model.trainable_variables]
+
+    host = train()
+    monkeypatch.setattr(clipping, "_reads_model_input", lambda model, layer: False)
+    in_graph = train()
+    for a, b in zip(host, in_graph, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert not np.allclose(host[0], weights[0])
+
+
 def test_noise_thread_is_gone_after_training_ends_or_fails():
     import threading
 
     def noise_threads():
-        return [t for t in threading.enumerate() if t.name.startswith("kprivacy-nb-noise")]
+        return [t for t in threading.enumerate() if t.name.startswith("kprivacy-nb-")]
 
-    x, y = np.zeros((16, 3), "float32"), np.zeros(16, "int64")
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    x, y = np.arange(48, dtype="int32").reshape(16, 3) % 5, np.zeros(16, "int64")
+    k = keras.layers
+    model = keras.Sequential(  # an embedding reading the input: noise and host threads both run
+        [keras.Input((3,), dtype="int32"), k.Embedding(5, 2), k.Flatten(), k.Dense(2)]
+    )
     dp_fit(model, x, y, epochs=2, batch_size=4, noise_multiplier=1.0, delta=1e-3, loss=LOSS,
            verbose=0)  # fmt: skip
     assert noise_threads() == []

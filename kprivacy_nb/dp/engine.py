@@ -16,6 +16,7 @@ found on the host (:func:`.clipping.repeats`). Both are plain inputs of the trac
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import keras
@@ -23,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from .clipping import FastClipper, RepeatedTokens, repeats
-from .noise import GaussianNoise
+from .noise import PATIENCE, GaussianNoise, lower_priority, ready_within
 
 __all__ = ["DPSGDEngine", "accuracy_fn"]
 
@@ -122,6 +123,8 @@ class DPSGDEngine:
         self._step = tf.function(self._step_impl, input_signature=signature)
         self._eval = tf.function(self._eval_impl, input_signature=[_batch_spec(X), _batch_spec(Y)])
         self._concrete: Any = None
+        self._pool: ThreadPoolExecutor | None = None  # host inputs of the next step
+        self._ahead: tuple[np.ndarray, Future[list[RepeatedTokens]]] | None = None
 
     @property
     def report(self) -> dict[str, str]:
@@ -182,8 +185,19 @@ class DPSGDEngine:
         applied = tf.cond(out.finite, apply, lambda: tf.constant(0.0))
         return tf.stack([*self._stats(y, out.predictions, out.losses, weights), applied])
 
-    def step(self, X: Any, Y: Any, idx: np.ndarray, denominator: float) -> np.ndarray:
-        """Run one DP-SGD step on rows ``idx``; an empty batch still adds (and applies) noise."""
+    def step(
+        self,
+        X: Any,
+        Y: Any,
+        idx: np.ndarray,
+        denominator: float,
+        upcoming: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Run one DP-SGD step on rows ``idx``; an empty batch still adds (and applies) noise.
+
+        ``upcoming``, the rows of the next step if known, lets the host-side work for it start
+        in the background now.
+        """
         weight = 1.0
         if len(idx) == 0:  # one masked dummy row keeps every shape non-empty
             idx, weight = np.zeros(1, np.int32), 0.0
@@ -193,23 +207,43 @@ class DPSGDEngine:
         meta = np.array([denominator, weight], np.float32)
         args = [X, Y, tf.constant(idx, tf.int32), tf.constant(meta), noise]
         if self._host_vocab:
-            ids = self._host_x[idx].astype(self._host_dtype, copy=False)
-            try:
-                found = [repeats(ids, vocabulary) for vocabulary in self._host_vocab]
-            except ValueError as exc:
-                from ..errors import InvalidParameterError
-
-                raise InvalidParameterError(f"x: {exc}") from None
-            args.extend(RepeatedTokens(*map(tf.constant, r)) for r in found)
+            args.extend(self._host_inputs_for(idx, upcoming))
         if self._concrete is None:
             self.trace()
         # The concrete function skips the signature matching of a tf.function call (~0.2 ms).
         return self._concrete(*args).numpy()
 
+    def _host_inputs(self, idx: np.ndarray) -> list[RepeatedTokens]:
+        ids = self._host_x[idx].astype(self._host_dtype, copy=False)
+        try:
+            found = [repeats(ids, vocabulary) for vocabulary in self._host_vocab]
+        except ValueError as exc:
+            from ..errors import InvalidParameterError
+
+            raise InvalidParameterError(f"x: {exc}") from None
+        return [RepeatedTokens(*map(tf.constant, r)) for r in found]
+
+    def _host_inputs_for(self, idx: np.ndarray, upcoming: np.ndarray | None) -> list[Any]:
+        ahead, self._ahead = self._ahead, None
+        if upcoming is not None and len(upcoming):
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, "kprivacy-nb-host", initializer=lower_priority)
+            self._ahead = (upcoming, self._pool.submit(self._host_inputs, upcoming))
+        if ahead is not None and ahead[0] is idx:
+            ready = ready_within(ahead[1], PATIENCE)
+            if ready is not None:
+                return ready
+        if ahead is not None:  # not ready soon: never wait long for the low-priority thread
+            ahead[1].cancel()
+        return self._host_inputs(idx)
+
     def close(self) -> None:
-        """Stop the noise generator's background thread (training is over)."""
+        """Stop the background threads (training is over)."""
         if self.noise is not None:
             self.noise.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._ahead = None, None
 
     def _eval_impl(self, x: Any, y: Any) -> tf.Tensor:
         preds = self.model(x, training=False)

@@ -33,11 +33,20 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-__all__ = ["ALIGN", "MAX_ABS", "GaussianNoise", "normals_from_words"]
+__all__ = [
+    "ALIGN",
+    "MAX_ABS",
+    "PATIENCE",
+    "GaussianNoise",
+    "lower_priority",
+    "normals_from_words",
+    "ready_within",
+]
 
 #: Largest |z| the transform can produce (the smallest u is 2^-33).
 MAX_ABS = math.sqrt(66 * math.log(2))
@@ -53,7 +62,23 @@ ALIGN = 16
 BACKGROUND_NICENESS = 19
 
 
-def _lower_priority() -> None:
+#: How long the trainer waits for the background thread before doing its work itself (s). While
+#: it waits, the cores are free, so a draw that is nearly done finishes; a starved one costs this
+#: much at most.
+PATIENCE = 0.002
+
+
+def ready_within(future: Future[Any], seconds: float) -> Any:
+    """The future's result if it is ready within ``seconds``, else None."""
+    if not future.done():
+        try:
+            return future.result(timeout=seconds)
+        except TimeoutError:
+            return None
+    return future.result()
+
+
+def lower_priority() -> None:
     """Make the calling thread nicer (Linux: niceness is per thread); a no-op elsewhere."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
@@ -118,7 +143,7 @@ class GaussianNoise:
         self._step = 0
         self.seeded = seed is not None
         self._pool = (
-            ThreadPoolExecutor(1, "kprivacy-nb-noise", initializer=_lower_priority)
+            ThreadPoolExecutor(1, "kprivacy-nb-noise", initializer=lower_priority)
             if prefetch
             else None
         )
@@ -146,11 +171,13 @@ class GaussianNoise:
             future = self._pool.submit(self._draw, step, std)
             self._pending.append((step, std, future))
         step, made_with, pending = self._pending.popleft()
-        if made_with == std and pending.done():
-            return pending.result()
-        # Not ready (the machine is busy: never wait for the low-priority thread) or made for
-        # another σ/denominator (the short last batch of a shuffled epoch): draw it here. Step
-        # k's values are the same either way; a background draw still running is discarded.
+        if made_with == std:
+            ready = ready_within(pending, PATIENCE)
+            if ready is not None:
+                return ready
+        # Not ready (a busy machine: the low-priority thread is never waited for long) or made
+        # for another σ/denominator (the short last batch of a shuffled epoch): draw it here.
+        # Step k's values are the same either way; a background draw still running is dropped.
         pending.cancel()
         return self._draw(step, std)
 

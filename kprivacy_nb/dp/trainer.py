@@ -318,8 +318,11 @@ def dp_fit(
         for epoch in range(1, int(epochs) + 1):
             t0 = time.perf_counter()
             totals = np.zeros(3)
-            for idx in sampler.epoch():
-                out = eng.step(X, Y, idx, sampler.denominator(idx))
+            batches = sampler.epoch()
+            upcoming = next(batches, None)
+            while upcoming is not None:  # one batch ahead, so its host-side work can start early
+                idx, upcoming = upcoming, next(batches, None)
+                out = eng.step(X, Y, idx, sampler.denominator(idx), upcoming)
                 if out[3] < 0.5:
                     raise TrainingError(
                         f"non-finite loss or gradient at step {applied_steps() + 1} (epoch {epoch}); "
