@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from kprivacy_nb.dp.noise import ALIGN, MAX_ABS, GaussianNoise, normals_from_words
+from kprivacy_nb.dp.noise import (
+    ALIGN,
+    BACKGROUND_NICENESS,
+    MAX_ABS,
+    GaussianNoise,
+    normals_from_words,
+)
 
 
 def test_transform_matches_box_muller_in_float64():
@@ -97,3 +104,21 @@ def test_a_busy_background_thread_never_holds_training_up():
     finally:
         gate.set()
         noise.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_background_thread_is_nicer_than_the_trainer():
+    import os
+    import threading
+
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    noise = GaussianNoise([1000], seed=5, prefetch=True)
+    try:
+        noise.next(1.0)
+        (worker,) = [t for t in threading.enumerate() if t.name.startswith("kprivacy-nb-noise")]
+        assert os.getpriority(os.PRIO_PROCESS, worker.native_id) == max(
+            main_nice, BACKGROUND_NICENESS
+        )
+    finally:
+        noise.close()
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 __all__ = [
     "ALIGN",
+    "BACKGROUND_NICENESS",
     "MAX_ABS",
     "PATIENCE",
     "GaussianNoise",
@@ -80,6 +82,8 @@ def ready_within(future: Future[Any], seconds: float) -> Any:
 
 def lower_priority() -> None:
     """Make the calling thread nicer (Linux: niceness is per thread); a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):  # elsewhere the id could name a whole process
+        return
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
     except (AttributeError, OSError):
