@@ -451,8 +451,41 @@ def repeats(ids: np.ndarray, vocabulary: int) -> RepeatedTokens:
     return RepeatedTokens(single.reshape(batch, length), rows, group, owner)
 
 
+def _graph_repeats(idx: tf.Tensor, vocabulary: int) -> RepeatedTokens:
+    """:func:`repeats` inside the graph, for ids (B, T) not known before the step.
+
+    One sort of token · 2^bits + position per example (shifts and masks: TensorFlow's integer
+    division is slow) gives both the sorted tokens and where each came from.
+    """
+    batch, length = tf.shape(idx)[0], tf.shape(idx)[1]
+    # Out-of-range ids would corrupt the packed keys (gather only rejects them on CPU).
+    tf.debugging.assert_less(idx, tf.cast(vocabulary, idx.dtype), "token id out of range")
+    bits = max(1, int(idx.shape[1] - 1).bit_length()) if idx.shape[1] else 31
+    dtype = tf.int32 if vocabulary < 2 ** (31 - bits) else tf.int64
+    packed = tf.bitwise.left_shift(tf.cast(idx, dtype), tf.cast(bits, dtype)) | tf.range(
+        length, dtype=dtype
+    )
+    packed = tf.sort(packed, axis=1)
+    tok = tf.bitwise.right_shift(packed, tf.cast(bits, dtype))
+    pos = tf.cast(packed & tf.cast(2**bits - 1, dtype), tf.int32)  # original position
+    same = tok[:, 1:] == tok[:, :-1]  # (batch, length - 1): equal to the next sorted token
+    edge = tf.zeros([batch, 1], tf.bool)
+    repeated = tf.concat([same, edge], 1) | tf.concat([edge, same], 1)
+    where = tf.cast(tf.where(tf.reshape(repeated, [-1]))[:, 0], tf.int32)
+    first = tf.gather(tf.reshape(tf.concat([~edge, ~same], 1), [-1]), where)
+    group = tf.cumsum(tf.cast(first, tf.int32)) - 1
+    example = where // length
+    rows = example * length + tf.gather(tf.reshape(pos, [-1]), where)
+    single = tf.tensor_scatter_nd_update(
+        tf.ones([batch * length], tf.bool), rows[:, None], tf.zeros_like(rows, tf.bool)
+    )
+    owner = tf.boolean_mask(example, first)
+    return RepeatedTokens(tf.reshape(single, [batch, length]), rows, group, owner)
+
+
 def _repeated_sq(rep: RepeatedTokens, flat_dz: tf.Tensor, pos_sq: tf.Tensor) -> tf.Tensor:
-    """Per-example ‖gradient of the table‖² from precomputed :class:`RepeatedTokens`."""
+    """Per-example ‖gradient of the table‖²: Σ over positions whose token occurs once in the
+    example of ‖dz‖² (``pos_sq``) + Σ over repeated tokens of ‖their dz summed‖²."""
     total = tf.reduce_sum(tf.where(rep.single, pos_sq, 0.0), axis=1)
     sums = tf.math.segment_sum(tf.gather(flat_dz, rep.rows), rep.group)
     run_sq = tf.reduce_sum(tf.square(sums), axis=1)
@@ -485,11 +518,11 @@ class _EmbeddingHandler(_Handler):
         if tap.saved["idx"].shape.rank == 1 or _static_positions(dz) == 1:
             sq = tf.reduce_sum(sq, axis=1)
             method = "Embedding: per-example rows"
-        elif tap.saved["repeats"] is not None:  # found on the host from the input ids
-            sq = _repeated_sq(tap.saved["repeats"], flat_dz, sq)
-            method = "Embedding: per-example token sums"
         else:
-            sq = self._token_sums_sq(idx, flat_dz, sq, layer.input_dim)
+            rep = tap.saved["repeats"]  # found on the host from the input ids, or here
+            if rep is None:
+                rep = _graph_repeats(idx, layer.input_dim)
+            sq = _repeated_sq(rep, flat_dz, sq)
             method = "Embedding: per-example token sums"
         tokens = tf.reshape(idx, [-1])
 
@@ -500,46 +533,6 @@ class _EmbeddingHandler(_Handler):
             ]
 
         return _LayerGrads(sq, clipped, method)
-
-    @staticmethod
-    def _token_sums_sq(
-        idx: tf.Tensor, flat_dz: tf.Tensor, pos_sq: tf.Tensor, vocabulary: int
-    ) -> tf.Tensor:
-        """Per-example ‖gradient of the table‖² when an example may repeat a token.
-
-        Row v of example b's gradient is the sum of dz over b's positions holding token v, so
-        ‖g_b‖² = Σ over positions whose token occurs once in b of ‖dz‖² (``pos_sq``) + Σ over
-        repeated tokens of ‖their dz summed‖². Each example's tokens are sorted (with their
-        positions packed into the same integer, so one sort gives both) to find the repeats; only
-        those rows are gathered and summed — usually a small fraction.
-        """
-        batch, length = tf.shape(idx)[0], tf.shape(idx)[1]
-        # Out-of-range ids would corrupt the packed keys below (gather only rejects them on CPU).
-        tf.debugging.assert_less(idx, tf.cast(vocabulary, idx.dtype), "token id out of range")
-        # key = token · 2^bits + position: shifts and masks, not (slow) integer division.
-        bits = max(1, int(idx.shape[1] - 1).bit_length()) if idx.shape[1] else 31
-        dtype = tf.int32 if vocabulary < 2 ** (31 - bits) else tf.int64
-        packed = tf.bitwise.left_shift(tf.cast(idx, dtype), tf.cast(bits, dtype)) | tf.range(
-            length, dtype=dtype
-        )
-        packed = tf.sort(packed, axis=1)
-        tok = tf.bitwise.right_shift(packed, tf.cast(bits, dtype))
-        pos = tf.cast(packed & tf.cast(2**bits - 1, dtype), tf.int32)  # original position
-        same = tok[:, 1:] == tok[:, :-1]  # (batch, length - 1): equal to the next sorted token
-        edge = tf.zeros([batch, 1], tf.bool)
-        repeated = tf.concat([same, edge], 1) | tf.concat([edge, same], 1)
-        # Tokens that occur once: their own squared norm (read in sorted order).
-        sorted_sq = tf.gather(pos_sq, pos, batch_dims=1)
-        total = tf.reduce_sum(tf.where(repeated, 0.0, sorted_sq), axis=1)
-        # Repeated tokens: sum each run of equal tokens, then square.
-        where = tf.cast(tf.where(tf.reshape(repeated, [-1]))[:, 0], tf.int32)
-        run_start = tf.gather(tf.reshape(tf.concat([~edge, ~same], 1), [-1]), where)
-        seg = tf.cumsum(tf.cast(run_start, tf.int32)) - 1
-        example = where // length
-        rows = tf.gather(flat_dz, example * length + tf.gather(tf.reshape(pos, [-1]), where))
-        run_sq = tf.reduce_sum(tf.square(tf.math.segment_sum(rows, seg)), axis=1)
-        run_example = tf.math.segment_max(example, seg)
-        return total + tf.math.unsorted_segment_sum(run_sq, run_example, batch)
 
 
 def _norm_axes(layer: Any, ndim: int) -> list[int]:
