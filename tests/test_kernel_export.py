@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 
+import nbformat
 import pytest
+from nbclient import NotebookClient
 
-nbformat = pytest.importorskip("nbformat")
-from nbclient import NotebookClient  # noqa: E402
-
-from kprivacy_nb.crypto.bundle import OUTPUTS_MIME, decrypt_outputs  # noqa: E402
+from kprivacy_nb.crypto.bundle import OUTPUTS_MIME, decrypt_outputs
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -28,14 +27,8 @@ fig, ax = plt.subplots(); ax.set_title(marker); ax.plot([1, 2]); display(fig); p
 MARKER = "PATIENT-12346"
 
 
-def test_secure_output_keeps_plaintext_out_of_the_notebook(tmp_path, kp_home):
-    cells = [
-        "%load_ext kprivacy_nb\n%secure_keygen alice",
-        SECRET_CELL,
-        "print('in Out:', any('PATIENT-' in repr(v) for v in Out.values()), "
-        "'| in _:', 'PATIENT-' in repr(_))",
-        "%%secure_output --to alice\nraise ValueError('visible ' + 'error')",
-    ]
+def execute(cells: list[str], tmp_path, kp_home):
+    """Run ``cells`` in a real kernel as a user's would run (fd 1/2 forwarded into cells)."""
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
     env["KPRIVACY_NB_HOME"] = str(kp_home)
@@ -48,6 +41,18 @@ def test_secure_output_keeps_plaintext_out_of_the_notebook(tmp_path, kp_home):
         resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute(env=env)
+    return nb
+
+
+def test_secure_output_keeps_plaintext_out_of_the_notebook(tmp_path, kp_home):
+    cells = [
+        "%load_ext kprivacy_nb\n%secure_keygen alice",
+        SECRET_CELL,
+        "print('in Out:', any('PATIENT-' in repr(v) for v in Out.values()), "
+        "'| in _:', 'PATIENT-' in repr(_))",
+        "%%secure_output --to alice\nraise ValueError('visible ' + 'error')",
+    ]
+    nb = execute(cells, tmp_path, kp_home)
     saved = tmp_path / "saved.ipynb"
     nbformat.write(nb, saved)
     text = saved.read_text()
@@ -68,3 +73,43 @@ def test_secure_output_keeps_plaintext_out_of_the_notebook(tmp_path, kp_home):
     assert MARKER in outputs[-1]["data"]["text/plain"]  # the cell's value
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the figure
     assert any(MARKER in o.get("data", {}).get("text/html", "") for o in outputs)  # the frame
+
+
+# Every way of writing to fd 1/2 that bypasses sys.stdout; markers computed, never in the source.
+FD_CELL = """\
+%%secure_output --to alice
+import ctypes, os, subprocess, sys, time
+os.system("echo FDLEAK-system-$((40 + 1))")
+subprocess.run(["sh", "-c", "echo FDLEAK-subprocess-$((40 + 2)) >&2"], check=True)
+print("FDLEAK-dunder-" + str(40 + 3), file=sys.__stdout__)
+libc = ctypes.CDLL(None)
+libc.puts(b"FDLEAK-clib-" + str(40 + 4).encode())  # C stdio, buffered until flushed
+os.write(2, b"FDLEAK-oswrite-" + str(40 + 5).encode() + b"\\n")
+time.sleep(0.5)  # ipykernel's watcher thread would forward fd output within this time
+"""
+FD_MARKERS = ("FDLEAK-system-41", "FDLEAK-subprocess-42", "FDLEAK-dunder-43", "FDLEAK-clib-44")
+
+
+def test_fd_level_output_is_encrypted_too(tmp_path, kp_home):
+    cells = [
+        "%load_ext kprivacy_nb\n%secure_keygen alice",
+        FD_CELL,
+        "import time; time.sleep(0.5); print('after')",
+    ]
+    nb = execute(cells, tmp_path, kp_home)
+    saved = tmp_path / "saved.ipynb"
+    nbformat.write(nb, saved)
+    text = saved.read_text()
+    assert not [m for m in (*FD_MARKERS, "FDLEAK-oswrite-45") if m in text]
+    outputs = nb.cells[1].outputs
+    assert not any("nothing to encrypt" in o.get("text", "") for o in outputs)
+    (placeholder,) = [o for o in outputs if OUTPUTS_MIME in o.get("data", {})]
+    assert "encrypted output — 2 item(s)" in placeholder["data"]["text/plain"]
+    assert nb.cells[2].outputs[0]["text"] == "after\n"  # fd 1 forwarding works again
+    decrypted = decrypt_outputs(
+        placeholder["data"][OUTPUTS_MIME], identities=[kp_home / "keys" / "alice.key"]
+    )
+    streams = {o["name"]: o["text"] for o in decrypted}
+    for marker in FD_MARKERS:
+        assert marker in streams["stdout"] + streams["stderr"], marker
+    assert "FDLEAK-subprocess-42" in streams["stderr"] and "FDLEAK-oswrite-45" in streams["stderr"]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-from nbclient import NotebookClient  # noqa: E402
+from nbclient import NotebookClient
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

@@ -22,18 +22,26 @@ from traitlets import Float, List, Unicode
 
 from ..errors import KPrivacyError
 from ..notebook_file import find_notebook_path
+from ..quiet.fdcapture import FdCapture
 from ._base import lookup, passphrase_from_args, user_errors
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 
-def _output_dicts(captured: Any, result: list[Any], shell: Any) -> tuple[list[dict], int]:
-    """nbformat-style output dicts from a capture; returns them and how many widgets were dropped."""
+def _output_dicts(
+    captured: Any, result: list[Any], shell: Any, fds: FdCapture
+) -> tuple[list[dict], int]:
+    """nbformat-style output dicts from a capture; returns them and how many widgets were dropped.
+
+    Python-level and fd-level text of a stream go into one output (fd-level text last).
+    """
     outputs: list[dict] = []
-    if captured.stdout:
-        outputs.append({"output_type": "stream", "name": "stdout", "text": captured.stdout})
-    if captured.stderr:
-        outputs.append({"output_type": "stream", "name": "stderr", "text": captured.stderr})
+    for name, text in (
+        ("stdout", captured.stdout + fds.stdout),
+        ("stderr", captured.stderr + fds.stderr),
+    ):
+        if text:
+            outputs.append({"output_type": "stream", "name": name, "text": text})
     dropped = 0
     for out in captured.outputs:
         data = dict(out.data)
@@ -150,9 +158,10 @@ class ExportMagics(Magics):
     def secure_output(self, line: str, cell: str) -> None:
         """Run the cell; store and show its outputs ONLY encrypted.
 
-        stdout/stderr, rich displays and the cell's value are captured, encrypted as one age
-        blob to the recipients, and replaced by a placeholder; the saved notebook, ``Out`` and
-        ``_`` never hold the plaintext. Errors still show normally. Example::
+        stdout/stderr (also what subprocesses and C libraries write to file descriptors 1 and
+        2), rich displays and the cell's value are captured, encrypted as one age blob to the
+        recipients, and replaced by a placeholder; the saved notebook, ``Out`` and ``_`` never
+        hold the plaintext. Errors (tracebacks) still show normally, after the cell. Example::
 
             %%secure_output --to alice
             df[df.patient_id == 1234]
@@ -170,19 +179,32 @@ class ExportMagics(Magics):
         # Resolve keys before running the cell, so a typo doesn't run (and lose) the cell.
         _recipients_for(recipients or None, passphrase, 18)
         values: list[Any] = []
+        errors: list[tuple[Any, ...]] = []
         saved_hook = sys.displayhook
+        shell = self.shell
+        own_tb = shell.__dict__.get("_showtraceback")
 
         def hook(value: Any) -> None:
             if value is not None:
                 values.append(value)
 
-        with capture_output(stdout=True, stderr=True, display=True) as captured:
+        def defer_traceback(*exc: Any) -> None:
+            errors.append(exc)  # shown after the capture, in the clear (see the docstring)
+
+        with capture_output(stdout=True, stderr=True, display=True) as captured, FdCapture() as fds:
             sys.displayhook = hook
+            shell._showtraceback = defer_traceback
             try:
-                result = self.shell.run_cell(cell, store_history=False)
+                result = shell.run_cell(cell, store_history=False)
             finally:
                 sys.displayhook = saved_hook
-        outputs, dropped = _output_dicts(captured, values, self.shell)
+                if own_tb is None:
+                    del shell._showtraceback
+                else:
+                    shell._showtraceback = own_tb
+        outputs, dropped = _output_dicts(captured, values, shell, fds)
+        for exc in errors:
+            shell._showtraceback(*exc)
         if not outputs:
             if not (result.error_before_exec or result.error_in_exec):
                 print("(the cell produced no output; nothing to encrypt)")
