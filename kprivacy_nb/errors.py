@@ -82,3 +82,11 @@ class SerializationError(KPrivacyError):
 
 class FileExistsRefusedError(KPrivacyError, FileExistsError):
     """The output file exists and overwriting was not asked for."""
+
+
+class ResourceLimitError(SerializationError):
+    """An untrusted file would expand beyond a size limit (a decompression bomb, say)."""
+
+
+class UntrustedSignatureError(SignatureError):
+    """A signature is required (trust policy) but the file is unsigned or its signer unknown."""

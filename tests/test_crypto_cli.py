@@ -144,11 +144,14 @@ def test_sign_verify_and_inspect(kp_home, tmp_path):
     assert info["recipients"] == ["X25519"] and "manifest" not in info
     r = run("inspect", str(f), "-i", "alice", "--json")
     info = json.loads(r.stdout.decode().splitlines()[-1])
-    assert info["signed_by"] == me.public
+    assert info["signed_by"] == me.public and info["signature"] == "unverified"
     entry = info["manifest"]["entries"][0]
     assert entry["type"] == "numpy.ndarray" and len(entry["parts"][0]["sha256"]) == 64
     text = run("inspect", str(f), "-i", "alice").stdout.decode()
-    assert "numpy.ndarray" in text and "signed by" in text
+    assert "numpy.ndarray" in text and f"signature present but NOT verified: {me.public}" in text
+    assert run("trust", "add", "me").returncode == 0
+    text = run("inspect", str(f), "-i", "alice").stdout.decode()
+    assert f"signature verified: signed by me ({me.public})" in text
     # embedded container signature
     assert run("verify", "-k", "me", "-i", "alice", str(f)).returncode == 0
     other = signing.generate_signing_key("other")

@@ -29,9 +29,11 @@ from ..paths import atomic_write, check_target
 from ..secrets import Secret
 from . import age, serializers
 from .container import ContainerReader, Entry, write_container
+from .envelope import RecipientSpec, open_container, open_container_from, recipients_for
 from .keys import now_iso
+from .limits import expansion_limit, loads_json
 from .signing import SigningKey, load_signing_key
-from .store import RecipientSpec, _recipients_for, open_container, open_container_from
+from .trust import SignatureStatus
 
 BUNDLE_KIND = "bundle"
 NOTEBOOK_TYPE = "jupyter.notebook"
@@ -65,7 +67,7 @@ def _load_notebook(parts: dict[str, bytes], meta: dict) -> NotebookFile:
 
 
 def _load_outputs(parts: dict[str, bytes], meta: dict) -> list[dict]:
-    outputs = json.loads(parts["outputs.json"])
+    outputs = loads_json(parts["outputs.json"], "encrypted cell outputs")
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise SerializationError("malformed encrypted cell outputs")
     return outputs
@@ -155,7 +157,7 @@ def _entries_for(
         except SerializationError as exc:
             failures.append(f"{name}: {exc}")
             continue
-        entries.append(Entry(name, type_name, parts, serializers._json_safe(meta)))
+        entries.append(Entry(name, type_name, parts, serializers.json_safe(meta)))
     if failures:
         raise SerializationError(
             "nothing was exported; these items can't be serialised safely — " + "; ".join(failures)
@@ -205,7 +207,7 @@ def export_bundle(
     if not items and notebook is None:
         raise InvalidParameterError("nothing to export: choose at least one item")
     target = check_target(path, force=force)  # before serialising anything
-    recips, shown = _recipients_for(recipients, passphrase, work_factor)
+    recips, shown = recipients_for(recipients, passphrase, work_factor)
     signer = load_signing_key(sign_with) if sign_with is not None else None
     entries = _entries_for(items, allow_pickle=allow_pickle, progress=progress)
     if notebook is not None:
@@ -246,9 +248,16 @@ class Bundle(Mapping[str, Any]):
     was opened; each entry's digest is checked again when it is read.
     """
 
-    def __init__(self, reader: ContainerReader, *, allow_pickle: bool = False) -> None:
+    def __init__(
+        self,
+        reader: ContainerReader,
+        *,
+        allow_pickle: bool = False,
+        max_expanded_bytes: int | None = None,
+    ) -> None:
         self._reader = reader
         self._allow_pickle = allow_pickle
+        self._max_expanded = max_expanded_bytes
         self._cache: dict[str, Any] = {}
 
     @property
@@ -261,8 +270,12 @@ class Bundle(Mapping[str, Any]):
 
     @property
     def verified_by(self) -> str | None:
-        v = self._reader.verified_by
-        return str(v) if v is not None else None
+        return self._reader.verified_by
+
+    @property
+    def signature_status(self) -> SignatureStatus:
+        """``verified`` (by ``verify_with`` or a trusted signer), ``unverified`` or ``unsigned``."""
+        return self._reader.signature_status
 
     def info(self) -> list[dict]:
         """Name, type and size of each entry (nothing deserialised)."""
@@ -274,8 +287,13 @@ class Bundle(Mapping[str, Any]):
     def __getitem__(self, name: str) -> Any:
         if name not in self._cache:
             entry = self._reader.entry(name)
-            ser = serializers.by_type(entry["type"], allow_pickle=self._allow_pickle)
-            self._cache[name] = ser.load(self._reader.read_parts(name), entry.get("meta", {}))
+            with expansion_limit(self._max_expanded):
+                self._cache[name] = serializers.load(
+                    entry["type"],
+                    self._reader.read_parts(name),
+                    entry.get("meta", {}),
+                    allow_pickle=self._allow_pickle,
+                )
         return self._cache[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -286,12 +304,7 @@ class Bundle(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         items = ", ".join(f"{i['name']}: {i['type']}" for i in self.info())
-        state = (
-            f"verified by {self.verified_by}"
-            if self.verified_by
-            else ("signed, not verified" if self.signed else "unsigned")
-        )
-        return f"<Bundle {len(self)} entries ({state}): {items}>"
+        return f"<Bundle {len(self)} entries ({self.signature_status}): {items}>"
 
     def _repr_html_(self) -> str:
         rows = "".join(
@@ -309,12 +322,19 @@ def load_bundle(
     passphrase: str | Secret | None = None,
     verify_with: Any = None,
     allow_pickle: bool = False,
+    require_signature: bool | None = None,
+    max_expanded_bytes: int | None = None,
 ) -> Bundle:
-    """Open a bundle written by :func:`export_bundle` (signature checked first if asked)."""
+    """Open a bundle written by :func:`export_bundle` (signature judged first; see
+    :func:`kprivacy_nb.crypto.store.secure_load` for the trust policy)."""
     reader = open_container(
-        path, identities=identities, passphrase=passphrase, verify_with=verify_with
+        path,
+        identities=identities,
+        passphrase=passphrase,
+        verify_with=verify_with,
+        require_signature=require_signature,
     )
-    return Bundle(reader, allow_pickle=allow_pickle)
+    return Bundle(reader, allow_pickle=allow_pickle, max_expanded_bytes=max_expanded_bytes)
 
 
 # --- encrypted cell outputs -----------------------------------------------------------------
@@ -332,7 +352,7 @@ def encrypt_outputs(
 
     Returns the armored text and the recipients (public parts) it was encrypted to.
     """
-    recips, shown = _recipients_for(recipients, passphrase, work_factor)
+    recips, shown = recipients_for(recipients, passphrase, work_factor)
     signer = load_signing_key(sign_with) if sign_with is not None else None
     data = json.dumps(outputs, ensure_ascii=False).encode()
     entry = Entry("outputs", OUTPUTS_TYPE, {"outputs.json": data}, {"count": len(outputs)})
@@ -343,6 +363,30 @@ def encrypt_outputs(
     return buf.getvalue().decode("ascii"), shown
 
 
+def open_outputs(
+    armored: str,
+    *,
+    identities: Any = None,
+    passphrase: str | Secret | None = None,
+    verify_with: Any = None,
+    require_signature: bool | None = None,
+) -> tuple[list[dict], SignatureStatus]:
+    """Decrypt what :func:`encrypt_outputs` produced: the output dicts and who vouches for them."""
+    raw = armored.encode("ascii", errors="replace")
+    reader = open_container_from(
+        lambda: io.BytesIO(raw),
+        identities=identities,
+        passphrase=passphrase,
+        verify_with=verify_with,
+        require_signature=require_signature,
+    )
+    entry = reader.entry("outputs")
+    if entry["type"] != OUTPUTS_TYPE:
+        raise SerializationError("this blob does not hold encrypted cell outputs")
+    outputs = serializers.load(OUTPUTS_TYPE, reader.read_parts("outputs"), entry.get("meta", {}))
+    return outputs, reader.signature_status
+
+
 def decrypt_outputs(
     armored: str,
     *,
@@ -351,14 +395,6 @@ def decrypt_outputs(
     verify_with: Any = None,
 ) -> list[dict]:
     """Decrypt what :func:`encrypt_outputs` produced back into output dicts."""
-    raw = armored.encode("ascii", errors="replace")
-    reader = open_container_from(
-        lambda: io.BytesIO(raw),
-        identities=identities,
-        passphrase=passphrase,
-        verify_with=verify_with,
-    )
-    entry = reader.entry("outputs")
-    if entry["type"] != OUTPUTS_TYPE:
-        raise SerializationError("this blob does not hold encrypted cell outputs")
-    return _load_outputs(reader.read_parts("outputs"), entry.get("meta", {}))
+    return open_outputs(
+        armored, identities=identities, passphrase=passphrase, verify_with=verify_with
+    )[0]

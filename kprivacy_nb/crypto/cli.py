@@ -18,7 +18,7 @@ from typing import BinaryIO
 from ..errors import InvalidParameterError, KPrivacyError
 from ..paths import atomic_write
 from ..secrets import resolve_passphrase
-from . import age, keys, signing
+from . import age, envelope, keys, signing, trust
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -108,6 +108,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--passphrase-env", metavar="VAR")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = subparsers.add_parser(
+        "trust",
+        help="manage trusted signers (their signatures are verified automatically)",
+        description="add/list/remove signers in the trusted_signers file of the home folder. "
+        "Files signed by a trusted signer are verified on load; others are reported as "
+        "unverified (or refused with KPRIVACY_NB_REQUIRE_SIGNATURE=1). "
+        "Example: kprivacy-nb trust add bob  |  kprivacy-nb trust add kppub1… --name bob",
+    )
+    tsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    t = tsub.add_parser("add", help="trust a signer: a known name or a kppub1… key")
+    t.add_argument("signer", help="signer name (recipients.txt, keys/NAME.sign.pub) or kppub1…")
+    t.add_argument("--name", help="name to record with a kppub1… key")
+    t.set_defaults(func=cmd_trust)
+    t = tsub.add_parser("list", help="list trusted signers")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_trust)
+    t = tsub.add_parser("remove", help="stop trusting a signer (name or kppub1…)")
+    t.add_argument("signer")
+    t.set_defaults(func=cmd_trust)
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -219,16 +239,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
             signing.verify_detached(f, sig, expected)
         print(f"good signature by {expected} on {args.file}")
         return 0
-    from .store import open_container
-
     passphrase = resolve_passphrase(args.passphrase_env) if args.passphrase_env else None
-    open_container(
+    envelope.open_container(
         args.file,
         identities=args.identity or None,
         passphrase=passphrase,
         verify_with=expected,
     )
     print(f"good signature by {expected} on the manifest of {args.file}")
+    return 0
+
+
+def cmd_trust(args: argparse.Namespace) -> int:
+    if args.action == "add":
+        print(f"trusted: {trust.add_trusted(args.signer, args.name)}")
+    elif args.action == "remove":
+        print(f"no longer trusted: {trust.remove_trusted(args.signer)}")
+    else:
+        signers = trust.list_trusted()
+        if args.json:
+            print(json.dumps([{"name": s.name, "key": str(s.key)} for s in signers]))
+        else:
+            for s in signers:
+                print(s)
+            if not signers:
+                print("no trusted signers yet (add one: kprivacy-nb trust add NAME|kppub1…)")
     return 0
 
 
@@ -245,11 +280,11 @@ def describe(path: str, identities: list[str], passphrase_env: str | None) -> di
         "recipients": agefile.stanza_types(),
     }
     if identities or passphrase_env:
-        from .store import open_container
-
         passphrase = resolve_passphrase(passphrase_env) if passphrase_env else None
         try:
-            reader = open_container(path, identities=identities or None, passphrase=passphrase)
+            reader = envelope.open_container(
+                path, identities=identities or None, passphrase=passphrase
+            )
         except KPrivacyError as exc:
             if "not a kprivacy-nb container" in str(exc):
                 info["content"] = "opaque data (not a kprivacy-nb container)"
@@ -258,6 +293,8 @@ def describe(path: str, identities: list[str], passphrase_env: str | None) -> di
         info["content"] = "kprivacy-nb container"
         info["manifest"] = reader.manifest
         info["signed_by"] = (reader.signature or {}).get("key")
+        info["signature"] = reader.signature_status.state
+        info["signature_note"] = str(reader.signature_status)
     return info
 
 
@@ -280,7 +317,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"created: {m.get('created')}  libraries: "
             + ", ".join(f"{k} {v}" for k, v in sorted(m.get("library", {}).items()))
         )
-        print(f"signed by: {info.get('signed_by') or 'not signed'} (not verified: use verify)")
+        print(info["signature_note"])
         for e in m["entries"]:
             size = sum(p["size"] for p in e["parts"])
             print(f"entry {e['name']!r}: {e['type']}, {size:,} bytes")

@@ -20,13 +20,16 @@ import hmac
 import io
 import json
 import platform
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from ..errors import SerializationError, SignatureError
-from .signing import SigningKey, VerifyKey, sign_manifest, verify_manifest
+from .limits import loads_json
+from .signing import SigningKey, sign_manifest
+from .trust import SignaturePolicy, SignatureStatus
 
 MAGIC = b"kprivacy-nb container v1\n"
 FORMAT = "kprivacy-nb/container"
@@ -34,6 +37,7 @@ VERSION = 1
 MAX_MANIFEST = 16 << 20
 MAX_SIGNATURE = 64 << 10
 _LEN = struct.Struct(">Q")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -135,7 +139,7 @@ class ContainerReader:
     {'data': b'hi'}
     """
 
-    def __init__(self, buf: BinaryIO, *, verify_with: VerifyKey | None = None) -> None:
+    def __init__(self, buf: BinaryIO, *, policy: SignaturePolicy | None = None) -> None:
         self._buf = buf
         buf.seek(0)
         if buf.read(len(MAGIC)) != MAGIC:
@@ -148,17 +152,18 @@ class ContainerReader:
         self.signature: dict | None = None
         if sig:
             try:
-                self.signature = json.loads(sig)
-            except (ValueError, UnicodeDecodeError):
+                self.signature = loads_json(sig, "signature block")
+            except SerializationError:
                 raise SignatureError("malformed signature block") from None
-        if verify_with is not None:
-            verify_manifest(self.manifest_bytes, self.signature, verify_with)
-        self.verified_by = verify_with
+            if not isinstance(self.signature, dict):
+                raise SignatureError("malformed signature block")
+        # The signature is judged before a byte of the manifest is parsed.
+        self.signature_status: SignatureStatus = (policy or SignaturePolicy()).check(
+            self.manifest_bytes, self.signature
+        )
+        self.verified_by = self.signature_status.signer if self.signature_status.verified else None
         self._data_start = buf.tell()
-        try:
-            manifest = json.loads(self.manifest_bytes)
-        except (ValueError, UnicodeDecodeError):
-            raise SerializationError("malformed container manifest") from None
+        manifest = loads_json(self.manifest_bytes, "container manifest", max_bytes=MAX_MANIFEST)
         self.manifest = self._check_manifest(manifest)
 
     def _read_block(self, limit: int, what: str) -> bytes:
@@ -184,21 +189,38 @@ class ContainerReader:
         if not isinstance(entries, list) or not entries:
             raise SerializationError("container manifest lists no entries")
         end = self._buf.seek(0, io.SEEK_END) - self._data_start
+        names = set()
         for e in entries:
-            if not isinstance(e, dict) or not isinstance(e.get("parts"), list):
+            ok = (
+                isinstance(e, dict)
+                and isinstance(e.get("name"), str)
+                and isinstance(e.get("type"), str)
+                and isinstance(e.get("meta", {}), dict)
+                and isinstance(e.get("parts"), list)
+                and e["name"] not in names
+            )
+            if not ok:
                 raise SerializationError("malformed manifest entry")
+            names.add(e["name"])
+            part_names = set()
             for p in e["parts"]:
                 ok = (
                     isinstance(p, dict)
-                    and isinstance(p.get("offset"), int)
-                    and isinstance(p.get("size"), int)
+                    and isinstance(p.get("name"), str)
+                    and p["name"] not in part_names
+                    and type(p.get("offset")) is int
+                    and type(p.get("size")) is int
                     and 0 <= p["offset"]
                     and 0 <= p["size"]
                     and p["offset"] + p["size"] <= end
                     and isinstance(p.get("sha256"), str)
+                    and _SHA256_RE.fullmatch(p["sha256"]) is not None
                 )
                 if not ok:
                     raise SerializationError("manifest part out of bounds or malformed")
+                part_names.add(p["name"])
+        if not isinstance(m.get("metadata", {}), dict):
+            raise SerializationError("malformed container metadata")
         return m
 
     @property

@@ -18,10 +18,12 @@ import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from ..errors import SerializationError
+from ..errors import KPrivacyError, SerializationError
+from .archives import check_h5, load_npy, load_npz, open_zip, read_member, read_tar
+from .limits import loads_json
 
 Parts = dict[str, bytes]
 
@@ -47,27 +49,27 @@ def _module_loaded(name: str) -> Any:
     return sys.modules.get(name)
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """Best-effort conversion of metadata (numpy scalars, tuples…) to JSON values."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     for attr in ("item", "tolist"):
         if hasattr(obj, attr):
             try:
-                return _json_safe(getattr(obj, attr)())
+                return json_safe(getattr(obj, attr)())
             except (TypeError, ValueError):
                 pass
     for attr in ("to_dict", "as_dict", "_asdict"):
         if callable(getattr(obj, attr, None)):
-            return _json_safe(getattr(obj, attr)())
+            return json_safe(getattr(obj, attr)())
     if hasattr(obj, "__dataclass_fields__"):
         import dataclasses
 
-        return _json_safe(dataclasses.asdict(obj))
+        return json_safe(dataclasses.asdict(obj))
     return str(obj)
 
 
@@ -142,20 +144,22 @@ def _write_keras_archive(saving_lib: Any, model: Any, buf: io.BytesIO) -> None:
 
 
 def check_keras_archive(data: bytes) -> None:
-    """Refuse legacy HDF5, unexpected archive members, Lambda layers and non-Keras modules."""
+    """Refuse legacy HDF5, unexpected or oversized archive members, Lambda layers and
+    non-Keras modules — before Keras reads anything."""
     if data.startswith(_HDF5_MAGIC):
         raise SerializationError("refused: legacy .h5 Keras models are not loaded (unsafe format)")
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-        names = set(zf.namelist())
-        if not names <= KERAS_MEMBERS or "config.json" not in names:
-            raise SerializationError(
-                "refused: unexpected files in the .keras archive "
-                f"({', '.join(sorted(names - KERAS_MEMBERS)) or 'config.json missing'})"
-            )
-        config = json.loads(zf.read("config.json"))
-    except (zipfile.BadZipFile, ValueError, KeyError):
-        raise SerializationError("refused: not a valid .keras archive") from None
+    zf = open_zip(data, "the .keras archive")
+    names = set(zf.namelist())
+    if not names <= KERAS_MEMBERS or "config.json" not in names:
+        raise SerializationError(
+            "refused: unexpected files in the .keras archive "
+            f"({', '.join(sorted(names - KERAS_MEMBERS)) or 'config.json missing'})"
+        )
+    config = loads_json(read_member(zf, "config.json", "the .keras archive"), "Keras config.json")
+    if "metadata.json" in names:
+        loads_json(read_member(zf, "metadata.json", "the .keras archive"), "Keras metadata.json")
+    if "model.weights.h5" in names:
+        check_h5(read_member(zf, "model.weights.h5", "the .keras archive"), "the model weights")
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
@@ -213,22 +217,22 @@ def privacy_card_of(obj: Any) -> dict | None:
             continue
         if callable(card) and not isinstance(card, dict):
             card = card()
-        return _json_safe(card) if isinstance(_json_safe(card), dict) else {"text": str(card)}
+        return json_safe(card) if isinstance(json_safe(card), dict) else {"text": str(card)}
     return None
 
 
 def _history_dict(history: Any) -> Any:
     if hasattr(history, "history") and isinstance(history.history, dict):
         history = history.history
-    return _json_safe(history)
+    return json_safe(history)
 
 
 def dump_dp_result(res: Any) -> tuple[Parts, dict]:
     parts, meta = dump_keras(res.model)
-    fields = {a: _json_safe(getattr(res, a)) for a in _DP_FIELDS}
+    fields = {a: json_safe(getattr(res, a)) for a in _DP_FIELDS}
     for extra in ("epsilon_curve", "clipping", "accountant", "sampling"):
         if hasattr(res, extra):
-            fields[extra] = _json_safe(getattr(res, extra))
+            fields[extra] = json_safe(getattr(res, extra))
     card = privacy_card_of(res) or {k: fields[k] for k in _DP_FIELDS}
     parts["privacy_card.json"] = json.dumps(card, sort_keys=True).encode()
     parts["history.json"] = json.dumps(_history_dict(getattr(res, "history", None))).encode()
@@ -261,7 +265,7 @@ class LoadedDPRun:
 
 def load_dp_result(parts: Parts, meta: dict) -> LoadedDPRun:
     model = load_keras(parts, meta)
-    card = json.loads(parts.get("privacy_card.json", b"{}"))
+    card = loads_json(parts.get("privacy_card.json", b"{}"), "privacy card")
     fields = meta.get("dp", {})
     return LoadedDPRun(
         model=model,
@@ -269,7 +273,7 @@ def load_dp_result(parts: Parts, meta: dict) -> LoadedDPRun:
         delta=fields.get("delta"),
         noise_multiplier=fields.get("noise_multiplier"),
         steps=fields.get("steps"),
-        history=json.loads(parts.get("history.json", b"null")),
+        history=loads_json(parts.get("history.json", b"null"), "training history"),
         privacy_card=card,
         extra={k: v for k, v in fields.items() if k not in _DP_FIELDS},
     )
@@ -303,10 +307,7 @@ class SavedFigure:
     svg: bytes = field(repr=False)
 
     def _repr_png_(self) -> bytes:
-        return self.png
-
-    def _repr_svg_(self) -> str:
-        return self.svg.decode("utf-8")
+        return self.png  # the SVG is not displayed: it could carry script (use .svg yourself)
 
 
 register(
@@ -336,7 +337,7 @@ def _series_parts(values: Any, key: str, arrays: dict, cols: list) -> dict:
     if isinstance(dtype, pd.CategoricalDtype):
         arrays[key] = np.asarray(values.cat.codes if hasattr(values, "cat") else values.codes)
         cats = values.cat.categories if hasattr(values, "cat") else values.categories
-        return {"kind": "category", "categories": _json_safe(list(cats)), "ordered": dtype.ordered}
+        return {"kind": "category", "categories": json_safe(list(cats)), "ordered": dtype.ordered}
     if getattr(dtype, "kind", "O") in "biufcmM" and isinstance(dtype, np.dtype):
         arrays[key] = np.asarray(values)
         return {"kind": "numpy"}
@@ -371,7 +372,7 @@ def dump_dataframe(df: Any) -> tuple[Parts, dict]:
         if not isinstance(name, (str, int, float)):
             raise SerializationError("DataFrame column names must be strings or numbers")
         desc = _series_parts(df.iloc[:, i], f"c{i}", arrays, cols)
-        desc["name"] = _json_safe(name)
+        desc["name"] = json_safe(name)
         cols.append(desc)
     if isinstance(df.index, pd.RangeIndex):
         index = {
@@ -382,7 +383,7 @@ def dump_dataframe(df: Any) -> tuple[Parts, dict]:
         }
     else:
         index = _series_parts(pd.Series(df.index), "index", arrays, cols)
-    index["name"] = _json_safe(df.index.name)
+    index["name"] = json_safe(df.index.name)
     buf = io.BytesIO()
     np.savez(buf, allow_pickle=False, **arrays)
     schema = {"columns": cols, "index": index, "shape": list(df.shape)}
@@ -393,11 +394,10 @@ def dump_dataframe(df: Any) -> tuple[Parts, dict]:
 
 
 def load_dataframe(parts: Parts, meta: dict) -> Any:
-    import numpy as np
     import pandas as pd
 
-    schema = json.loads(parts["schema.json"])
-    arrays = np.load(io.BytesIO(parts["arrays.npz"]), allow_pickle=False)
+    schema = loads_json(parts["schema.json"], "DataFrame schema")
+    arrays = load_npz(parts["arrays.npz"], "DataFrame arrays.npz")
 
     def rebuild(desc: dict, key: str) -> Any:
         if desc["kind"] == "numpy":
@@ -441,12 +441,7 @@ def dump_ndarray(arr: Any) -> tuple[Parts, dict]:
 
 
 def load_ndarray(parts: Parts, meta: dict) -> Any:
-    import numpy as np
-
-    try:
-        return np.load(io.BytesIO(parts["array.npy"]), allow_pickle=False)
-    except ValueError as exc:
-        raise SerializationError(f"refused array: {exc}") from None
+    return load_npy(parts["array.npy"], "the stored array")
 
 
 register(Serializer("numpy.ndarray", _is_ndarray, dump_ndarray, load_ndarray))
@@ -535,25 +530,9 @@ def dump_path(path: Path) -> tuple[Parts, dict]:
     return {"files.tar": buf.getvalue()}, {"kind": kind, "name": path.name}
 
 
-def _safe_member(name: str) -> str:
-    p = PurePosixPath(name)
-    if p.is_absolute() or ".." in p.parts or not p.parts or "\\" in name:
-        raise SerializationError(f"refused: unsafe path {name!r} in the stored files")
-    return str(p)
-
-
 def load_path(parts: Parts, meta: dict) -> RestoredFiles:
-    files: dict[str, bytes] = {}
-    with tarfile.open(fileobj=io.BytesIO(parts["files.tar"]), mode="r:") as tar:
-        for info in tar:
-            _safe_member(info.name)
-            if info.isdir():
-                continue
-            if not info.isfile():
-                raise SerializationError(f"refused: {info.name!r} is a link or special file")
-            fobj = tar.extractfile(info)
-            files[_safe_member(info.name)] = fobj.read() if fobj else b""
-    return RestoredFiles(meta.get("name", ""), meta.get("kind", "folder"), files)
+    files = read_tar(parts["files.tar"], "the stored files")
+    return RestoredFiles(str(meta.get("name", "")), str(meta.get("kind", "folder")), files)
 
 
 register(Serializer("files", _is_path, dump_path, load_path))
@@ -623,4 +602,30 @@ def dump(obj: Any, *, allow_pickle: bool = False) -> tuple[str, Parts, dict]:
 
 
 def load(type_name: str, parts: Parts, meta: dict, *, allow_pickle: bool = False) -> Any:
-    return by_type(type_name, allow_pickle=allow_pickle).load(parts, meta)
+    """Deserialise one entry; any way its parts can be malformed ends in a SerializationError."""
+    ser = by_type(type_name, allow_pickle=allow_pickle)
+    if not isinstance(meta, dict):
+        raise SerializationError(f"malformed {type_name} entry: its metadata is not an object")
+    try:
+        return ser.load(parts, meta)
+    except KPrivacyError:
+        raise
+    except (
+        ArithmeticError,
+        AttributeError,
+        EOFError,
+        IndexError,
+        KeyError,
+        LookupError,
+        MemoryError,
+        OSError,
+        RecursionError,
+        TypeError,
+        ValueError,
+        tarfile.TarError,
+        zipfile.BadZipFile,
+    ) as exc:
+        raise SerializationError(
+            f"malformed {type_name} entry ({type(exc).__name__}); the file may be corrupted "
+            "or crafted"
+        ) from None

@@ -219,26 +219,24 @@ def sign_manifest(manifest: bytes, key: SigningKey) -> dict:
     }
 
 
-def verify_manifest(manifest: bytes, block: dict | None, expected: VerifyKey) -> None:
-    """Check a container's signature block against the expected public key."""
+def check_manifest_signature(manifest: bytes, block: dict, key: VerifyKey) -> None:
+    """Check that a container's signature block is ``key``'s valid signature of ``manifest``.
+
+    Who ``key`` should be (the caller's choice, or a trusted signer) is decided in
+    :mod:`kprivacy_nb.crypto.trust`.
+    """
     import base64
     import binascii
 
-    if not block:
-        raise SignatureError(
-            f"refused: the file is not signed, but a signature by {expected} was required"
-        )
     if block.get("alg") != "ed25519" or not isinstance(block.get("sig"), str):
         raise SignatureError("refused: unsupported or malformed signature block")
-    if block.get("key") != str(expected):
-        raise SignatureError(
-            f"refused: the file is signed by {block.get('key')!s}, not by {expected}"
-        )
+    if block.get("key") != str(key):
+        raise SignatureError(f"refused: the file is signed by {block.get('key')!s}, not by {key}")
     try:
         sig = base64.b64decode(block["sig"], validate=True)
     except (binascii.Error, ValueError):
         raise SignatureError("refused: malformed signature") from None
-    expected.verify(sig, CONTAINER_CONTEXT + manifest)
+    key.verify(sig, CONTAINER_CONTEXT + manifest)
 
 
 # --- detached signatures (CLI sign/verify) --------------------------------------------------------

@@ -12,24 +12,25 @@ any object is deserialised.
 
 from __future__ import annotations
 
+import hashlib
 import html
-import io
 import os
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from ..errors import InvalidParameterError, KeyFileError, NoIdentityMatchError
 from ..paths import atomic_write, check_target
 from ..secrets import Secret
 from . import age, serializers
-from .container import ContainerReader, Entry, write_container
-from .keys import default_identity_files, load_identities, now_iso, resolve_recipients
-from .signing import SigningKey, VerifyKey, load_signing_key, load_verify_key
-
-RecipientSpec = str | age.X25519Recipient
-IdentitySpec = str | os.PathLike | age.X25519Identity
+from .bundle import Bundle
+from .container import Entry, write_container
+from .envelope import IdentitySpec, RecipientSpec, VerifySpec, open_container, recipients_for
+from .keys import now_iso
+from .limits import expansion_limit
+from .signing import SigningKey, load_signing_key
+from .trust import SignatureStatus, UnverifiedFileWarning
 
 
 @dataclass(frozen=True)
@@ -60,25 +61,6 @@ class SaveResult:
         return f"saved {self.name} ({self.type}) to {self.path} for {to}{signed}"
 
 
-def _recipients_for(
-    recipients: Sequence[RecipientSpec] | RecipientSpec | None,
-    passphrase: str | Secret | None,
-    work_factor: int,
-) -> tuple[list[Any], tuple[str, ...]]:
-    if recipients and passphrase is not None:
-        raise InvalidParameterError("use either recipients or a passphrase, not both")
-    if passphrase is not None:
-        return [age.ScryptRecipient(passphrase, work_factor)], ("passphrase (scrypt)",)
-    if not recipients:
-        raise InvalidParameterError(
-            "say who can decrypt: recipients=['alice' or 'age1…'] (--to) or a passphrase "
-            "(--passphrase)"
-        )
-    specs = [recipients] if isinstance(recipients, (str, age.X25519Recipient)) else recipients
-    resolved = resolve_recipients(list(specs))
-    return resolved, tuple(str(r) for r in resolved)
-
-
 def secure_save(
     obj: Any,
     path: str | os.PathLike,
@@ -100,18 +82,16 @@ def secure_save(
     atomically with mode 0600 and never overwrites an existing one without ``force``.
     """
     target = check_target(path, force=force)  # before serialising anything
-    recips, shown = _recipients_for(recipients, passphrase, work_factor)
+    recips, shown = recipients_for(recipients, passphrase, work_factor)
     signer = load_signing_key(sign_with) if sign_with is not None else None
     type_name, parts, meta = serializers.dump(obj, allow_pickle=allow_pickle)
     entry_name = name or meta.get("name") or type_name.split(".")[-1]
-    meta = serializers._json_safe(meta)
+    meta = serializers.json_safe(meta)
     entry = Entry(entry_name, type_name, parts, meta)
     with atomic_write(target, force=force) as f:
         writer = age.EncryptWriter(f, recips, armor=armor)
         write_container(writer, [entry], created=now_iso(), sign_with=signer, metadata=metadata)
         writer.close()
-    import hashlib
-
     return SaveResult(
         path=target,
         type=type_name,
@@ -124,109 +104,79 @@ def secure_save(
     )
 
 
-def stanza_types_of(path: str | os.PathLike) -> list[str]:
-    """The recipient types in an age file's header (no key needed)."""
-    with open(path, "rb") as f:
-        header, _ = age.read_header(f)
-    return header.types()
-
-
-def _identities_for(
-    identities: Sequence[IdentitySpec] | IdentitySpec | None,
-    passphrase: str | Secret | None,
-    types: list[str],
-) -> list[Any]:
-    out: list[Any] = []
-    if passphrase is not None:
-        out.append(age.ScryptIdentity(passphrase))
-    if identities is not None:
-        specs = (
-            [identities]
-            if isinstance(identities, (str, os.PathLike, age.X25519Identity))
-            else identities
-        )
-        out += load_identities(list(specs))
-    elif passphrase is None:
-        if "scrypt" in types:
-            raise NoIdentityMatchError(
-                "this file is passphrase-encrypted: give passphrase= (or --passphrase / "
-                "--passphrase-env VAR)"
-            )
-        files = default_identity_files()
-        if not files:
-            raise KeyFileError(
-                "no identity given and none in the keys folder; pass identities=[FILE] (-i FILE) "
-                "or create one with `kprivacy-nb keygen NAME`"
-            )
-        out += load_identities(files)
-    return out
-
-
-def open_container(
-    path: str | os.PathLike,
-    *,
-    identities: Sequence[IdentitySpec] | IdentitySpec | None = None,
-    passphrase: str | Secret | None = None,
-    verify_with: str | os.PathLike | VerifyKey | None = None,
-) -> ContainerReader:
-    """Decrypt a file fully in memory and open its container (signature checked first).
-
-    Nothing is deserialised here: the age payload is authenticated to its last chunk, then the
-    signature (if ``verify_with``) is verified before the manifest is even parsed.
-    """
-    src = Path(path).expanduser()
-    return open_container_from(
-        lambda: open(src, "rb"),
-        identities=identities,
-        passphrase=passphrase,
-        verify_with=verify_with,
-    )
-
-
-def open_container_from(
-    opener: Callable[[], BinaryIO],
-    *,
-    identities: Sequence[IdentitySpec] | IdentitySpec | None = None,
-    passphrase: str | Secret | None = None,
-    verify_with: str | os.PathLike | VerifyKey | None = None,
-) -> ContainerReader:
-    """:func:`open_container` for any age source; ``opener()`` returns it from the start
-    (called twice: once to read the header's recipient types, once to decrypt)."""
-    verifier = load_verify_key(verify_with) if verify_with is not None else None
-    with opener() as f:
-        header, _ = age.read_header(f)
-    ids = _identities_for(identities, passphrase, header.types())
-    buf = io.BytesIO()
-    with opener() as f:
-        age.decrypt_stream(f, buf, ids, threads=False)
-    return ContainerReader(buf, verify_with=verifier)
-
-
 def secure_load(
     path: str | os.PathLike,
     *,
     identities: Sequence[IdentitySpec] | IdentitySpec | None = None,
     passphrase: str | Secret | None = None,
-    verify_with: str | os.PathLike | VerifyKey | None = None,
+    verify_with: VerifySpec | None = None,
     allow_pickle: bool = False,
     name: str | None = None,
+    require_signature: bool | None = None,
+    max_expanded_bytes: int | None = None,
 ) -> Any:
     """Load the object saved by :func:`secure_save`.
 
     ``identities``: identity files or key names (default: every identity in the keys folder);
-    ``passphrase`` for passphrase files; ``verify_with``: the signer's ``kppub1…`` key or name —
-    an unsigned or badly signed file is then refused before anything is deserialised.
+    ``passphrase`` for passphrase files. The signature is checked before anything is
+    deserialised: against ``verify_with`` (the signer's ``kppub1…`` key or name) if given, else
+    against your trusted signers (:mod:`kprivacy_nb.crypto.trust`); an unsigned or unverified
+    file gives an :class:`UnverifiedFileWarning`, or is refused when ``require_signature``
+    (or ``%config SecureMagics.require_signature`` / ``KPRIVACY_NB_REQUIRE_SIGNATURE=1``).
+    Archives inside are bounded by ``max_expanded_bytes`` (default: see
+    :mod:`kprivacy_nb.crypto.limits`).
     """
-    reader = open_container(
-        path, identities=identities, passphrase=passphrase, verify_with=verify_with
+    obj, status = load_with_status(
+        path,
+        identities=identities,
+        passphrase=passphrase,
+        verify_with=verify_with,
+        allow_pickle=allow_pickle,
+        name=name,
+        require_signature=require_signature,
+        max_expanded_bytes=max_expanded_bytes,
     )
+    warn_unverified(status, str(path))
+    return obj
+
+
+def load_with_status(
+    path: str | os.PathLike,
+    *,
+    identities: Sequence[IdentitySpec] | IdentitySpec | None = None,
+    passphrase: str | Secret | None = None,
+    verify_with: VerifySpec | None = None,
+    allow_pickle: bool = False,
+    name: str | None = None,
+    require_signature: bool | None = None,
+    max_expanded_bytes: int | None = None,
+) -> tuple[Any, SignatureStatus]:
+    """:func:`secure_load`, also returning how the signature was judged (and not warning)."""
+    reader = open_container(
+        path,
+        identities=identities,
+        passphrase=passphrase,
+        verify_with=verify_with,
+        require_signature=require_signature,
+    )
+    status = reader.signature_status
     if name is None and (
         len(reader.entries) > 1 or reader.manifest.get("metadata", {}).get("kind") == "bundle"
     ):
-        from .bundle import Bundle  # an export of several objects: a lazy, dict-like view
-
-        return Bundle(reader, allow_pickle=allow_pickle)
+        bundle = Bundle(reader, allow_pickle=allow_pickle, max_expanded_bytes=max_expanded_bytes)
+        return bundle, status
     entry = reader.entry(name)
-    ser = serializers.by_type(entry["type"], allow_pickle=allow_pickle)
-    parts = reader.read_parts(entry["name"])
-    return ser.load(parts, entry.get("meta", {}))
+    with expansion_limit(max_expanded_bytes):
+        obj = serializers.load(
+            entry["type"],
+            reader.read_parts(entry["name"]),
+            entry.get("meta", {}),
+            allow_pickle=allow_pickle,
+        )
+    return obj, status
+
+
+def warn_unverified(status: SignatureStatus, what: str) -> None:
+    """Say loudly that nobody trusted vouches for what was just opened."""
+    if not status.verified:
+        warnings.warn(f"{what}: {status}", UnverifiedFileWarning, stacklevel=3)

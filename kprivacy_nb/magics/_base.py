@@ -17,6 +17,13 @@ from ..errors import KPrivacyError, SecretOnLineError
 REDACTED_INPUT = "# [kprivacy_nb] input removed: it contained a secret"
 
 
+class PlainText(str):
+    """A string that displays as itself (no quotes) — for reports returned by magics."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def scrub_history(shell: Any, needle: str | None = None) -> int:
     """Remove every input that contains ``needle`` (or looks like a secret) from IPython's history.
 

@@ -23,6 +23,7 @@ from traitlets import Float, List, Unicode
 from ..errors import KPrivacyError
 from ..notebook_file import find_notebook_path
 from ..quiet.fdcapture import FdCapture
+from ..quiet.safe_mime import safe_output
 from ._base import lookup, passphrase_from_args, user_errors
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
@@ -169,15 +170,16 @@ class ExportMagics(Magics):
         A key holder shows them again (transiently) with ``%secure_show``.
         """
         args = parse_argstring(self.secure_output, line)
+        from ..crypto.age import DEFAULT_SCRYPT_WORK_FACTOR
         from ..crypto.bundle import OUTPUTS_MIME, encrypt_outputs
-        from ..crypto.store import _recipients_for
+        from ..crypto.envelope import recipients_for
 
         passphrase = passphrase_from_args(args)
         recipients = args.to or (None if passphrase is not None else self.default_recipients)
         if not recipients and passphrase is None:
             raise UsageError("say who can read the output: --to NAME|age1… or --passphrase")
         # Resolve keys before running the cell, so a typo doesn't run (and lose) the cell.
-        _recipients_for(recipients or None, passphrase, 18)
+        recipients_for(recipients or None, passphrase, DEFAULT_SCRYPT_WORK_FACTOR)
         values: list[Any] = []
         errors: list[tuple[Any, ...]] = []
         saved_hook = sys.displayhook
@@ -259,16 +261,19 @@ class ExportMagics(Magics):
         """Decrypt an encrypted cell output and show it for a while.
 
         The plaintext is shown in this cell's output and replaced by a note after ``--for``
-        seconds (default 60), so save the notebook only after it is hidden again. Example::
+        seconds (default 60), so save the notebook only after it is hidden again. Unless the
+        blob is signed by a trusted signer (``%secure_trust``) or ``--verify-with``, only
+        passive content is shown (text, PNG/JPEG, SVG as an image, Markdown without HTML);
+        HTML and JavaScript are held back. Example::
 
             %secure_show 3f2a9c1d -i alice
         """
         args = parse_argstring(self.secure_show, line)
-        from ..crypto.bundle import decrypt_outputs
+        from ..crypto.bundle import open_outputs
 
         armored = self._find_blob(args.id, args.notebook)
         passphrase = passphrase_from_args(args)
-        outputs = decrypt_outputs(
+        outputs, status = open_outputs(
             armored,
             identities=args.identity or None,
             passphrase=passphrase,
@@ -276,14 +281,28 @@ class ExportMagics(Magics):
         )
         seconds = self.show_seconds if args.seconds is None else args.seconds
         ids = []
+        held_back: list[str] = []
         for out in outputs:
             display_id = pyrandom.token_hex(6)
-            ids.append(display_id)
             if out.get("output_type") == "stream":
-                data = {"text/plain": out.get("text", "")}
+                data, metadata = {"text/plain": out.get("text", "")}, {}
             else:
-                data = out.get("data", {})
-            display(data, raw=True, metadata=out.get("metadata", {}), display_id=display_id)
+                data, metadata = out.get("data", {}), out.get("metadata", {})
+            if not status.verified:  # anyone with our public key could have written it
+                data, metadata, dropped = safe_output(data, metadata)
+                held_back += dropped
+            if not data:
+                continue
+            ids.append(display_id)
+            display(data, raw=True, metadata=metadata, display_id=display_id)
+        if not status.verified:
+            note = f"⚠️ {status}"
+            if held_back:
+                note += (
+                    f"; not shown (active content from an unverified blob): "
+                    f"{', '.join(sorted(set(held_back)))}"
+                )
+            print(note)
         if seconds and seconds > 0:
 
             def hide() -> None:

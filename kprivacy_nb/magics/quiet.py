@@ -12,20 +12,13 @@ from traitlets.config import Configurable
 
 from .. import secrets
 from ..quiet import QuietController
-from ._base import user_errors
+from ._base import PlainText, user_errors
 
 
 def _redact_format_data(data: Any) -> Any:
     if isinstance(data, dict):
         return {k: secrets.redact(v) if isinstance(v, str) else v for k, v in data.items()}
     return data
-
-
-class PlainText(str):
-    """A string that displays as itself (no quotes) — for reports returned by magics."""
-
-    def __repr__(self) -> str:
-        return str(self)
 
 
 @magics_class

@@ -1,9 +1,11 @@
-"""``%secure_save``, ``%secure_load``, ``%secure_keygen``: encrypted, signed objects in age files.
+"""``%secure_save``, ``%secure_load``, ``%secure_keygen``, ``%secure_trust``: encrypted, signed
+objects in age files, and whose signatures you trust.
 
-Thin layer over :mod:`kprivacy_nb.crypto.store` / ``keys`` / ``signing``. Secrets never go on the
-line: passphrases come from a prompt (``--passphrase``) or ``--passphrase-env VAR``, keys from key
-files. Settings: ``%config SecureMagics.work_factor = 19``, ``SecureMagics.armor = True``,
-``SecureMagics.default_recipients = ['alice']``, ``SecureMagics.default_signer = 'me'``.
+Thin layer over :mod:`kprivacy_nb.crypto.store` / ``keys`` / ``signing`` / ``trust``. Secrets never
+go on the line: passphrases come from a prompt (``--passphrase``) or ``--passphrase-env VAR``, keys
+from key files. Settings: ``%config SecureMagics.work_factor = 19``, ``SecureMagics.armor = True``,
+``SecureMagics.default_recipients = ['alice']``, ``SecureMagics.default_signer = 'me'``,
+``SecureMagics.require_signature = True``, ``SecureMagics.max_expanded_bytes = 2**31``.
 """
 
 from __future__ import annotations
@@ -16,28 +18,29 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Int, List, Unicode
 
-from ._base import lookup, passphrase_from_args, user_errors
+from ..crypto.age import DEFAULT_SCRYPT_WORK_FACTOR
+from ._base import PlainText, lookup, passphrase_from_args, user_errors
 
 
 class LoadResult:
     """What ``%secure_load -o VAR`` put in the namespace (no secrets, no object repr)."""
 
-    def __init__(self, var: str, obj: Any, path: str, verified_by: str | None) -> None:
+    def __init__(self, var: str, obj: Any, path: str, status: Any) -> None:
         self.var = var
         self.type = f"{type(obj).__module__}.{type(obj).__qualname__}"
         self.path = path
-        self.verified_by = verified_by
+        self.status = status
+        self.verified_by = status.signer if status.verified else None
 
     def __repr__(self) -> str:
-        sig = f", signature by {self.verified_by} verified" if self.verified_by else ", unverified"
-        return f"loaded {self.path} into {self.var} ({self.type}{sig})"
+        mark = "" if self.status.verified else "⚠️ "
+        return f"loaded {self.path} into {self.var} ({self.type}); {mark}{self.status}"
 
     def _repr_html_(self) -> str:
-        sig = (
-            f"✅ signature by <code>{html.escape(self.verified_by)}</code> verified"
-            if self.verified_by
-            else "⚠️ signature not checked (use --verify-with)"
-        )
+        if self.status.verified:
+            sig = f"✅ {html.escape(str(self.status))}"
+        else:
+            sig = f"<b style='color:#b00'>⚠️ {html.escape(str(self.status))}</b>"
         return (
             f"<div>🔓 Loaded <code>{html.escape(self.path)}</code> into "
             f"<b>{html.escape(self.var)}</b> ({html.escape(self.type)})<br>{sig}</div>"
@@ -48,9 +51,9 @@ class LoadResult:
 class SecureMagics(Magics):
     """Encrypt, sign and safely load notebook objects (standard age v1 files)."""
 
-    work_factor = Int(18, help="scrypt work factor (log2 N) for new passphrase files, ≥ 18").tag(
-        config=True
-    )
+    work_factor = Int(
+        DEFAULT_SCRYPT_WORK_FACTOR, help="scrypt work factor (log2 N) for new passphrase files"
+    ).tag(config=True)
     armor = Bool(False, help="Write ASCII-armored files by default").tag(config=True)
     default_recipients = List(
         Unicode(), help="Recipients used by %secure_save when no --to/--passphrase is given"
@@ -58,6 +61,35 @@ class SecureMagics(Magics):
     default_signer = Unicode("", help="Signing key used by %secure_save when no --sign-with").tag(
         config=True
     )
+    require_signature = Bool(
+        None,
+        allow_none=True,
+        help="Refuse unsigned files and files not signed by a trusted signer or --verify-with "
+        "(everywhere in this session, Python API included). None: KPRIVACY_NB_REQUIRE_SIGNATURE",
+    ).tag(config=True)
+    max_expanded_bytes = Int(
+        None,
+        allow_none=True,
+        help="Largest size an archive member in a loaded file may expand to (bytes). "
+        "None: KPRIVACY_NB_MAX_EXPANDED, else 1 GiB",
+    ).tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self.observe(self._apply_policy, names=["require_signature", "max_expanded_bytes"])
+        self._apply_policy()
+
+    def _apply_policy(self, _change: Any = None) -> None:
+        from ..crypto import limits, trust
+
+        trust.configure(require_signature=self.require_signature)
+        limits.configure(max_expanded_bytes=self.max_expanded_bytes)
+
+    def on_unload(self) -> None:
+        from ..crypto import limits, trust
+
+        trust.configure(require_signature=None)
+        limits.configure(max_expanded_bytes=None)
 
     @magic_arguments()
     @argument("obj", help="variable to save (with --path: a file or folder to save)")
@@ -125,21 +157,20 @@ class SecureMagics(Magics):
             %secure_load data.age -o df --passphrase
         """
         args = parse_argstring(self.secure_load, line)
-        from ..crypto.store import secure_load, stanza_types_of
+        from ..crypto.envelope import stanza_types_of
+        from ..crypto.store import load_with_status
 
         passphrase = passphrase_from_args(args, confirm=False)
         if passphrase is None and not args.identity:
-            try:
-                types = stanza_types_of(args.path)
-            except OSError as exc:
-                raise UsageError(f"cannot read {args.path}: {exc.strerror}") from None
-            if "scrypt" in types:
+            if "scrypt" in stanza_types_of(args.path):
                 from ..secrets import prompt_secret
 
                 passphrase = prompt_secret("Passphrase: ")
         if args.allow_pickle:
             print("⚠️ --allow-pickle: a pickle runs code chosen by whoever wrote the file")
-        obj = secure_load(
+        if args.output and not args.output.isidentifier():
+            raise UsageError(f"{args.output!r} is not a valid variable name")
+        obj, status = load_with_status(
             args.path,
             identities=args.identity or None,
             passphrase=passphrase,
@@ -148,14 +179,11 @@ class SecureMagics(Magics):
             name=args.name,
         )
         if not args.output:
+            if not status.verified:
+                print(f"⚠️ {args.path}: {status}")
             return obj
-        if not args.output.isidentifier():
-            raise UsageError(f"{args.output!r} is not a valid variable name")
         self.shell.user_ns[args.output] = obj
-        from ..crypto.signing import load_verify_key
-
-        verified = str(load_verify_key(args.verify_with)) if args.verify_with else None
-        return LoadResult(args.output, obj, args.path, verified)
+        return LoadResult(args.output, obj, args.path, status)
 
     @magic_arguments()
     @argument("name", nargs="?", help="key name (default: 'default')")
@@ -177,3 +205,33 @@ class SecureMagics(Magics):
 
         make = signing.generate_signing_key if args.signing else keys.generate_identity
         return make(args.name, output=args.output, force=args.force)
+
+    @magic_arguments()
+    @argument("signer", nargs="?", help="signer name or kppub1… key to trust")
+    @argument("--name", help="name to record with a kppub1… key")
+    @argument("--remove", metavar="SIGNER", help="stop trusting this signer (name or kppub1…)")
+    @argument("--list", action="store_true", help="list trusted signers (the default)")
+    @line_magic
+    @user_errors
+    def secure_trust(self, line: str = "") -> Any:
+        """Manage trusted signers: files they signed are verified automatically on load.
+
+        Others load with a loud "signature present but NOT verified" / "unsigned" note, or are
+        refused with ``%config SecureMagics.require_signature = True``. Example::
+
+            %secure_trust bob                       # a name from recipients.txt / keys/
+            %secure_trust kppub1… --name carol
+            %secure_trust --remove carol
+            %secure_trust                           # list
+        """
+        args = parse_argstring(self.secure_trust, line)
+        from ..crypto import trust
+
+        if args.remove:
+            return PlainText(f"no longer trusted: {trust.remove_trusted(args.remove)}")
+        if args.signer:
+            return PlainText(f"trusted: {trust.add_trusted(args.signer, args.name)}")
+        signers = trust.list_trusted()
+        if not signers:
+            return PlainText("no trusted signers yet: %secure_trust NAME|kppub1…")
+        return PlainText("\n".join(str(s) for s in signers))

@@ -1,0 +1,181 @@
+"""Bounded readers for the archives inside container parts: zip (``.keras``, ``.npz``), tar, npy.
+
+Each reader checks what an archive *declares* (member sizes, array shapes) against what it
+holds and against :func:`~kprivacy_nb.crypto.limits.max_expanded_bytes` before allocating
+anything, so a small file can't make the loader allocate gigabytes. Every malformed archive ends
+in a :class:`~kprivacy_nb.errors.SerializationError`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import tarfile
+import zipfile
+from pathlib import PurePosixPath
+from typing import Any
+
+from ..errors import SerializationError
+from .limits import check_expansion
+
+MAX_MEMBERS = 100_000
+
+
+# --- zip ------------------------------------------------------------------------------------------
+
+
+def open_zip(data: bytes, what: str) -> zipfile.ZipFile:
+    """A zip archive whose members (each, and all together) fit the expansion limit.
+
+    The sizes checked are the declared ones; ``zipfile`` never inflates a member beyond its
+    declared size (it stops there and checks the CRC), so the check bounds the real expansion.
+    """
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError):
+        raise SerializationError(f"refused: {what} is not a valid zip archive") from None
+    if len(infos) > MAX_MEMBERS:
+        raise SerializationError(f"refused: {what} has too many members ({len(infos):,})")
+    for info in infos:
+        if info.flag_bits & 0x1:
+            raise SerializationError(f"refused: {what} has an encrypted member")
+        check_expansion(info.file_size, f"member {info.filename!r} of {what}")
+    check_expansion(sum(i.file_size for i in infos), f"{what} (all members together)")
+    return zf
+
+
+def read_member(zf: zipfile.ZipFile, name: str, what: str) -> bytes:
+    """One member of an archive opened with :func:`open_zip` (its size already checked)."""
+    try:
+        return zf.read(name)
+    except KeyError:
+        raise SerializationError(f"refused: {what} has no member {name!r}") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
+        raise SerializationError(f"refused: member {name!r} of {what} is corrupt ({exc})") from None
+
+
+# --- numpy ----------------------------------------------------------------------------------------
+
+
+def npy_declared_bytes(data: bytes, what: str) -> int:
+    """Bytes the ``.npy`` header in ``data`` declares; refused if more than follow the header."""
+    from numpy.lib import format as npformat
+
+    fp = io.BytesIO(data)
+    try:
+        version = npformat.read_magic(fp)
+        reader = (
+            npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+        )
+        shape, _fortran, dtype = reader(fp)
+    except (ValueError, TypeError, SyntaxError, OverflowError, EOFError, UnicodeDecodeError):
+        raise SerializationError(f"refused: {what} is not a valid .npy array") from None
+    if dtype.hasobject:
+        raise SerializationError(f"refused: {what} is an object array (needs pickle)")
+    declared = math.prod(int(d) for d in shape) * dtype.itemsize
+    check_expansion(declared, what)
+    if declared > len(data) - fp.tell():
+        raise SerializationError(
+            f"refused: {what} declares {declared:,} bytes but holds {len(data) - fp.tell():,}"
+        )
+    return declared
+
+
+def load_npy(data: bytes, what: str) -> Any:
+    """An array from ``.npy`` bytes: header checked first, never pickle."""
+    import numpy as np
+
+    npy_declared_bytes(data, what)
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise SerializationError(f"refused {what}: {exc}") from None
+
+
+def load_npz(data: bytes, what: str) -> dict[str, Any]:
+    """Every array of an ``.npz`` archive, each member bounded before it is inflated."""
+    zf = open_zip(data, what)
+    out = {}
+    for info in zf.infolist():
+        if not info.filename.endswith(".npy"):
+            raise SerializationError(f"refused: unexpected member {info.filename!r} in {what}")
+        member = read_member(zf, info.filename, what)
+        out[info.filename[: -len(".npy")]] = load_npy(member, f"{info.filename} in {what}")
+    return out
+
+
+# --- tar ------------------------------------------------------------------------------------------
+
+
+def safe_member_name(name: str) -> str:
+    """A relative POSIX path inside the archive, or a refusal (absolute, ``..``, backslashes)."""
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or not p.parts or "\\" in name:
+        raise SerializationError(f"refused: unsafe path {name!r} in the stored files")
+    return str(p)
+
+
+def read_tar(data: bytes, what: str) -> dict[str, bytes]:
+    """The regular files of a tar archive held in ``data`` (folders skipped).
+
+    Refused: links and special files, sparse members (they expand beyond what is stored), and
+    members declaring more bytes than the whole archive has.
+    """
+    files: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for count, info in enumerate(tar):
+                if count >= MAX_MEMBERS:
+                    raise SerializationError(f"refused: {what} has too many members")
+                name = safe_member_name(info.name)
+                if info.isdir():
+                    continue
+                if info.issparse():
+                    raise SerializationError(f"refused: {info.name!r} in {what} is a sparse file")
+                if not info.isfile():
+                    raise SerializationError(f"refused: {info.name!r} is a link or special file")
+                if info.size > len(data):
+                    raise SerializationError(
+                        f"refused: {info.name!r} in {what} declares {info.size:,} bytes, more "
+                        f"than the archive holds ({len(data):,})"
+                    )
+                fobj = tar.extractfile(info)
+                content = fobj.read() if fobj else b""
+                if len(content) != info.size:
+                    raise SerializationError(f"refused: {info.name!r} in {what} is truncated")
+                files[name] = content
+    except (tarfile.TarError, EOFError, ValueError, OSError, UnicodeDecodeError):
+        raise SerializationError(f"refused: {what} is not a valid tar archive") from None
+    return files
+
+
+# --- HDF5 (Keras weights) -------------------------------------------------------------------------
+
+
+def check_h5(data: bytes, what: str) -> None:
+    """Refuse HDF5 weights that link outside the file or declare more than the limit."""
+    import h5py
+
+    total = 0
+    try:
+        with h5py.File(io.BytesIO(data), "r") as f:
+            pending: list[Any] = [f]
+            while pending:
+                group = pending.pop()
+                for key in group:
+                    link = group.get(key, getlink=True)
+                    if isinstance(link, (h5py.ExternalLink, h5py.SoftLink)):
+                        raise SerializationError(f"refused: {what} links to {key!r} elsewhere")
+                    node = group[key]
+                    if isinstance(node, h5py.Group):
+                        pending.append(node)
+                        continue
+                    if node.is_virtual or node.external:
+                        raise SerializationError(f"refused: {what} reads data from other files")
+                    total += math.prod(node.shape or (1,)) * node.dtype.itemsize
+                    check_expansion(total, what)
+    except SerializationError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        raise SerializationError(f"refused: {what} is not a valid HDF5 weights file") from None
