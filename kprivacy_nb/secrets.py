@@ -139,6 +139,11 @@ _LITERAL_FLAG_RE = re.compile(
     re.IGNORECASE,
 )
 _TOKEN_RE = re.compile(r"[A-Za-z0-9+/=_\-]{32,}")
+# Flags that take the NAME of an environment variable, never a value.
+_ENV_FLAG_RE = re.compile(
+    r"(?:^|\s)--[a-z-]*-env(?:=|\s+)(\"[^\"]*\"?|'[^']*'?|\S+)", re.IGNORECASE
+)
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Public things that look random but are not secrets.
 _PUBLIC_PREFIXES = ("age1", "ssh-ed25519", "ssh-rsa", "kpsig1", "kppub1")
 
@@ -161,6 +166,18 @@ def _is_high_entropy(token: str) -> bool:
     return bool(mixed) and _entropy_bits_per_char(token) >= 4.0
 
 
+def looks_like_env_name(value: str) -> bool:
+    """Whether ``value`` looks like an environment variable *name* rather than a passphrase.
+
+    A name is an identifier; one mixing lower case, upper case and digits with a spread of
+    characters (``Tr0ub4dorXyz``) is taken for a password typed in the wrong place.
+    """
+    if not _ENV_NAME_RE.fullmatch(value):
+        return False
+    mixed = all(re.search(p, value) for p in (r"[a-z]", r"[A-Z]", r"[0-9]"))
+    return not (mixed and len(value) >= 8 and _entropy_bits_per_char(value) >= 2.5)
+
+
 def find_secret(line: str) -> str | None:
     """Return why ``line`` looks like it contains a secret, or ``None`` if it looks clean.
 
@@ -176,6 +193,13 @@ def find_secret(line: str) -> str | None:
     m = _LITERAL_FLAG_RE.search(line)
     if m:
         return f"a literal value after {m.group(0).split()[0].split('=')[0]!s}"
+    for m in _ENV_FLAG_RE.finditer(line):
+        if not looks_like_env_name(m.group(1)[1:-1] if m.group(1)[:1] in "'\"" else m.group(1)):
+            flag = m.group(0).strip().split("=")[0].split()[0]
+            return (
+                f"what looks like a passphrase after {flag} (it takes the NAME of an environment "
+                "variable holding the passphrase)"
+            )
     for token in _TOKEN_RE.findall(line):
         if _is_high_entropy(token):
             return "a long high-entropy token (an API key or password?)"
@@ -225,8 +249,14 @@ def read_key_file(path: str | os.PathLike) -> Secret:
 
 def secret_from_env(var: str) -> Secret:
     """Read a secret from the environment variable named ``var``."""
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var or ""):
-        raise KPrivacyError(f"{var!r} is not an environment variable name")
+    if not looks_like_env_name(var or ""):
+        if var:
+            register_secret(var)  # mask it if anything prints it later
+        raise SecretOnLineError(
+            "refused: --passphrase-env takes the NAME of an environment variable (like "
+            "MY_PASSPHRASE), and what was given looks like a passphrase itself (not shown). "
+            "Set it with `export MY_PASSPHRASE=…` (or %env) and pass the name"
+        )
     value = os.environ.get(var)
     if value is None or value == "":
         raise KPrivacyError(f"environment variable {var} is not set (or empty)")

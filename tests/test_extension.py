@@ -9,6 +9,7 @@ import sys
 import pytest
 from IPython.core.error import UsageError
 
+from kprivacy_nb.errors import SecretOnLineError
 from kprivacy_nb.magics import MAGIC_CLASSES
 from kprivacy_nb.magics._base import REDACTED_INPUT
 from kprivacy_nb.secrets import REGISTRY, Secret
@@ -101,6 +102,30 @@ def test_secret_on_a_magic_line_is_refused_and_scrubbed(ip, line):
     assert REDACTED_INPUT in hm.input_hist_raw
 
 
+@pytest.mark.parametrize("value", ["'Tr0ub4dor&3xyz'", "Tr0ub4dorXyz9", '"correct horse battery"'])
+def test_passphrase_typed_for_an_env_var_name_is_refused_unechoed_and_scrubbed(ip, value):
+    secret = value.strip("'\"").split()[0]
+    hm = ip.history_manager
+    result = ip.run_cell(f"%secure_load x.age --passphrase-env {value}", store_history=True)
+    assert isinstance(result.error_in_exec, UsageError)
+    message = str(result.error_in_exec)
+    assert "NAME of an environment variable" in message and secret not in message
+    hm.writeout_cache()
+    rows = hm.db.execute("SELECT source_raw FROM history WHERE session = ?", (hm.session_number,))
+    texts = [*ip.user_ns["In"], *hm.input_hist_raw, ip.user_ns.get("_i", ""), *(r[0] for r in rows)]
+    assert not [t for t in texts if secret in (t or "")]
+
+
+def test_env_var_names_after_passphrase_env_are_fine():
+    from kprivacy_nb.secrets import find_secret, secret_from_env
+
+    for name in ("NB_PASS", "EXPORT_PASS", "my_pass", "PASS2"):
+        assert find_secret(f"%secure_load x.age --passphrase-env {name}") is None
+    with pytest.raises(SecretOnLineError) as info:
+        secret_from_env("Tr0ub4dor&3xyz")  # the CLI path: refused, value not echoed
+    assert "Tr0ub4dor" not in str(info.value)
+
+
 def test_clean_lines_are_not_refused(ip):
     ip.run_line_magic("quiet", "on")
     result = ip.run_cell("%quiet --show 1", store_history=True)
@@ -149,6 +174,15 @@ def test_cli_help_lists_subcommands():
         [sys.executable, "-m", "kprivacy_nb", "--help"], capture_output=True, text=True, check=True
     )
     assert "usage: kprivacy-nb" in out.stdout
+    contract = (
+        "epsilon calibrate curve keygen encrypt decrypt sign verify inspect trust".split()
+    )  # DESIGN.md's public CLI (plus `trust`)
+    listed = {  # the subcommand lines of the help, each with its description
+        line.split()[0]
+        for line in out.stdout.splitlines()
+        if line.startswith("    ") and not line.startswith("      ")
+    }
+    assert set(contract) <= listed, set(contract) - listed
     bad = subprocess.run(
         [sys.executable, "-m", "kprivacy_nb", "no-such-command"], capture_output=True, text=True
     )
