@@ -14,8 +14,8 @@ import tensorflow as tf  # noqa: E402
 from kprivacy_nb import dp_fit  # noqa: E402
 from kprivacy_nb.dp.clipping import (  # noqa: E402
     FastClipper,
-    _reads_model_input,
     per_example_loss_fn,
+    reads_model_input,
     repeats,
 )
 from kprivacy_nb.errors import InvalidParameterError  # noqa: E402
@@ -230,18 +230,18 @@ def test_repeats_match_a_direct_count():
 def test_host_path_only_for_embeddings_reading_the_model_input():
     k = keras.layers
     direct = keras.Sequential([keras.Input((5,), dtype="int32"), k.Embedding(9, 2)])
-    assert _reads_model_input(direct, direct.layers[0])
+    assert reads_model_input(direct, direct.layers[0])
     # A float input (Keras' default) rounds ids above 2^24 before the embedding sees them.
     floats = keras.Sequential([keras.Input((5,)), k.Embedding(9, 2)])
-    assert not _reads_model_input(floats, floats.layers[0])
+    assert not reads_model_input(floats, floats.layers[0])
     reshaped = keras.Sequential(
         [keras.Input((1, 5), dtype="int32"), k.Reshape((5,)), k.Embedding(9, 2)]
     )
-    assert not _reads_model_input(reshaped, reshaped.layers[1])
+    assert not reads_model_input(reshaped, reshaped.layers[1])
     inp = keras.Input((5,), dtype="int32")
     shared = k.Embedding(9, 2)
     two_calls = keras.Model(inp, k.Concatenate()([shared(inp), shared(inp)]))
-    assert not _reads_model_input(two_calls, shared)
+    assert not reads_model_input(two_calls, shared)
 
 
 def test_host_repeats_are_used_exactly_when_the_embedding_reads_the_input(monkeypatch):
@@ -259,7 +259,7 @@ def test_host_repeats_are_used_exactly_when_the_embedding_reads_the_input(monkey
 
 
 def test_host_repeats_prepared_a_step_ahead_match_the_in_graph_path(monkeypatch):
-    import kprivacy_nb.dp.clipping as clipping
+    import kprivacy_nb.dp.clipping.clipper as clipper_module
 
     rng = np.random.default_rng(7)
     x = rng.integers(0, 4, (24, 6)).astype("int32")  # many repeats, different per example
@@ -290,7 +290,7 @@ def test_host_repeats_prepared_a_step_ahead_match_the_in_graph_path(monkeypatch)
         return [v.numpy() for v in model.trainable_variables]
 
     host = train()
-    monkeypatch.setattr(clipping, "_reads_model_input", lambda model, layer: False)
+    monkeypatch.setattr(clipper_module, "reads_model_input", lambda model, layer: False)
     in_graph = train()
     for a, b in zip(host, in_graph, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)

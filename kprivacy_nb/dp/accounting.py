@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import dp_accounting
 from dp_accounting.pld import privacy_loss_distribution as _pld
+from dp_accounting.pld import privacy_loss_mechanism as _mechanism
 from dp_accounting.rdp import rdp_privacy_accountant as _rdp
 
 from ..errors import InvalidParameterError
@@ -47,12 +48,14 @@ __all__ = [
     "ACCOUNTANTS",
     "SAMPLINGS",
     "EpsilonCurve",
+    "account",
     "calibrate_noise",
     "compute_epsilon",
     "default_delta",
     "dpsgd_event",
     "epsilon_curve",
     "epsilon_of_event",
+    "gaussian_epsilon",
     "make_accountant",
     "steps_per_epoch",
     "validate",
@@ -219,9 +222,45 @@ def make_accountant(
     return dp_accounting.rdp.RdpAccountant()
 
 
+def _gaussian_composition(event: dp_accounting.DpEvent) -> tuple[float, int] | None:
+    """``(σ, k)`` if ``event`` is ``k`` compositions of one Gaussian mechanism, else None."""
+    count = 1
+    if isinstance(event, dp_accounting.SelfComposedDpEvent):
+        event, count = event.event, event.count
+    if isinstance(event, dp_accounting.GaussianDpEvent) and event.noise_multiplier > 0:
+        return float(event.noise_multiplier), int(count)
+    return None
+
+
+def gaussian_epsilon(noise_multiplier: float, count: int, delta: float) -> float:
+    """Exact ε of ``count`` compositions of the Gaussian mechanism (sensitivity 1, std σ).
+
+    They compose to one Gaussian mechanism of std ``σ/√count``, whose δ(ε) dp_accounting gives in
+    closed form (Balle & Wang's analytic Gaussian); ε is found by bisection and rounded *up*.
+    """
+    loss = _mechanism.GaussianPrivacyLoss(noise_multiplier / math.sqrt(count), sensitivity=1.0)
+    if loss.get_delta_for_epsilon(0.0) <= delta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while loss.get_delta_for_epsilon(hi) > delta:
+        lo, hi = hi, 2.0 * hi
+    while hi - lo > 1e-9 * hi:
+        mid = 0.5 * (lo + hi)
+        if loss.get_delta_for_epsilon(mid) > delta:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 @functools.lru_cache(maxsize=256)
-def _epsilon_cached(event: dp_accounting.DpEvent, delta: float, accountant: str) -> float:
+def _account_cached(
+    event: dp_accounting.DpEvent, delta: float, accountant: str
+) -> tuple[float, str]:
     if accountant == "pld":
+        gaussian = _gaussian_composition(event)
+        if gaussian is not None:  # shuffling: exact, at any ε
+            return gaussian_epsilon(*gaussian, delta), "pld"
         # A PLD grid spans the privacy-loss range: at ε in the hundreds it needs GBs of memory.
         # The RDP bound (cheap, always ≥ the true ε) tells us beforehand.
         rdp = make_accountant("rdp")
@@ -234,23 +273,35 @@ def _epsilon_cached(event: dp_accounting.DpEvent, delta: float, accountant: str)
                     RuntimeWarning,
                     stacklevel=4,
                 )
-                return bound
+                return bound, "rdp"
     acct = make_accountant(accountant)
     if not acct.supports(event):
         raise InvalidParameterError(f"the {accountant} accountant cannot account for {event!r}")
-    return float(acct.compose(event).get_epsilon(delta))
+    return float(acct.compose(event).get_epsilon(delta)), accountant
 
 
-def epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str = "pld") -> float:
-    """ε of ``event`` at ``delta`` under ``accountant`` (``math.inf`` if the event has no noise)."""
+def _epsilon_cached(event: dp_accounting.DpEvent, delta: float, accountant: str) -> float:
+    return _account_cached(event, delta, accountant)[0]
+
+
+def account(
+    event: dp_accounting.DpEvent, delta: float, accountant: str = "pld"
+) -> tuple[float, str]:
+    """``(ε, the accountant that produced it)`` for ``event`` at ``delta``.
+
+    The second item differs from ``accountant`` only when PLD was asked for but the run is so far
+    from private (RDP ε > 100) that the RDP upper bound is reported instead.
+    """
     accountant = _check_choice("accountant", accountant, ACCOUNTANTS)
     delta = _check_float("delta", delta)
     if not 0 < delta < 1:
         raise InvalidParameterError(f"delta must be between 0 and 1 (exclusive), got {delta}")
-    try:
-        return _epsilon_cached(event, delta, accountant)
-    except TypeError:  # unhashable event (should not happen: DpEvents are frozen attrs)
-        return _epsilon_cached.__wrapped__(event, delta, accountant)
+    return _account_cached(event, delta, accountant)
+
+
+def epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str = "pld") -> float:
+    """ε of ``event`` at ``delta`` under ``accountant`` (see :func:`account`)."""
+    return account(event, delta, accountant)[0]
 
 
 class _CachingAccountant:
@@ -491,6 +542,9 @@ def epsilon_curve(
         curve.epsilon = [
             float(_rdp.compute_epsilon(orders, rdp_one * k, delta)[0]) for k in epoch_list
         ]
+        return curve
+    if sampling == "shuffle":  # one Gaussian release per epoch: exact at any ε
+        curve.epsilon = [gaussian_epsilon(sigma, k, delta) for k in epoch_list]
         return curve
     interval = value_discretization_interval or PLD_DISCRETIZATION
     whole_run = dpsgd_event(

@@ -17,16 +17,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from .clipping import FastClipper, RepeatedTokens, repeats
+from .clipping.selfcheck import EXAMPLES as SELF_CHECK_EXAMPLES
 from .noise import PATIENCE, GaussianNoise, lower_priority, ready_within
 
-__all__ = ["DPSGDEngine", "accuracy_fn"]
+__all__ = ["DPSGDEngine", "StepStats", "accuracy_fn"]
+
+
+class StepStats(NamedTuple):
+    """What one step reports back (sums over the batch; none of it leaves the notebook)."""
+
+    loss_sum: float
+    count: float
+    correct_sum: float
+    applied: bool  # False only if the noisy update itself was not finite
+    nonfinite: int  # examples dropped for a non-finite loss or gradient
 
 
 def accuracy_fn(loss: Any) -> Callable[[Any, Any], tf.Tensor] | None:
@@ -75,8 +86,7 @@ class DPSGDEngine:
     """DP-SGD training step for one model (see module docstring).
 
     Data are passed as whole-dataset tensors ``X``, ``Y`` (nested structures allowed for ``X``)
-    plus batch indices; ``step`` returns ``[loss_sum, count, correct_sum, applied]`` as a NumPy
-    array.
+    plus batch indices; ``step`` returns a :class:`StepStats`.
     """
 
     def __init__(
@@ -95,6 +105,11 @@ class DPSGDEngine:
     ) -> None:
         sample_x = tf.nest.map_structure(lambda t: t[:2], X)
         self.clipper = FastClipper(model, loss_fn, l2_norm_clip=l2_norm_clip, sample_x=sample_x)
+        if host_x is not None:
+            self._check_ids(host_x)
+        # The self-check (exact reference norms, no mixing of examples) before anything runs.
+        check_x = tf.nest.map_structure(lambda t: t[:SELF_CHECK_EXAMPLES], X)
+        self.clipper.verify(check_x, Y[:SELF_CHECK_EXAMPLES])
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.variables = self.clipper.variables
         self.noise_std = float(noise_multiplier) * float(l2_norm_clip)
@@ -129,6 +144,21 @@ class DPSGDEngine:
     @property
     def report(self) -> dict[str, str]:
         return dict(self.clipper.report)
+
+    def _check_ids(self, host_x: np.ndarray) -> None:
+        """Token ids out of an input-reading Embedding's range, found before any step runs."""
+        from ..errors import InvalidParameterError
+
+        for layer in self.clipper.host_embeddings:
+            if host_x.size == 0:
+                return
+            low, high = int(host_x.min()), int(host_x.max())
+            if high >= layer.input_dim or low < -layer.input_dim:
+                bad = high if high >= layer.input_dim else low
+                raise InvalidParameterError(
+                    f"x: token id {bad} is out of range for the Embedding {layer.name!r} of "
+                    f"{layer.input_dim} rows"
+                )
 
     @property
     def trace_count(self) -> int:
@@ -182,8 +212,13 @@ class DPSGDEngine:
             self.optimizer.apply(noisy, self.variables)
             return tf.constant(1.0)
 
-        applied = tf.cond(out.finite, apply, lambda: tf.constant(0.0))
-        return tf.stack([*self._stats(y, out.predictions, out.losses, weights), applied])
+        # Every example's contribution is finite and bounded (non-finite ones are dropped), so
+        # this decision is made on the noisy update alone: post-processing, covered by ε.
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in noisy])
+        applied = tf.cond(finite, apply, lambda: tf.constant(0.0))
+        kept = weights * tf.cast(out.kept, tf.float32)
+        stats = self._stats(y, out.predictions, out.losses, kept)
+        return tf.stack([*stats, applied, tf.cast(out.nonfinite, tf.float32)])
 
     def step(
         self,
@@ -192,7 +227,7 @@ class DPSGDEngine:
         idx: np.ndarray,
         denominator: float,
         upcoming: np.ndarray | None = None,
-    ) -> np.ndarray:
+    ) -> StepStats:
         """Run one DP-SGD step on rows ``idx``; an empty batch still adds (and applies) noise.
 
         ``upcoming``, the rows of the next step if known, lets the host-side work for it start
@@ -211,7 +246,8 @@ class DPSGDEngine:
         if self._concrete is None:
             self.trace()
         # The concrete function skips the signature matching of a tf.function call (~0.2 ms).
-        return self._concrete(*args).numpy()
+        out = self._concrete(*args).numpy()
+        return StepStats(float(out[0]), float(out[1]), float(out[2]), out[3] > 0.5, int(out[4]))
 
     def _host_inputs(self, idx: np.ndarray) -> list[RepeatedTokens]:
         ids = self._host_x[idx].astype(self._host_dtype, copy=False)

@@ -34,7 +34,6 @@ import numbers
 import os
 import socket
 import sqlite3
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -600,7 +599,8 @@ class Ledger:
 
         Check and insert happen in one ``BEGIN IMMEDIATE`` transaction. Raises
         :class:`BudgetExceededError` (saying what is left and what would fit) otherwise.
-        ``accountant`` defaults to the budget's own (PLD unless it was created with another).
+        The check always uses the budget's own accountant (``accountant``, if given, must be a
+        known name but does not change how the budget is counted).
         """
         name = _check_name(name)
         payload = event_to_json(event)
@@ -634,9 +634,9 @@ class Ledger:
 
     @staticmethod
     def _accountant(row: tuple, accountant: str | None) -> str:
-        if accountant is None:
-            return row[3]
-        return accounting._check_choice("accountant", accountant, accounting.ACCOUNTANTS)
+        if accountant is not None:
+            accounting._check_choice("accountant", accountant, accounting.ACCOUNTANTS)
+        return row[3]  # a budget is always counted under its own accountant
 
     def _refusal(
         self,
@@ -667,32 +667,37 @@ class Ledger:
             raise LedgerError(f"run {run_id} is already {row[0]}")
 
     def _settle(self, run_id: int, event: dp_accounting.DpEvent, *, reserved: Any) -> None:
+        """Record what a run spent. Anything other than the reserved event passes the same cap
+        check as a new reservation, in the same transaction; a run that would overspend stays
+        pending (charged as reserved) and :class:`BudgetExceededError` says so."""
         payload = event_to_json(event)
 
-        def tx(db: Any) -> None:
+        def tx(db: Any) -> dict[str, Any] | None:
             self._require_reserved(db, run_id)
+            name, booked = db.execute(
+                "SELECT budget, reserved_event FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()
+            if event != event_from_json(booked):
+                row, records = self._state(db, name)
+                others = [r.event for r in records if r.id != run_id]
+                after = _epsilon(others + [event], row[2], row[3])
+                if after > row[1]:
+                    return {"name": name, "cap": row[1], "after": after, "delta": row[2]}
             db.execute(
                 "UPDATE runs SET status = 'settled', event = ?, settled_at = ? WHERE id = ?",
                 (payload, _now(), run_id),
             )
+            return None
 
-        self._run(tx, write=True)
-        if event != reserved:
-            with contextlib.suppress(Exception):
-                b = self.budget(
-                    self._run(
-                        lambda db: db.execute(
-                            "SELECT budget FROM runs WHERE id = ?", (run_id,)
-                        ).fetchone()[0]
-                    )
-                )
-                if b.committed_epsilon > b.epsilon_cap:
-                    warnings.warn(
-                        f"run {run_id} spent more than it reserved: budget {b.name!r} is now "
-                        f"over its cap (ε={b.committed_epsilon:.4g} > {b.epsilon_cap:g})",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
+        refused = self._run(tx, write=True)
+        if refused is not None:
+            raise BudgetExceededError(
+                f"run {run_id} reports more than it reserved: settling it would bring budget "
+                f"{refused['name']!r} to ε={refused['after']:.4g} > cap {refused['cap']:g} "
+                f"(δ={refused['delta']:g}). Nothing was recorded; the run stays pending and is "
+                "charged as reserved. Settle it with what was reserved (%dp_ledger settle) after "
+                "checking what ran"
+            )
 
     def _cancel(self, run_id: int) -> None:
         def tx(db: Any) -> None:

@@ -28,6 +28,9 @@ from .reporting import LogReporter, TrainingCallback, _call, _default_reporter, 
 
 __all__ = ["dp_fit", "DPFitResult", "TrainingPlan", "TrainingCallback", "LogReporter"]
 
+#: What the card says when training-set metrics are kept (they are computed without noise).
+TRAINING_METRICS_NOTE = "included — training-set loss/accuracy are NOT covered by ε"
+
 
 @dataclass
 class TrainingPlan:
@@ -75,15 +78,24 @@ class DPFitResult:
     reservation_id: Any = None
     seconds: float = 0.0
     trace_count: int = 0
+    training_metrics: bool = False  # history holds training-set metrics (not covered by ε)
+    self_check_seconds: float = 0.0
 
     def summary(self) -> dict[str, Any]:
+        """The privacy card: what the ε covers (this is what saved files carry)."""
         return {
             "epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
             "l2_norm_clip": self.l2_norm_clip, "sampling": self.sampling, "steps": self.steps,
             "epochs_completed": self.epochs_completed, "accountant": self.accountant,
             "batch_size": self.batch_size, "n": self.n, "interrupted": self.interrupted,
-            "ledger": self.ledger_name,
+            "ledger": self.ledger_name, "clipping_verified": self.verified,
+            "training_metrics": TRAINING_METRICS_NOTE if self.training_metrics else "not included",
         }  # fmt: skip
+
+    @property
+    def verified(self) -> bool:
+        """Every layer's clipping path passed the engine's self-check."""
+        return bool(self.clipping) and all("verified" in v for v in self.clipping.values())
 
     def __repr__(self) -> str:
         stop = ", interrupted" if self.interrupted else ""
@@ -106,9 +118,13 @@ class DPFitResult:
             rows.append(("target ε", _fmt(self.target_epsilon)))
         if self.ledger_name:
             rows.append(("ledger", self.ledger_name))
+        rows.append(
+            ("clipping", "verified by the self-check" if self.verified else "see .clipping")
+        )
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             if self.history.get(key):
-                rows.append((key, f"{self.history[key][-1]:.4f}"))
+                label = f"{key} (not private)" if key in ("loss", "accuracy") else key
+                rows.append((label, f"{self.history[key][-1]:.4f}"))
         body = "".join(
             f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
             f"<td style='text-align:left'>{html.escape(v)}</td></tr>"
@@ -178,6 +194,7 @@ def dp_fit(
     verbose: int = 1,
     loss: Any = None,
     callbacks: Sequence[Any] | None = None,
+    include_training_metrics: bool = False,
 ) -> DPFitResult:
     """Train ``model`` on ``(x, y)`` with DP-SGD; return a :class:`DPFitResult`.
 
@@ -187,6 +204,9 @@ def dp_fit(
     and records the actual spend afterwards (refused up front if it would overspend). Ctrl-C stops
     cleanly: the model keeps its weights and the result (and ledger) record the steps run.
     ``seed`` makes sampling and noise reproducible (tests only: real runs use OS entropy).
+    ``history`` holds ε and validation metrics; the training-set loss/accuracy (computed from the
+    private data without noise, so not covered by ε) are shown live to ``callbacks`` and kept in
+    the result only with ``include_training_metrics=True`` — the card then says so.
 
     >>> run = dp_fit(model, x_train, y_train, epochs=10, batch_size=256,
     ...              target_epsilon=3.0, delta=1e-5)                       # doctest: +SKIP
@@ -317,27 +337,34 @@ def dp_fit(
         _call(cbs, "on_train_begin", plan)
         for epoch in range(1, int(epochs) + 1):
             t0 = time.perf_counter()
-            totals = np.zeros(3)
+            totals, dropped = np.zeros(3), 0
             batches = sampler.epoch()
             upcoming = next(batches, None)
             while upcoming is not None:  # one batch ahead, so its host-side work can start early
                 idx, upcoming = upcoming, next(batches, None)
                 out = eng.step(X, Y, idx, sampler.denominator(idx), upcoming)
-                if out[3] < 0.5:
+                if not out.applied:
+                    # Decided on the noisy update (post-processing of a DP release), never on a
+                    # single record: a record with a non-finite gradient is dropped from its step.
                     raise TrainingError(
-                        f"non-finite loss or gradient at step {applied_steps() + 1} (epoch {epoch}); "
-                        "training stopped and the weights from before that step were kept. Lower "
-                        "the learning rate, check the data for NaN/inf, or use a numerically "
-                        "stable loss (from_logits=True)"
+                        f"the noisy update at step {applied_steps() + 1} (epoch {epoch}) is not "
+                        "finite: the weights or the optimizer diverged. Training stopped and the "
+                        "weights from before that step were kept. Lower the learning rate"
                     )
-                totals += out[:3]
+                totals += (out.loss_sum, out.count, out.correct_sum)
+                dropped += out.nonfinite
             epochs_done = epoch
-            logs = {"loss": totals[0] / max(totals[1], 1)}
+            train_logs = {"loss": totals[0] / max(totals[1], 1)}
             if eng.accuracy is not None:
-                logs["accuracy"] = totals[2] / max(totals[1], 1)
+                train_logs["accuracy"] = totals[2] / max(totals[1], 1)
+            logs = dict(train_logs)
             if val is not None:
                 logs.update({f"val_{k}": v for k, v in eng.evaluate(*val).items()})
             for key, value in logs.items():
+                # Training-set metrics are computed from the private data without noise: they
+                # stay out of the result (and so out of saved files) unless asked for.
+                if key in train_logs and not include_training_metrics:
+                    continue
                 history.setdefault(key, []).append(float(value))
             eps_now = planned.epsilon[epoch - 1] if applied_steps() == epoch * spe else (
                 accounting.epsilon_of_event(event(applied_steps()), delta, accountant)
@@ -346,6 +373,7 @@ def dp_fit(
             _call(cbs, "on_epoch_end", epoch, {
                 **logs, "epsilon": eps_now, "delta": delta, "epochs": int(epochs),
                 "steps": applied_steps(), "seconds": time.perf_counter() - t0,
+                "nonfinite_examples": dropped,
             })  # fmt: skip
     except KeyboardInterrupt:
         interrupted = True
@@ -356,7 +384,9 @@ def dp_fit(
         eng.close()
     steps = applied_steps()
     finish_ledger(steps)
-    eps = 0.0 if steps == 0 else accounting.epsilon_of_event(event(steps), delta, accountant)
+    eps, used = 0.0, accountant
+    if steps:  # the accountant that produced the number (RDP if PLD was out of reach)
+        eps, used = accounting.account(event(steps), delta, accountant)
     curve = accounting.EpsilonCurve(
         epochs=planned.epochs[:epochs_done], epsilon=planned.epsilon[:epochs_done],
         steps=planned.steps[:epochs_done], delta=delta, accountant=accountant, sampling=sampling,
@@ -366,11 +396,13 @@ def dp_fit(
         model=model, history=history, epsilon=float(eps), epsilon_curve=curve,
         noise_multiplier=sigma, delta=delta, steps=steps, clipping=eng.report,
         l2_norm_clip=float(l2_norm_clip), batch_size=int(batch_size), n=n, sampling=sampling,
-        accountant=accountant, epochs_completed=epochs_done, planned_curve=planned,
+        accountant=used, epochs_completed=epochs_done, planned_curve=planned,
         target_epsilon=None if target_epsilon is None else float(target_epsilon),
         interrupted=interrupted, ledger_name=ledger_name,
         reservation_id=getattr(reservation, "id", None),
         seconds=time.perf_counter() - started, trace_count=eng.trace_count,
+        training_metrics=include_training_metrics,
+        self_check_seconds=eng.clipper.self_check_seconds or 0.0,
     )  # fmt: skip
     _call(cbs, "on_train_end", result)
     return result

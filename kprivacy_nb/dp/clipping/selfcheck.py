@@ -1,0 +1,186 @@
+"""The engine checks itself before training: the ε it prints depends on two facts about the model.
+
+1. **No layer mixes examples.** In training mode (dropout and the like included: their random
+   state is put back between runs), changing one example must change no other example's output or
+   loss. A model that mixes examples (BatchNormalization, a layer subtracting the batch mean…) has
+   no per-example gradient, so clipping cannot bound one example's influence: it is refused.
+2. **Every clipping path is exact.** On the same real examples, each layer's per-example squared
+   gradient norm from its fast path (or from the vectorised fallback) is compared with an exact
+   reference — one ``GradientTape`` per example, the textbook definition. A fast layer that is off
+   by more than :data:`TOLERANCE` moves to the fallback; a vectorised fallback that is off is
+   replaced by the one-example-at-a-time form; if that is still off, the model is refused.
+
+This costs a few forward/backward passes on :data:`EXAMPLES` examples; ``run.clipping`` reports
+each layer as "verified" and the trainer reports the time taken.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from ...errors import InvalidParameterError, TrainingError
+
+__all__ = ["EXAMPLES", "TOLERANCE", "verify"]
+
+#: How many real examples the self-check uses.
+EXAMPLES = 8
+#: Largest relative error between a fast per-example norm² and the exact one.
+TOLERANCE = 1e-3
+
+
+def _rows(data: Any, rows: Any) -> Any:
+    return tf.nest.map_structure(lambda t: tf.gather(t, rows), data)
+
+
+def _perturbed(x: Any, row: int) -> Any:
+    """``x`` with example ``row`` changed in every input: floats moved by a large amount,
+    integer ids shifted to another id present in the batch."""
+    rng = np.random.default_rng(row)
+
+    def change(t: Any) -> Any:
+        a = np.array(t)
+        if a.dtype.kind == "f":
+            a[row] = a[row] + (1.0 + np.abs(a[row])) * rng.standard_normal(a[row].shape)
+        elif a.dtype.kind in "iu":
+            low, high = a.min(), a.max()
+            a[row] = np.where(a[row] < high, a[row] + 1, low)
+        elif a.dtype.kind == "b":
+            a[row] = ~a[row]
+        return tf.constant(a)
+
+    return tf.nest.map_structure(change, x)
+
+
+def _outputs(clipper: Any, x: Any, y: Any, state: list[np.ndarray]) -> list[np.ndarray]:
+    """Per-example outputs and losses in training mode, from the same random state."""
+    model = clipper.model
+    for var, value in zip(model.non_trainable_variables, state, strict=True):
+        var.assign(value)
+    preds = model(x, training=True)
+    losses = clipper.loss_fn(y, preds)
+    return [np.asarray(t, np.float64) for t in [*tf.nest.flatten(preds), losses]]
+
+
+def _check_mixing(clipper: Any, x: Any, y: Any, batch: int) -> None:
+    model = clipper.model
+    state = [np.array(v.numpy()) for v in model.non_trainable_variables]
+    try:
+        base = _outputs(clipper, x, y, state)
+        again = _outputs(clipper, x, y, state)
+        if not all(np.array_equal(a, b, equal_nan=True) for a, b in zip(base, again, strict=True)):
+            raise TrainingError(
+                "the model gives different outputs for the same batch in training mode even with "
+                "its random state restored (randomness outside keras.random?): the self-check "
+                "cannot verify that it treats examples independently, so it is refused"
+            )
+        for row in sorted({0, batch // 2, batch - 1}):
+            changed = _outputs(clipper, _perturbed(x, row), y, state)
+            others = np.arange(batch) != row
+            for a, b in zip(base, changed, strict=True):
+                a, b = a[others], b[others]
+                scale = np.maximum(np.abs(a), 1.0)
+                with np.errstate(invalid="ignore"):
+                    same = (a == b) | (np.abs(a - b) <= 1e-5 * scale) | (np.isnan(a) & np.isnan(b))
+                if not np.all(same):
+                    raise TrainingError(
+                        "the model mixes the examples of a batch: in training mode, changing one "
+                        "example changed other examples' outputs. Per-example gradients (and so "
+                        "DP-SGD's guarantee) do not exist for such a model. Remove layers that "
+                        "use batch statistics (BatchNormalization, batch-mean subtraction, "
+                        "custom layers reducing over axis 0)"
+                    )
+    finally:
+        for var, value in zip(model.non_trainable_variables, state, strict=True):
+            var.assign(value)
+
+
+def _reference(clipper: Any, x: Any, y: Any, batch: int) -> dict[str, np.ndarray]:
+    """Exact per-example squared norms per reporting name: one tape per example."""
+    out: dict[str, np.ndarray] = {}
+    for i in range(batch):
+        xi, yi = _rows(x, [i]), _rows(y, [i])
+        with tf.GradientTape() as tape:
+            preds = clipper.model(xi, training=False)
+            loss = tf.reduce_sum(tf.cast(clipper.loss_fn(yi, preds), tf.float32))
+        grads = tape.gradient(
+            loss, clipper.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        for v, g in zip(clipper.variables, grads, strict=True):
+            name = clipper._owner.get(id(v), clipper.model.name)
+            value = float(np.sum(np.square(np.asarray(tf.convert_to_tensor(g), np.float64))))
+            out.setdefault(name, np.zeros(batch))[i] += value
+    return out
+
+
+def _fast(clipper: Any, x: Any, y: Any, batch: int) -> dict[str, tuple[np.ndarray, str]]:
+    parts = clipper.parts(x, y, tf.ones([batch]), training=False)
+    out: dict[str, tuple[np.ndarray, str]] = {}
+    for part in parts.layers:
+        sq = np.asarray(part.sq, np.float64)
+        if part.layer in out:
+            sq = sq + out[part.layer][0]
+        out[part.layer] = (sq, part.method)
+    return out
+
+
+def _errors(clipper: Any, x: Any, y: Any, batch: int) -> dict[str, tuple[float, str]]:
+    """Relative error of every layer's fast norm² against the reference."""
+    ref = _reference(clipper, x, y, batch)
+    fast = _fast(clipper, x, y, batch)
+    total = sum(ref.values())
+    floor = 1e-6 * float(np.max(total)) + 1e-30
+    errors = {}
+    for name in set(ref) | set(fast):
+        r = ref.get(name, np.zeros(batch))
+        f, method = fast.get(name, (np.zeros(batch), "missing"))
+        finite = np.isfinite(r) & np.isfinite(f)
+        if not np.any(finite):
+            continue
+        err = np.abs(f - r)[finite] / (r[finite] + floor)
+        errors[name] = (float(np.max(err)), method)
+    return errors
+
+
+def verify(clipper: Any, x: Any, y: Any) -> None:
+    """Check ``clipper``'s model and every clipping path on ``x, y`` (a few real examples).
+
+    Adjusts ``clipper`` (slow exact paths where a fast one failed) and fills
+    ``clipper.verified``; raises :class:`TrainingError` when the guarantee cannot be verified.
+    """
+    batch = int(tf.nest.flatten(x)[0].shape[0])
+    if batch < 2:
+        raise TrainingError("the self-check needs at least 2 training examples")
+    x = tf.nest.map_structure(tf.convert_to_tensor, x)
+    y = tf.nest.map_structure(tf.convert_to_tensor, y)
+    try:
+        _check_mixing(clipper, x, y, batch)
+    except (tf.errors.OpError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidParameterError(
+            f"the model failed on the first training examples: {first}"
+        ) from None
+    for _ in range(len(clipper.methods) + 2):
+        errors = _errors(clipper, x, y, batch)
+        bad = {name: e for name, e in errors.items() if e[0] > TOLERANCE}
+        if not bad:
+            clipper.verified = {name: e[0] for name, e in errors.items()}
+            return
+        fast_bad = [name for name, (_, m) in bad.items() if "fallback" not in m]
+        if fast_bad:
+            for name in fast_bad:
+                clipper.demote(
+                    name, f"fast path failed the self-check (rel. err {bad[name][0]:.2g})"
+                )
+        elif not clipper.exact_fallback:
+            clipper.use_exact_fallback()
+        else:
+            names = ", ".join(f"{n!r} (rel. err {e:.2g})" for n, (e, _) in sorted(bad.items()))
+            raise TrainingError(
+                f"the per-example gradient norms of {names} could not be verified against an "
+                "exact reference, so clipping could not be guaranteed: the model is refused. "
+                "Please report the model architecture as a bug"
+            )
+    raise TrainingError("the self-check did not converge; please report the model as a bug")

@@ -1,0 +1,359 @@
+"""Attacks on the DP guarantee, each built from a case that once broke it.
+
+The attacker's yardstick: with σ = 0, the change of one step's update when one example is added
+must be at most C (the definition of sensitivity DP-SGD's ε rests on); and each example's clipped
+contribution must equal the naive definition (one GradientTape per example).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kprivacy_nb import dp_fit  # noqa: E402
+from kprivacy_nb.dp import accounting  # noqa: E402
+from kprivacy_nb.dp.clipping import EXACT_FALLBACK, FastClipper, per_example_loss_fn  # noqa: E402
+from kprivacy_nb.dp.engine import DPSGDEngine  # noqa: E402
+from kprivacy_nb.dp.ledger import Ledger  # noqa: E402
+from kprivacy_nb.errors import BudgetExceededError, LedgerError, TrainingError  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:noise_multiplier=0"),
+    pytest.mark.filterwarnings("ignore:ε is huge"),
+]
+
+k = keras.layers
+
+
+def _engine(model, x, y, clip, loss="mse"):
+    model.compile(loss=loss)
+    return DPSGDEngine(
+        model, per_example_loss_fn(loss), keras.optimizers.SGD(1.0), l2_norm_clip=clip,
+        noise_multiplier=0.0, X=tf.constant(x), Y=tf.constant(y),
+    )  # fmt: skip
+
+
+def _update(engine, x, y, rows):
+    """One σ = 0 step of SGD(1) with denominator 1 on ``rows``: the clipped sum itself."""
+    before = [v.numpy().astype(np.float64) for v in engine.variables]
+    engine.step(tf.constant(x), tf.constant(y), np.asarray(rows, np.int32), 1.0)
+    after = [v.numpy().astype(np.float64) for v in engine.variables]
+    for v, b in zip(engine.variables, before, strict=True):
+        v.assign(b.astype(np.float32))
+    return np.concatenate([(b - a).ravel() for b, a in zip(before, after, strict=True)])
+
+
+def _sensitivity(engine, x, y, victim):
+    """‖update(all rows) − update(all rows but ``victim``)‖."""
+    everyone = np.arange(len(x))
+    without = everyone[everyone != victim]
+    return float(np.linalg.norm(_update(engine, x, y, everyone) - _update(engine, x, y, without)))
+
+
+def _naive_norms(model, loss, x, y):
+    fn = per_example_loss_fn(loss)
+    out = []
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            value = tf.reduce_sum(fn(y[i : i + 1], model(x[i : i + 1], training=False)))
+        grads = tape.gradient(value, model.trainable_variables)
+        out.append(
+            np.sqrt(
+                sum(
+                    np.sum(np.square(tf.convert_to_tensor(g).numpy(), dtype=np.float64))
+                    for g in grads
+                )
+            )
+        )
+    return np.array(out)
+
+
+# --------------------------------------------------------------------------- 1. grouped convs
+
+
+@pytest.mark.parametrize("conv", ["conv2d", "conv1d"])
+def test_grouped_convolution_is_clipped_to_c(conv):
+    rng = np.random.default_rng(0)
+    if conv == "conv2d":
+        layers = [
+            k.Conv2D(6, 3, groups=3, padding="same"),
+            k.Conv2D(6, 2, groups=2),
+            k.Flatten(),
+            k.Dense(2),
+        ]
+        x = rng.normal(size=(8, 6, 6, 3)).astype("float32")
+    else:
+        layers = [k.Conv1D(4, 3, groups=2), k.Flatten(), k.Dense(2)]
+        x = rng.normal(size=(8, 7, 4)).astype("float32")
+    y = rng.normal(size=(8, 2)).astype("float32")
+    model = keras.Sequential([keras.Input(x.shape[1:]), *layers])
+    clip = 1e-3
+    engine = _engine(model, x, y, clip)
+    assert "groups" in " ".join(engine.report.values())
+    for victim in range(3):
+        assert _sensitivity(engine, x, y, victim) <= clip * (1 + 1e-4)
+    clipper = FastClipper(model, per_example_loss_fn("mse"), l2_norm_clip=clip, sample_x=x[:2])
+    parts = clipper.parts(tf.constant(x), tf.constant(y), tf.ones([8]), training=False)
+    fast = np.sqrt(sum(np.asarray(p.sq, np.float64) for p in parts.layers))
+    np.testing.assert_allclose(fast, _naive_norms(model, "mse", x, y), rtol=1e-4)
+
+
+class OpaqueConv(keras.layers.Conv2D):
+    """A grouped convolution with its own call(): no fast path, so it takes the fallback."""
+
+    def call(self, inputs):
+        return super().call(inputs)
+
+
+def test_fallback_is_verified_and_made_exact_when_the_vectorised_jacobian_is_wrong():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 5, 5, 4)).astype("float32")
+    y = rng.normal(size=(8, 2)).astype("float32")
+    model = keras.Sequential(
+        [keras.Input((5, 5, 4)), OpaqueConv(4, 3, groups=2), k.Flatten(), k.Dense(2)]
+    )
+    clip = 1e-3
+    engine = _engine(model, x, y, clip)
+    path = engine.report[model.layers[0].name]
+    assert "fallback" in path and "verified" in path
+    for victim in range(3):
+        assert _sensitivity(engine, x, y, victim) <= clip * (1 + 1e-4)
+    # TensorFlow's pfor jacobian is wrong for grouped convolutions: the self-check noticed.
+    assert EXACT_FALLBACK in path
+
+
+# --------------------------------------------------------------------------- 2. cancellation
+
+
+def test_large_nearly_constant_sequence_input_is_still_clipped():
+    # Inputs ~1e4, almost the same at every position; the next layer reads positions with
+    # alternating signs, so the ghost norm's terms nearly cancel. In float32 the norm came out
+    # ≤ 0 and the record went unclipped (update norm in the hundreds with C = 1).
+    rng = np.random.default_rng(2)
+    steps, width = 8, 48
+    x = rng.normal(size=(6, steps, width)).astype("float32")
+    x[0] = 1e4 + rng.normal(size=(steps, width)).astype("float32") * 1e-2
+    y = rng.normal(size=(6, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((steps, width)), k.Dense(width), k.Flatten(), k.Dense(1)])
+    head = model.layers[-1].kernel.numpy()
+    signs = np.where(np.arange(steps) % 2 == 0, 1.0, -1.0).repeat(width)[:, None]
+    model.layers[-1].kernel.assign((np.abs(head) * signs * 10).astype("float32"))
+    clip = 1.0
+    engine = _engine(model, x, y, clip)
+    assert "ghost norm (8 positions" in engine.report[model.layers[0].name]
+    assert _sensitivity(engine, x, y, 0) <= clip * (1 + 1e-4)
+
+
+# --------------------------------------------------------------------------- 3. mixing
+
+
+def test_a_layer_that_mixes_examples_is_refused():
+    x = np.random.default_rng(3).normal(size=(16, 4)).astype("float32")
+    y = np.zeros((16, 1), "float32")
+    centred = keras.Sequential(
+        [
+            keras.Input((4,)),
+            k.Dense(4),
+            k.Lambda(lambda t: t - keras.ops.mean(t, axis=0)),
+            k.Dense(1),
+        ]
+    )
+    with pytest.raises(TrainingError, match="mixes the examples"):
+        dp_fit(centred, x, y, epochs=1, batch_size=8, noise_multiplier=1.0, delta=1e-3, loss="mse",
+               verbose=0)  # fmt: skip
+
+
+class TrainingOnlyMix(keras.layers.Layer):
+    """Mixes examples only in training mode (as BatchNormalization does)."""
+
+    def call(self, x, training=False):
+        return x - keras.ops.mean(x, axis=0) if training else x
+
+
+def test_mixing_only_in_training_mode_is_refused_and_dropout_is_not():
+    x = np.random.default_rng(4).normal(size=(16, 4)).astype("float32")
+    y = np.zeros((16, 1), "float32")
+    sneaky = keras.Sequential([keras.Input((4,)), k.Dense(4), TrainingOnlyMix(), k.Dense(1)])
+    with pytest.raises(TrainingError, match="mixes the examples"):
+        dp_fit(sneaky, x, y, epochs=1, batch_size=8, noise_multiplier=1.0, delta=1e-3, loss="mse",
+               verbose=0)  # fmt: skip
+    fine = keras.Sequential(
+        [keras.Input((4,)), k.Dense(8), k.Dropout(0.5), k.GaussianNoise(0.1), k.Dense(1)]
+    )
+    run = dp_fit(fine, x, y, epochs=1, batch_size=8, noise_multiplier=1.0, delta=1e-3, loss="mse",
+                 verbose=0)  # fmt: skip
+    assert run.verified
+
+
+# --------------------------------------------------------------------------- 4. metrics
+
+
+def test_training_metrics_stay_in_the_notebook_unless_asked(tmp_path):
+    from kprivacy_nb import secure_load, secure_save
+    from kprivacy_nb.crypto.keys import generate_identity
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = rng.integers(0, 2, 64)
+    model = keras.Sequential([keras.Input((4,)), k.Dense(2)])
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    live = []
+
+    class Live:
+        def on_epoch_end(self, epoch, logs):
+            live.append(logs)
+
+    run = dp_fit(model, x, y, epochs=1, batch_size=16, noise_multiplier=1.0, delta=1e-3, verbose=0,
+                 validation_data=(x[:8], y[:8]), callbacks=[Live()])  # fmt: skip
+    assert "loss" in live[0]  # the live monitor still sees it
+    assert set(run.history) == {"epsilon", "val_loss", "val_accuracy"}
+    identity = generate_identity(output=tmp_path / "me.key")
+    path = tmp_path / "run.age"
+    secure_save(run, path, recipients=[identity.public])
+    loaded = secure_load(path, identities=[identity.path])
+    assert "loss" not in loaded.history and "accuracy" not in loaded.history
+    assert loaded.privacy_card["training_metrics"] == "not included"
+
+
+# --------------------------------------------------------------------------- 6. ledger
+
+
+def test_reservation_is_checked_under_the_budgets_accountant(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    ledger.create("rdp-budget", epsilon=5.0, delta=1e-5, accountant="rdp")
+    event = accounting.dpsgd_event(n=1000, batch_size=100, noise_multiplier=0.9, steps=20)
+    eps_pld = accounting.epsilon_of_event(event, 1e-5, "pld")
+    eps_rdp = accounting.epsilon_of_event(event, 1e-5, "rdp")
+    assert eps_pld <= 5.0 < eps_rdp  # fits under PLD, not under the budget's RDP
+    with pytest.raises(BudgetExceededError):
+        ledger.reserve("rdp-budget", event, accountant="pld")
+    assert ledger.budget("rdp-budget").committed_epsilon == 0
+
+
+def test_settle_never_records_more_than_reserved_past_the_cap(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    ledger.create("b", epsilon=2.0, delta=1e-5)
+
+    def event(steps):
+        return accounting.dpsgd_event(n=1000, batch_size=100, noise_multiplier=2.0, steps=steps)
+
+    reservation = ledger.reserve("b", event(10))
+    with pytest.raises(BudgetExceededError):
+        reservation.settle(event(5000))
+    budget = ledger.budget("b")
+    assert budget.committed_epsilon <= budget.epsilon_cap
+    reservation.settle(event(10))  # still pending, settles as reserved
+    with pytest.raises(LedgerError):
+        reservation.settle(event(10))
+    more = ledger.reserve("b", event(10))
+    more.settle(event(20))  # more than reserved but within the cap: fine
+    assert ledger.budget("b").committed_epsilon <= 2.0
+
+
+# --------------------------------------------------------------------------- 7. labels
+
+
+def test_shuffle_pld_is_exact_at_large_epsilon_and_labelled():
+    # TF Privacy's PLD statement for this run: ε = 169.08. The RDP bound is 175.3.
+    eps = accounting.compute_epsilon(100_000, 1000, 100, 0.7, 1e-6, sampling="shuffle")
+    assert eps == pytest.approx(169.08, abs=0.05)
+    event = accounting.dpsgd_event(n=100_000, batch_size=1000, noise_multiplier=0.7,
+                                   steps=100 * 100, sampling="shuffle")  # fmt: skip
+    assert accounting.account(event, 1e-6, "pld") == (pytest.approx(eps), "pld")
+    curve = accounting.epsilon_curve(100_000, 1000, 100, 0.7, 1e-6, sampling="shuffle")
+    assert curve.accountant == "pld" and curve.epsilon[-1] == pytest.approx(eps)
+
+
+def test_a_fallback_to_rdp_is_named_in_the_result():
+    x = np.random.default_rng(6).normal(size=(40, 3)).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), k.Dense(1)])
+    with pytest.warns(RuntimeWarning, match="RDP upper bound"):
+        run = dp_fit(model, x, np.zeros((40, 1), "float32"), epochs=20, batch_size=20,
+                     noise_multiplier=0.1, delta=1e-5, loss="mse", verbose=0)  # fmt: skip
+    assert run.accountant == "rdp" and run.epsilon > accounting.PLD_MAX_EPSILON
+
+
+# --------------------------------------------------------------------------- property test
+
+
+def _layer_stack(draw):
+    family = draw(st.sampled_from(["dense2d", "dense3d", "embedding", "conv1d", "conv2d"]))
+    if family == "dense2d":
+        layers = [
+            k.Dense(draw(st.integers(1, 6)), activation="tanh"),
+            k.LayerNormalization(),
+            k.Dense(2),
+        ]
+        return layers, (5,), "float"
+    if family == "dense3d":
+        units = draw(st.integers(1, 40))
+        return (
+            [k.Dense(units), k.LayerNormalization(), k.GlobalAveragePooling1D(), k.Dense(2)],
+            (draw(st.integers(1, 6)), 5),
+            "float",
+        )
+    if family == "embedding":
+        return (
+            [k.Embedding(draw(st.integers(2, 9)), 3), k.Flatten(), k.Dense(2)],
+            (draw(st.integers(1, 6)),),
+            "int",
+        )
+    groups = draw(st.sampled_from([1, 2]))
+    common = dict(
+        strides=draw(st.integers(1, 2)),
+        padding=draw(st.sampled_from(["valid", "same"])),
+        groups=groups,
+    )
+    if family == "conv1d":
+        conv = k.Conv1D(
+            2 * draw(st.integers(1, 3)), draw(st.integers(1, 3)), dilation_rate=1, **common
+        )
+        return [conv, k.Flatten(), k.Dense(2)], (7, 4), "float"
+    conv = k.Conv2D(2 * draw(st.integers(1, 3)), draw(st.integers(1, 3)), **common)
+    norm = k.GroupNormalization(groups=2) if draw(st.booleans()) else k.LayerNormalization()
+    return [conv, norm, k.Flatten(), k.Dense(2)], (6, 6, 4), "float"
+
+
+@st.composite
+def _models(draw):
+    layers, shape, kind = _layer_stack(draw)
+    nested = draw(st.booleans())
+    if nested:  # the same stack inside a functional model inside a Sequential
+        inner_in = keras.Input(shape, dtype="int32" if kind == "int" else "float32")
+        out = inner_in
+        for layer in layers[:-1]:
+            out = layer(out)
+        layers = [keras.Model(inner_in, out), layers[-1]]
+    seed = draw(st.integers(0, 2**16))
+    return layers, shape, kind, seed
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_models())
+def test_fast_norms_equal_per_example_tapes_on_random_models(spec):
+    layers, shape, kind, seed = spec
+    rng = np.random.default_rng(seed)
+    if kind == "int":
+        x = rng.integers(0, 2, size=(6, *shape)).astype("int32")
+    else:
+        x = rng.normal(size=(6, *shape)).astype("float32") * rng.choice([0.1, 1.0, 100.0])
+    y = rng.normal(size=(6, 2)).astype("float32")
+    model = keras.Sequential(
+        [keras.Input(shape, dtype="int32" if kind == "int" else "float32"), *layers]
+    )
+    clip = 1e-2
+    engine = _engine(model, x, y, clip)
+    assert all("verified" in v for v in engine.report.values())
+    clipper = engine.clipper
+    parts = clipper.parts(tf.constant(x), tf.constant(y), tf.ones([6]), training=False)
+    fast = np.sqrt(sum(np.asarray(p.sq, np.float64) for p in parts.layers))
+    np.testing.assert_allclose(fast, _naive_norms(model, "mse", x, y), rtol=2e-3, atol=1e-6)
+    assert _sensitivity(engine, x, y, int(rng.integers(0, 6))) <= clip * (1 + 1e-4)
