@@ -2,7 +2,8 @@
 
 The home directory is ``$KPRIVACY_NB_HOME`` if set, else ``$XDG_CONFIG_HOME/kprivacy_nb``
 (``~/.config/kprivacy_nb``). Every file the package writes goes through :func:`atomic_write`:
-a temp file in the target folder, created 0600, fsynced, then renamed over the target.
+an unnamed (Linux ``O_TMPFILE``) or hidden temp file in the target folder, created 0600,
+fsynced, then put in place in one step.
 """
 
 from __future__ import annotations
@@ -46,21 +47,87 @@ def check_target(path: str | os.PathLike, *, force: bool = False) -> Path:
     return target
 
 
+def _open_unnamed(folder: Path, mode: int) -> int | None:
+    """An unnamed file in ``folder`` (Linux ``O_TMPFILE``), or ``None`` where unsupported."""
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None or not Path("/proc/self/fd").is_dir():
+        return None
+    try:
+        return os.open(folder, flag | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError:  # filesystem without O_TMPFILE support (EOPNOTSUPP, EISDIR on old kernels)
+        return None
+
+
+def _link_unnamed(fd: int, target: Path, folder: Path, *, force: bool) -> None:
+    """Give the unnamed file ``fd`` the name ``target`` (only now does it appear on disk)."""
+    proc = os.open("/proc/self/fd", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        # An explicit src_dir_fd makes os.link call linkat(..., AT_SYMLINK_FOLLOW), which links
+        # the file behind the /proc magic link (plain link() would link the link itself).
+        if not force:
+            try:
+                os.link(str(fd), target, src_dir_fd=proc, follow_symlinks=True)
+            except FileExistsError:
+                raise FileExistsRefusedError(
+                    f"{target} appeared while writing; pass --force to overwrite"
+                ) from None
+            return
+        for _ in range(100):
+            tmp = folder / f".{target.name}.{os.urandom(6).hex()}.tmp"
+            try:
+                os.link(str(fd), tmp, src_dir_fd=proc, follow_symlinks=True)
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover - 100 random collisions
+            raise OutputPathError(f"cannot create a temporary name in {folder}")
+    finally:
+        os.close(proc)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
 @contextlib.contextmanager
 def atomic_write(
     path: str | os.PathLike, *, force: bool = False, mode: int = 0o600
 ) -> Iterator[BinaryIO]:
     """Open a binary temp file next to ``path``; on success it atomically replaces ``path``.
 
-    The temp file is created with ``mode`` (0600 by default) from the start, so its content is
-    never readable by others. On any exception the temp file is removed and ``path`` is untouched.
-    Without ``force`` an existing ``path`` is refused (checked before and again before renaming).
+    On Linux the temp file is *unnamed* (``O_TMPFILE``) and linked into place only once it is
+    complete, so a process killed mid-write (even by SIGKILL) leaves nothing behind. Elsewhere
+    it is a hidden temp file, removed on any exception. Either way it is created with ``mode``
+    (0600 by default), so its content is never readable by others, and on failure ``path`` is
+    untouched. Without ``force`` an existing ``path`` is refused (checked before and again when
+    the file is put in place).
 
     >>> with atomic_write("out.bin") as f:  # doctest: +SKIP
     ...     f.write(b"data")
     """
     target = check_target(path, force=force)
     folder = target.parent if str(target.parent) else Path(".")
+    fd = _open_unnamed(folder, mode)
+    if fd is not None:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+            _link_unnamed(f.fileno(), target, folder, force=force)
+        _fsync_folder(folder)
+        return
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     try:
         os.fchmod(fd, mode)
@@ -73,12 +140,7 @@ def atomic_write(
                 f"{target} appeared while writing; pass --force to overwrite"
             )
         os.replace(tmp, target)
-        with contextlib.suppress(OSError):
-            dfd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+        _fsync_folder(folder)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

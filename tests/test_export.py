@@ -104,16 +104,24 @@ def test_existing_file_is_kept_without_force(tmp_path, alice):
     assert out.read_bytes() != b"old"
 
 
-def test_bad_targets_and_no_recipients(tmp_path, alice):
+def test_bad_targets_and_no_recipients(tmp_path, alice, monkeypatch):
     with pytest.raises(InvalidParameterError, match="recipients|passphrase"):
         export_bundle({"a": np.arange(3)}, tmp_path / "x.age")
-    with pytest.raises(InvalidParameterError, match="folder"):
+    with pytest.raises(InvalidParameterError, match="folder .* does not exist"):
         export_bundle({"a": np.arange(3)}, tmp_path / "missing" / "x.age", recipients=["alice"])
-    if os.geteuid() != 0:  # root can write anywhere
-        ro = tmp_path / "ro"
-        ro.mkdir(mode=0o500)
-        with pytest.raises(InvalidParameterError, match="not writable"):
-            export_bundle({"a": np.arange(3)}, ro / "x.age", recipients=["alice"])
+    plain_file = tmp_path / "plain.txt"  # a path under a regular file: unwritable, even for root
+    plain_file.write_text("x")
+    with pytest.raises(InvalidParameterError, match="does not exist"):
+        export_bundle({"a": np.arange(3)}, plain_file / "x.age", recipients=["alice"])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(  # CI runs as root, who may write anywhere: simulate a read-only folder
+        os, "access", lambda p, mode, **kw: False if str(p) == str(ro) else real_access(p, mode)
+    )
+    with pytest.raises(InvalidParameterError, match="not writable"):
+        export_bundle({"a": np.arange(3)}, ro / "x.age", recipients=["alice"])
+    assert os.listdir(ro) == [] and sorted(os.listdir(tmp_path)) == ["plain.txt", "ro"]
 
 
 def test_notebook_entry_can_drop_outputs_and_widget_state(tmp_path, alice):
