@@ -191,9 +191,8 @@ class SignaturePolicy:
             claimed = block.get("key")
             for s in self.trusted:
                 if claimed == str(s.key):
-                    check_manifest_signature(
-                        manifest, block, s.key
-                    )  # a forged trusted signature: always refused
+                    # A forged signature claiming a trusted signer: always refused.
+                    check_manifest_signature(manifest, block, s.key)
                     return SignatureStatus(VERIFIED, str(s.key), s.name)
             status = SignatureStatus(UNVERIFIED, str(claimed) if claimed else None)
         if self.require:
