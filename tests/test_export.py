@@ -11,6 +11,7 @@ import stat
 import numpy as np
 import pyrage
 import pytest
+from IPython.core.error import UsageError
 
 from kprivacy_nb import secure_load
 from kprivacy_nb.crypto.bundle import (
@@ -259,5 +260,20 @@ def test_secure_export_line_magic(ip, tmp_path, alice):
     assert isinstance(panel, ExportPanel) and "X_test" in panel.items
 
 
-def test_outputs_mime_is_custom():
-    assert OUTPUTS_MIME.startswith("application/vnd.kprivacy")
+def test_secure_show_finds_a_blob_in_a_saved_notebook_by_id(ip, alice, tmp_path, capsys):
+    armored, _ = encrypt_outputs(
+        [{"output_type": "stream", "name": "stdout", "text": "FROM-THE-FILE\n"}],
+        recipients=["alice"],
+    )
+    placeholder = {
+        "output_type": "display_data",
+        "data": {"text/plain": "🔒", OUTPUTS_MIME: armored},
+        "metadata": {"kprivacy_nb": {"id": "abcd1234"}},
+    }
+    cell = {"cell_type": "code", "source": "", "metadata": {}, "outputs": [placeholder]}
+    nb = tmp_path / "saved.ipynb"
+    nb.write_text(json.dumps({"cells": [cell], "metadata": {}, "nbformat": 4}))
+    ip.run_line_magic("secure_show", f"abcd1234 --notebook {nb} -i {alice.path} --for 0")
+    assert "FROM-THE-FILE" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="no encrypted output ffff0000 found"):
+        ip.run_line_magic("secure_show", f"ffff0000 --notebook {nb} -i {alice.path}")

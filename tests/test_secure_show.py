@@ -1,0 +1,89 @@
+"""%secure_show re-emits only passive content unless a trusted signer vouches for the blob."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from kprivacy_nb.crypto import keys, signing, trust
+from kprivacy_nb.crypto.bundle import encrypt_outputs
+from kprivacy_nb.magics import export as export_magics
+from kprivacy_nb.quiet.safe_mime import safe_output
+
+PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(20)).decode()
+HOSTILE = [
+    {
+        "output_type": "display_data",
+        "data": {
+            "text/html": "<img src=x onerror=alert(1)>",
+            "application/javascript": "alert(2)",
+            "text/plain": "a table",
+        },
+        "metadata": {},
+    },
+    {
+        "output_type": "display_data",
+        "data": {"image/svg+xml": "<svg><script>alert(3)</script></svg>"},
+        "metadata": {},
+    },
+    {"output_type": "display_data", "data": {"text/markdown": "<b onclick=x>hi</b>"}},
+    {"output_type": "display_data", "data": {"text/markdown": "**fine**", "image/png": PNG}},
+    {"output_type": "display_data", "data": {"image/png": 'x" onerror="alert(4)'}},
+    {"output_type": "stream", "name": "stdout", "text": "printed\n"},
+]
+
+
+def test_safe_output_keeps_only_passive_types():
+    data, _, dropped = safe_output(HOSTILE[0]["data"], {})
+    assert data == {"text/plain": "a table"}
+    assert set(dropped) == {"text/html", "application/javascript"}
+    svg, _, _ = safe_output(HOSTILE[1]["data"], {})
+    assert list(svg) == ["text/html"] and svg["text/html"].startswith(
+        '<img src="data:image/svg+xml;'
+    )
+    assert "<script" not in svg["text/html"]  # the SVG is base64 inside the data URI
+    md, _, dropped = safe_output(HOSTILE[2]["data"], {})
+    assert md == {"text/plain": "<b onclick=x>hi</b>"} and dropped == ["text/markdown (raw HTML)"]
+    ok, _, dropped = safe_output(HOSTILE[3]["data"], {"image/png": {"width": 3, "onload": "x"}})
+    assert ok == {"text/markdown": "**fine**", "image/png": PNG} and dropped == []
+    assert safe_output(HOSTILE[4]["data"], {})[0] == {}
+
+
+@pytest.fixture
+def shown(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        export_magics, "display", lambda data, **kw: calls.append((data, kw.get("metadata")))
+    )
+    return calls
+
+
+def active(calls) -> list[str]:
+    """Active markers in what would be rendered (text/plain is shown as text, never rendered)."""
+    text = repr([{k: v for k, v in d.items() if k != "text/plain"} for d, _ in calls])
+    return [m for m in ("onerror", "alert(", "javascript", "<script", "onclick") if m in text]
+
+
+def test_untrusted_blob_shows_no_active_content(ip, kp_home, shown, capsys):
+    alice = keys.generate_identity("alice")
+    armored, _ = encrypt_outputs(HOSTILE, recipients=["alice"])
+    ip.magics_manager.registry["ExportMagics"].blobs["b1"] = armored
+    ip.run_line_magic("secure_show", f"b1 -i {alice.path} --for 0")
+    assert active(shown) == []
+    texts = [d.get("text/plain") for d, _ in shown]
+    assert "a table" in texts and "printed\n" in texts
+    note = capsys.readouterr().out
+    assert "unsigned" in note and "application/javascript" in note and "text/html" in note
+
+
+def test_blob_signed_by_a_trusted_signer_is_shown_as_is(ip, kp_home, shown):
+    alice = keys.generate_identity("alice")
+    signing.generate_signing_key("me")
+    armored, _ = encrypt_outputs(HOSTILE[:1], recipients=["alice"], sign_with="me")
+    ip.magics_manager.registry["ExportMagics"].blobs["b2"] = armored
+    ip.run_line_magic("secure_show", f"b2 -i {alice.path} --for 0")
+    assert "text/html" not in shown[0][0]  # signed, but by nobody we trust yet
+    trust.add_trusted("me")
+    ip.run_line_magic("secure_show", f"b2 -i {alice.path} --for 0")
+    assert shown[-1][0]["text/html"] == "<img src=x onerror=alert(1)>"
