@@ -620,6 +620,7 @@ def load(type_name: str, parts: Parts, meta: dict, *, allow_pickle: bool = False
         MemoryError,
         OSError,
         RecursionError,
+        RuntimeError,
         TypeError,
         ValueError,
         tarfile.TarError,
