@@ -214,3 +214,30 @@ def test_wrong_header_mac_is_hmac_error(ident):
     mac[0] = ord("A") if mac[0] != ord("A") else ord("B")
     with pytest.raises(errors.HMACError):
         age.decrypt(head + sep + bytes(mac) + rest[43:], [ident])
+
+
+def _stream_file(ident, chunks: list[tuple[bytes, bool]]) -> bytes:
+    """An age file whose payload chunks are sealed exactly as given: (plaintext, last flag)."""
+    file_key, nonce = os.urandom(age.FILE_KEY_LEN), os.urandom(age.NONCE_LEN)
+    head = age._encode_header(ident.recipient().wrap(file_key), file_key) + nonce
+    aead = age._payload_key(file_key, nonce)
+    sealed = [aead.encrypt(age._nonce(i, last), p, None) for i, (p, last) in enumerate(chunks)]
+    return head + b"".join(sealed)
+
+
+def test_stream_final_chunk_rule(ident):
+    full, part = os.urandom(age.CHUNK), os.urandom(10)
+    # a full-size chunk may be the final one; so may a short one after full ones
+    assert age.decrypt(_stream_file(ident, [(full, True)]), [ident]) == full
+    assert age.decrypt(_stream_file(ident, [(full, False), (part, True)]), [ident]) == full + part
+    assert age.decrypt(_stream_file(ident, [(b"", True)]), [ident]) == b""  # empty file
+    bad = {
+        "missing": [(full, False)],  # stream stops without a final chunk (truncation)
+        "trailing": [(full, True), (part, True)],  # data after the final chunk
+        "empty final": [(full, False), (b"", True)],  # empty last chunk in a non-empty file
+        "short middle": [(part, False), (part, True)],  # only the last chunk may be short
+    }
+    for why, chunks in bad.items():
+        with pytest.raises(errors.PayloadError):
+            age.decrypt(_stream_file(ident, chunks), [ident])
+            pytest.fail(f"accepted a stream with {why}")
