@@ -7,7 +7,8 @@ model with plain ``model.fit`` on the same synthetic data: after every DP epoch 
 runs (from a ``dp_fit`` callback, outside the DP epoch's timing). Interleaving matters on shared
 machines, whose speed drifts by tens of percent within a minute; both sides see the same drift.
 Per-step times are medians over the epochs after the first (tracing and warm-up excluded); the
-ratio is the median of the per-epoch DP/plain ratios. Prints one JSON line per case.
+ratio is the median of the per-epoch DP/plain ratios. The engine's self-check (once per run,
+before the first step) is reported separately as ``self_check_s``. Prints one JSON line per case.
 
     python bench/dp_overhead.py [mlp cnn embedding] [--epochs 12] [--steps 30]
 """
@@ -102,6 +103,7 @@ def run_case(case: str, epochs: int, steps: int) -> dict:
         "plain_step_ms": round(statistics.median(plain) * 1e3, 3),
         "dp_step_ms": round(statistics.median(dp) * 1e3, 3),
         "ratio": round(statistics.median(d / p for d, p in zip(dp, plain, strict=True)), 3),
+        "self_check_s": round(run.self_check_seconds, 3),
         "clipping": run.clipping, "traces": run.trace_count,
     }  # fmt: skip
 

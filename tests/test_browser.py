@@ -8,19 +8,19 @@ test is skipped with a notice — except under CI, where a missing browser is a 
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pytest
 
 from browser_support import chromium_path, jupyter_lab, open_and_run_all
+from ci_support import in_ci
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = chromium_path()
 if CHROMIUM is None:
-    if os.environ.get("CI"):
+    if in_ci():
         raise RuntimeError("CI is set but chromium is missing: .ci/run must apt-get install it")
     pytest.skip(
         "\n*** BROWSER TEST SKIPPED: chromium is not installed (apt-get install chromium) ***",

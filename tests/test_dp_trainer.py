@@ -270,3 +270,54 @@ def test_one_adam_step_matches_keras_adam_on_the_clipped_mean():
         np.allclose(a.numpy(), b, atol=1e-4)
         for a, b in zip(model.trainable_variables, sgd, strict=True)
     )
+
+
+def test_poisson_steps_divide_by_the_expected_batch_size(monkeypatch):
+    # Poisson batches vary in size; each step's sum (and its noise, std σC/B) is divided by the
+    # EXPECTED size B — dividing by the actual size would change the sensitivity per step.
+    from kprivacy_nb.dp.engine import DPSGDEngine
+    from kprivacy_nb.dp.noise import GaussianNoise
+
+    seen, stds = [], []
+    real_step, real_next = DPSGDEngine.step, GaussianNoise.next
+
+    def step(self, X, Y, idx, denominator, *rest):
+        seen.append((len(idx), denominator))
+        return real_step(self, X, Y, idx, denominator, *rest)
+
+    def draw(self, std):
+        stds.append(std)
+        return real_next(self, std)
+
+    monkeypatch.setattr(DPSGDEngine, "step", step)
+    monkeypatch.setattr(GaussianNoise, "next", draw)
+    x, y = _data(n=200)
+    dp_fit(_model(), x, y, epochs=3, batch_size=20, noise_multiplier=1.5, l2_norm_clip=0.7,
+           delta=1e-3, verbose=0, seed=4)  # fmt: skip
+    assert len({size for size, _ in seen}) > 3  # the batch size really varies
+    assert {d for _, d in seen} == {20.0}
+    assert stds == pytest.approx([1.5 * 0.7 / 20] * len(seen))
+
+
+def test_a_poisson_step_without_noise_is_the_naive_clipped_sum_over_b():
+    # Engine level: σ = 0, SGD(1): the update is Σ clipped / B even when the batch has k ≠ B rows.
+    from kprivacy_nb.dp.clipping import per_example_loss_fn
+    from kprivacy_nb.dp.engine import DPSGDEngine
+
+    x, y = _data(n=30)
+    model = _model()
+    eng = DPSGDEngine(model, per_example_loss_fn(LOSS), keras.optimizers.SGD(1.0),
+                      l2_norm_clip=0.05, noise_multiplier=0.0, X=tf.constant(x),
+                      Y=tf.constant(y))  # fmt: skip
+    rows = np.array([1, 4, 7, 9, 11, 20, 29], np.int32)  # 7 rows, expected batch size 10
+    expected = [np.zeros(v.shape) for v in model.trainable_variables]
+    for i in rows:
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(per_example_loss_fn(LOSS)(y[i : i + 1], model(x[i : i + 1])))
+        g = [t.numpy() for t in tape.gradient(loss, model.trainable_variables)]
+        factor = min(1.0, 0.05 / np.sqrt(sum((t.astype(np.float64) ** 2).sum() for t in g)))
+        expected = [e + factor * t / 10 for e, t in zip(expected, g, strict=True)]
+    before = _weights(model)
+    eng.step(tf.constant(x), tf.constant(y), rows, 10.0)
+    for b, v, e in zip(before, model.trainable_variables, expected, strict=True):
+        np.testing.assert_allclose(b - v.numpy(), e, atol=1e-7)

@@ -23,6 +23,8 @@ from nbclient import NotebookClient
 
 from kprivacy_nb import demo
 
+from ci_support import in_ci
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "example_notebooks"
 NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
@@ -179,13 +181,13 @@ def check_secure_sharing(nb: Any, workdir: Path) -> None:
     assert "encrypted output" in cell_text(hidden)
     assert "neptune" not in cell_text(hidden) and "ftp_data" not in cell_text(hidden)
     assert "neptune" in cell_text(code_cell(nb, "%secure_show -i alice"))
-    assert "verified" in cell_text(code_cell(nb, "%secure_load detector.age"))
+    assert "signature verified" in cell_text(code_cell(nb, "%secure_load detector.age"))
     forged = cell_text(code_cell(nb, "except SignatureError"))
     assert forged.startswith("Refused:") and "signed by" in forged
     assert WIDGET_MIME in mimetypes(code_cell(nb, "panel = %secure_export"))
     assert "Encrypted export written" in cell_text(code_cell(nb, "panel.export_button.click()"))
     check_age_file(workdir / "share.age")
-    if shutil.which("age") or os.environ.get("CI"):  # .ci/run installs the age CLI
+    if shutil.which("age") or in_ci():  # .ci/run installs the age CLI: in CI it must be there
         opened = cell_text(code_cell(nb, "!age -d -i"))
         assert "kprivacy-nb container v1" in opened, opened
     assert "entry 'sample': numpy.ndarray" in cell_text(code_cell(nb, "kprivacy_nb inspect"))

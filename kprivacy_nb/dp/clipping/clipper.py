@@ -310,17 +310,24 @@ class FastClipper:
         clip = tf.constant(self.l2_norm_clip, tf.float32)
         factors = tf.where(norms > clip, clip / tf.maximum(norms, 1e-30), 1.0)
         factors = tf.where(keep, factors * weights, 0.0) * tf.cast(scale, tf.float32)
-        rows = RowFilter(keep)
-        sums: list[tf.Tensor | None] = [None] * len(self.variables)
-        for part in run.layers:
-            for var, g in part.clipped(factors, rows):
-                i = self._index[id(var)]
-                g = tf.cast(g, var.dtype)
-                sums[i] = g if sums[i] is None else sums[i] + g
-        grads = [
-            tf.zeros(v.shape, v.dtype) if g is None else g
-            for v, g in zip(self.variables, sums, strict=False)
-        ]
+
+        def summed(rows: RowFilter) -> list[tf.Tensor]:
+            sums: list[tf.Tensor | None] = [None] * len(self.variables)
+            for part in run.layers:
+                for var, g in part.clipped(factors, rows):
+                    i = self._index[id(var)]
+                    g = tf.cast(g, var.dtype)
+                    sums[i] = g if sums[i] is None else sums[i] + g
+            return [
+                tf.zeros(v.shape, v.dtype) if g is None else g
+                for v, g in zip(self.variables, sums, strict=False)
+            ]
+
+        grads = tf.cond(
+            tf.reduce_all(keep),
+            lambda: summed(RowFilter(keep, active=False)),
+            lambda: summed(RowFilter(keep)),
+        )
         dropped = tf.reduce_sum(tf.cast(~keep & (weights > 0), tf.int32))
         losses = tf.where(keep, run.losses, 0.0)
         return ClippedBatch(

@@ -158,9 +158,10 @@ class EmbeddingHandler(Handler):
         def clipped(c: tf.Tensor, rows: RowFilter) -> list[tuple[Any, tf.Tensor]]:
             weighted = tf.reshape(rows(single_dz) * c[:, None, None], [-1, dim])
             table = tf.math.unsorted_segment_sum(weighted, tokens, layer.input_dim)
-            keep = tf.gather(rows.keep, rep.owner)
-            run_c = tf.where(keep, tf.gather(c, rep.owner), 0.0)
-            run_rows = tf.where(keep[:, None], sums, 0.0) * run_c[:, None]
+            run_sums = sums
+            if rows.active:  # a dropped example's sums may be NaN: 0 · NaN is NaN
+                run_sums = tf.where(tf.gather(rows.keep, rep.owner)[:, None], sums, 0.0)
+            run_rows = run_sums * tf.gather(c, rep.owner)[:, None]
             table += tf.math.unsorted_segment_sum(run_rows, run_token, layer.input_dim)
             return [(layer.embeddings, table)]
 

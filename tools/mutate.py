@@ -1,0 +1,127 @@
+"""Plant known bugs one at a time in a copy of the project and check the tests catch each.
+
+Not part of ``make test`` (each mutant re-runs a slice of the suite); run ``make mutate`` after
+changing the engine, the accounting, the ledger or the age format. A mutant that survives is a
+gap in the tests: write the test that kills it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (name, file, original text, planted bug, tests that must fail)
+MUTANTS = [
+    (
+        "no clipping",
+        "kprivacy_nb/dp/clipping/clipper.py",
+        "factors = tf.where(norms > clip, clip / tf.maximum(norms, 1e-30), 1.0)",
+        "factors = tf.ones_like(norms)",
+        "tests/test_dp_clipping.py",
+    ),
+    (
+        "half the noise",
+        "kprivacy_nb/dp/engine.py",
+        "self.noise_std = float(noise_multiplier) * float(l2_norm_clip)",
+        "self.noise_std = 0.5 * float(noise_multiplier) * float(l2_norm_clip)",
+        "tests/test_dp_clipping.py",
+    ),
+    (
+        "Poisson divides by the actual batch size",
+        "kprivacy_nb/dp/sampling.py",
+        "        return float(self.batch_size)",
+        "        return float(max(len(batch), 1))",
+        "tests/test_dp_trainer.py",
+    ),
+    (
+        "one step fewer accounted",
+        "kprivacy_nb/dp/trainer.py",
+        "    steps = applied_steps()\n",
+        "    steps = max(applied_steps() - 1, 0)\n",
+        "tests/test_dp_trainer.py",
+    ),
+    (
+        "float32 ghost norm",
+        "kprivacy_nb/dp/clipping/linear.py",
+        "    a64 = [tf.cast(t, tf.float64) for t in parts]\n    g64 = tf.cast(dz, tf.float64)",
+        "    a64 = parts\n    g64 = dz\n    return tf.reduce_sum(tf.add_n([tf.matmul(t, t, "
+        "transpose_b=True) for t in a64]) * tf.matmul(g64, g64, transpose_b=True), axis=[1, 2])",
+        "tests/test_dp_guarantee.py",
+    ),
+    (
+        "no mixing check",
+        "kprivacy_nb/dp/clipping/selfcheck.py",
+        "        _check_mixing(clipper, x, y, batch)",
+        "        pass",
+        "tests/test_dp_guarantee.py",
+    ),
+    (
+        "no ledger cap",
+        "kprivacy_nb/dp/ledger.py",
+        "            if after > cap:",
+        "            if False:",
+        "tests/test_ledger.py tests/test_dp_guarantee.py",
+    ),
+    (
+        "settle skips the cap",
+        "kprivacy_nb/dp/ledger.py",
+        "                if after > row[1]:",
+        "                if False:",
+        "tests/test_dp_guarantee.py",
+    ),
+    (
+        "SGD instead of the chosen optimizer",
+        "kprivacy_nb/dp/trainer.py",
+        "    opt = engine.resolve_optimizer(optimizer, learning_rate)",
+        "    opt = engine.resolve_optimizer('sgd', learning_rate)",
+        "tests/test_dp_trainer.py",
+    ),
+]
+
+
+def _copy() -> Path:
+    target = Path(tempfile.mkdtemp(prefix="kp-mutant-"))
+    ignore = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "demo-output")
+    shutil.copytree(ROOT, target / "src", ignore=ignore)
+    return target / "src"
+
+
+def main() -> int:
+    python = str(ROOT / ".venv" / "bin" / "python")
+    survived = []
+    for name, rel, old, new, tests in MUTANTS:
+        tree = _copy()
+        path = tree / rel
+        text = path.read_text()
+        if text.count(old) != 1:
+            print(
+                f"?? {name}: the original text is not in {rel} exactly once; update tools/mutate.py"
+            )
+            survived.append(name)
+            continue
+        path.write_text(text.replace(old, new))
+        env = os.environ | {"PYTHONPATH": str(tree), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        run = subprocess.run(
+            [python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests.split()],
+            cwd=tree,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        shutil.rmtree(tree.parent, ignore_errors=True)
+        caught = run.returncode != 0
+        print(f"{'caught  ' if caught else 'SURVIVED'} {name}", flush=True)
+        if not caught:
+            survived.append(name)
+    print(f"{len(MUTANTS) - len(survived)}/{len(MUTANTS)} planted bugs caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
