@@ -193,7 +193,8 @@ def test_unknown_types_and_pickle(alice, tmp_path):
 
 
 def test_dataframe_round_trip_without_pickle(alice, tmp_path):
-    pd = pytest.importorskip("pandas")
+    import pandas as pd
+
     df = pd.DataFrame(
         {
             "i": [1, 2, 3],
@@ -285,7 +286,6 @@ def _audit(event: str, args: tuple) -> None:
 
 @pytest.fixture(scope="module")
 def keras_model():
-    pytest.importorskip("keras")
     import keras
 
     keras.utils.set_random_seed(0)
@@ -379,7 +379,6 @@ def _add_member(archive: bytes, member: str) -> bytes:
 
 
 def test_real_lambda_model_refused_at_save_and_load(alice, tmp_path):
-    pytest.importorskip("keras")
     import keras
     from keras.src.saving import saving_lib
 
@@ -484,8 +483,9 @@ def test_bad_key_file_error_does_not_echo_its_content(tmp_path):
 
 
 def test_real_dp_fit_result_round_trip(alice, tmp_path, keras_model):
-    trainer = pytest.importorskip("kprivacy_nb.dp.trainer")
     import dataclasses
+
+    from kprivacy_nb.dp import trainer
 
     fields = {f.name for f in dataclasses.fields(trainer.DPFitResult)}
     values = {

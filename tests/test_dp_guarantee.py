@@ -323,7 +323,9 @@ def _layer_stack(draw):
             2 * draw(st.integers(1, 3)), draw(st.integers(1, 3)), dilation_rate=1, **common
         )
         return [conv, k.Flatten(), k.Dense(2)], (7, 4), "float"
-    conv = k.Conv2D(2 * draw(st.integers(1, 3)), draw(st.integers(1, 3)), **common)
+    # (LayerNormalization over only 2 channels is so ill-conditioned that float32 per-example
+    # tapes disagree with themselves by ~0.5%: the self-check refuses it, loudly.)
+    conv = k.Conv2D(4 * draw(st.integers(1, 2)), draw(st.integers(1, 3)), **common)
     norm = k.GroupNormalization(groups=2) if draw(st.booleans()) else k.LayerNormalization()
     return [conv, norm, k.Flatten(), k.Dense(2)], (6, 6, 4), "float"
 
@@ -342,7 +344,7 @@ def _models(draw):
     return layers, shape, kind, seed
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(_models())
 def test_fast_norms_equal_per_example_tapes_on_random_models(spec):
     layers, shape, kind, seed = spec

@@ -209,11 +209,11 @@ def test_shape_mismatches_are_clear():
 
 
 def test_a_non_finite_example_is_dropped_not_a_reason_to_stop():
-    # A record with an inf feature used to stop training exactly at its step: a data-dependent
-    # signal outside the accounting. Now it contributes nothing, and only the live callbacks see
-    # how many were dropped.
+    # A record whose gradient overflows used to stop training exactly at its step: a
+    # data-dependent signal outside the accounting. Now it contributes nothing, and only the
+    # live callbacks see how many were dropped.
     x, y = _data()
-    x[5, 0] = np.inf
+    x[5] = 3e38  # finite, but its squared norm (and gradient) overflow
     model = _model()
     seen = []
 
@@ -226,6 +226,15 @@ def test_a_non_finite_example_is_dropped_not_a_reason_to_stop():
     assert run.steps == 2 and seen == [1, 1]
     assert all(np.isfinite(v.numpy()).all() for v in model.trainable_variables)
     assert "nonfinite" not in str(run.summary()) and "nonfinite" not in str(run.history)
+
+
+def test_nan_or_inf_in_the_data_is_refused_before_training_with_its_place():
+    x, y = _data()
+    x[7, 3] = np.nan
+    with pytest.raises(
+        InvalidParameterError, match=r"x has a non-finite value .* row 7, column \(3,\)"
+    ):
+        dp_fit(_model(), x, y, epochs=1, batch_size=40, noise_multiplier=1.0, delta=1e-3, verbose=0)
 
 
 def test_adam_and_log_lines():

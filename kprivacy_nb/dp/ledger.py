@@ -106,6 +106,31 @@ def _decode(value: Any) -> Any:
     return value
 
 
+def check_event(event: Any) -> None:
+    """Refuse events that could *lower* a budget's spend or that the ledger doesn't know:
+    only Gaussian mechanisms (σ > 0), Poisson sampling (0 < q ≤ 1), and their compositions with
+    counts ≥ 1 may be charged."""
+    if isinstance(event, dp_accounting.GaussianDpEvent):
+        ok = event.noise_multiplier > 0 and math.isfinite(event.noise_multiplier)
+    elif isinstance(event, dp_accounting.PoissonSampledDpEvent):
+        ok = 0 < event.sampling_probability <= 1
+        check_event(event.event)
+    elif isinstance(event, dp_accounting.SelfComposedDpEvent):
+        ok = isinstance(event.count, int) and event.count >= 1
+        check_event(event.event)
+    elif isinstance(event, dp_accounting.ComposedDpEvent):
+        ok = bool(event.events)
+        for inner in event.events:
+            check_event(inner)
+    else:
+        ok = False
+    if not ok:
+        raise InvalidParameterError(
+            f"the ledger only charges DP-SGD events (Gaussian σ > 0, Poisson 0 < q ≤ 1, "
+            f"compositions with counts ≥ 1); refused: {event!r}"
+        )
+
+
 def event_to_json(event: dp_accounting.DpEvent) -> str:
     """Serialise a ``DpEvent`` to the versioned JSON form described in the module docstring."""
     if not isinstance(event, _dp_event.DpEvent):
@@ -603,6 +628,7 @@ class Ledger:
         known name but does not change how the budget is counted).
         """
         name = _check_name(name)
+        check_event(event)
         payload = event_to_json(event)
         # Warm the ε cache outside the write lock, so the locked section is usually a cache hit.
         with contextlib.suppress(LedgerError):
@@ -670,6 +696,7 @@ class Ledger:
         """Record what a run spent. Anything other than the reserved event passes the same cap
         check as a new reservation, in the same transaction; a run that would overspend stays
         pending (charged as reserved) and :class:`BudgetExceededError` says so."""
+        check_event(event)
         payload = event_to_json(event)
 
         def tx(db: Any) -> dict[str, Any] | None:

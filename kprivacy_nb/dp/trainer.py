@@ -154,15 +154,24 @@ def _num_rows(data: Any, what: str) -> int:
     return sizes.pop()
 
 
-def _to_tensors(data: Any) -> Any:
+def _to_tensors(data: Any, what: str = "x") -> Any:
+    """Numeric tensors of ``data``; NaN/inf refused up front (before any ε is spent), naming
+    where they are."""
     import tensorflow as tf
 
     def convert(a: Any) -> Any:
         arr = np.asarray(a)
         if arr.dtype == object:
-            raise InvalidParameterError("data arrays must be numeric (got an object array)")
+            raise InvalidParameterError(f"{what} must be numeric (got an object array)")
         if arr.dtype.kind == "f" and arr.dtype != np.float32:
             arr = arr.astype(np.float32)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            where = [int(i) for i in np.argwhere(~np.isfinite(arr))[0]]
+            at = f"row {where[0]}" + (f", column {tuple(where[1:])}" if len(where) > 1 else "")
+            raise InvalidParameterError(
+                f"{what} has a non-finite value (NaN or inf, or too large for float32) at {at}: "
+                "clean or drop such rows before training (nothing was spent)"
+            )
         if arr.dtype.kind == "b":
             arr = arr.astype(np.float32)
         return tf.constant(arr)
@@ -254,7 +263,7 @@ def dp_fit(
     clipping.check_model(model)
     loss_obj = loss if loss is not None else getattr(model, "loss", None)
     loss_fn = clipping.per_example_loss_fn(loss_obj)
-    X, Y = _to_tensors(x), _to_tensors(y)
+    X, Y = _to_tensors(x, "x"), _to_tensors(y, "y")
     _check_fits(model, loss_fn, X, Y)
     val = None
     if validation_data is not None:
@@ -264,7 +273,10 @@ def dp_fit(
             validation_data[1], "validation y"
         ):
             raise InvalidParameterError("validation x and y have different numbers of rows")
-        val = (_to_tensors(validation_data[0]), _to_tensors(validation_data[1]))
+        val = (
+            _to_tensors(validation_data[0], "validation x"),
+            _to_tensors(validation_data[1], "validation y"),
+        )
 
     if target_epsilon is not None:
         sigma = accounting.calibrate_noise(
@@ -318,12 +330,14 @@ def dp_fit(
         cbs.insert(0, _default_reporter())
 
     history: dict[str, list[float]] = {}
-    iterations0 = int(opt.iterations.numpy())
+    started_steps = 0  # counted by the trainer, before each step runs (never by the optimizer)
     epochs_done, interrupted = 0, False
     sampler = make_sampler(sampling, n, batch_size, make_rng(seed))
 
     def applied_steps() -> int:
-        return int(opt.iterations.numpy()) - iterations0
+        # Every step that started counts, applied or not, interrupted or not: conservative, and
+        # independent of anything the optimizer or a callback does to its iteration counter.
+        return started_steps
 
     def finish_ledger(steps: int) -> None:
         if reservation is None:
@@ -342,12 +356,13 @@ def dp_fit(
             upcoming = next(batches, None)
             while upcoming is not None:  # one batch ahead, so its host-side work can start early
                 idx, upcoming = upcoming, next(batches, None)
+                started_steps += 1
                 out = eng.step(X, Y, idx, sampler.denominator(idx), upcoming)
                 if not out.applied:
                     # Decided on the noisy update (post-processing of a DP release), never on a
                     # single record: a record with a non-finite gradient is dropped from its step.
                     raise TrainingError(
-                        f"the noisy update at step {applied_steps() + 1} (epoch {epoch}) is not "
+                        f"the noisy update at step {applied_steps()} (epoch {epoch}) is not "
                         "finite: the weights or the optimizer diverged. Training stopped and the "
                         "weights from before that step were kept. Lower the learning rate"
                     )
@@ -389,7 +404,8 @@ def dp_fit(
         eps, used = accounting.account(event(steps), delta, accountant)
     curve = accounting.EpsilonCurve(
         epochs=planned.epochs[:epochs_done], epsilon=planned.epsilon[:epochs_done],
-        steps=planned.steps[:epochs_done], delta=delta, accountant=accountant, sampling=sampling,
+        steps=planned.steps[:epochs_done], delta=delta, accountant=planned.accountant,
+        sampling=sampling,
         noise_multiplier=sigma, n=n, batch_size=int(batch_size),
     )  # fmt: skip
     result = DPFitResult(

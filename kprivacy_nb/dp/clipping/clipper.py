@@ -156,8 +156,13 @@ class FastClipper:
 
             return call
 
-        with _patched([(layer, counting(layer)) for layer, _ in candidates.values()]):
-            self.model(sample_x, training=False)
+        state = [v.numpy() for v in self.model.non_trainable_variables]
+        try:
+            with _patched([(layer, counting(layer)) for layer, _ in candidates.values()]):
+                self.model(sample_x, training=True)  # as the step will call it
+        finally:
+            for var, value in zip(self.model.non_trainable_variables, state, strict=True):
+                var.assign(value)
         # Variables each layer owns directly; a fast layer's variable owned elsewhere too is tied.
         owners: dict[int, int] = {}
         self._owner: dict[int, str] = {}  # id(variable) → the name it is reported under
@@ -245,6 +250,7 @@ class FastClipper:
         with tf.GradientTape(persistent=True) as tape:
             rec = Recorder(tape)
             rec.host = {id(la): r for la, r in zip(self.host_embeddings, repeated, strict=False)}
+            rec.inputs = x
 
             def tapped(layer: Any, handler: Handler) -> Callable[..., Any]:
                 def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
@@ -256,11 +262,27 @@ class FastClipper:
                 preds = self.model(x, training=training)
             losses = tf.cast(self.loss_fn(y, preds), tf.float32) * weights
             total = tf.reduce_sum(tf.where(tf.math.is_finite(losses), losses, 0.0))
-            reg_losses = list(self.model.losses)
-            reg = tf.add_n([tf.cast(r, tf.float32) for r in reg_losses]) if reg_losses else None
+            # Only weight regularizers may add to the loss: they don't depend on the data. A
+            # loss added with add_loss() may, and it would reach the update unclipped.
+            regularized = [v for v in self.variables if getattr(v, "regularizer", None)]
+            if len(self.model.losses) > len(regularized):
+                raise TrainingError(
+                    "a layer adds a loss with add_loss(): such a loss can depend on the data and "
+                    "is not clipped per example, which would break the privacy guarantee. Use "
+                    "weight regularizers (kernel_regularizer=…) or put the term in the loss"
+                )
+            reg_terms = [tf.cast(v.regularizer(v), tf.float32) for v in regularized]
+            reg = tf.add_n(reg_terms) if reg_terms else None
         zero = tf.UnconnectedGradients.ZERO
         handler_of = {id(layer): h for layer, h in self._fast}
         out: list[LayerGrads] = []
+        tapped_layers = [id(t.layer) for t in rec.taps]
+        if len(set(tapped_layers)) != len(tapped_layers):
+            raise TrainingError(
+                "a layer on a fast clipping path was called more than once in a training step "
+                "(but once when the model was planned): the model's structure depends on the "
+                "training flag, which the per-layer norms cannot follow. Please report the model"
+            )
         if rec.taps:
             dzs = tape.gradient(total, [t.probe for t in rec.taps], unconnected_gradients=zero)
             for tap, dz in zip(rec.taps, dzs, strict=False):
@@ -280,7 +302,11 @@ class FastClipper:
             out.extend(materialized(pairs, label, name) for name, pairs in by_owner.items())
         reg_grads = None
         if reg is not None:
-            reg_grads = tape.gradient(reg, self.variables, unconnected_gradients=zero)
+            found = dict(zip(map(id, regularized), tape.gradient(reg, regularized), strict=True))
+            reg_grads = [
+                tf.zeros(v.shape, v.dtype) if found.get(id(v)) is None else found[id(v)]
+                for v in self.variables
+            ]
         del tape
         return Parts(out, losses, preds, reg_grads)
 

@@ -112,6 +112,20 @@ def graph_repeats(idx: tf.Tensor, vocabulary: int) -> RepeatedTokens:
     return RepeatedTokens(tf.reshape(single, [batch, length]), rows, group, owner)
 
 
+def _checked(host: RepeatedTokens, idx: tf.Tensor, inputs: Any, vocabulary: int) -> Any:
+    """The host's repeats if the ids the layer reads are the model input they were found from;
+    otherwise (a nested model feeding the same Input other ids…) the repeats found in the graph."""
+    raw = tf.convert_to_tensor(inputs) if not isinstance(inputs, (dict, list, tuple)) else None
+    if raw is None or raw.shape.rank != idx.shape.rank:
+        return graph_repeats(tf.reshape(tf.cast(idx, tf.int32), [tf.shape(idx)[0], -1]), vocabulary)
+    raw = tf.cast(raw, idx.dtype)
+    raw = tf.where(raw < 0, raw + tf.cast(vocabulary, raw.dtype), raw)
+    same = tf.reduce_all(tf.equal(tf.shape(raw), tf.shape(idx)))
+    same = tf.cond(same, lambda: tf.reduce_all(tf.equal(raw, idx)), lambda: tf.constant(False))
+    flat = tf.reshape(tf.cast(idx, tf.int32), [tf.shape(idx)[0], -1])
+    return tf.cond(same, lambda: host, lambda: graph_repeats(flat, vocabulary))
+
+
 @register(keras.layers.Embedding)
 class EmbeddingHandler(Handler):
     kind = "embedding"
@@ -123,7 +137,10 @@ class EmbeddingHandler(Handler):
             idx = tf.cast(idx, tf.int32)
         idx = tf.where(idx < 0, idx + tf.cast(layer.input_dim, idx.dtype), idx)  # as ops.take
         z = tf.gather(layer.embeddings, idx)
-        z = rec.probe(layer, self.kind, z, idx=idx, repeats=rec.host.get(id(layer)))
+        host = rec.host.get(id(layer))
+        if host is not None:
+            host = _checked(host, idx, rec.inputs, layer.input_dim)
+        z = rec.probe(layer, self.kind, z, idx=idx, repeats=host)
         return ops.cast(z, layer.compute_dtype)
 
     def grads(self, tap: Tap, dz: tf.Tensor) -> LayerGrads:

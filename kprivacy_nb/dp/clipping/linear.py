@@ -76,9 +76,13 @@ def linear_grads(
     p = len(parts) * c_in
     bias_g = tf.reduce_sum(dz, axis=1) if bias is not None else None
     if positions == 1:
-        # ‖a‖²·‖dz‖²: products of sums of squares, no cancellation.
+        # ‖a‖²·‖dz‖²: products of sums of squares, no cancellation; in float64 so that tiny
+        # inputs read by huge weights can't underflow to a norm of 0.
         a2, dz2 = tf.concat([t[:, 0, :] for t in parts], 1), dz[:, 0, :]
-        sq = tf.reduce_sum(tf.square(a2), 1) * tf.reduce_sum(tf.square(dz2), 1)
+        sq64 = tf.reduce_sum(tf.square(tf.cast(a2, tf.float64)), 1) * tf.reduce_sum(
+            tf.square(tf.cast(dz2, tf.float64)), 1
+        )
+        sq = tf.cast(sq64, tf.float32)
         method = f"{name}: ghost norm"
 
         def kernel_sum(c: tf.Tensor, rows: RowFilter) -> tf.Tensor:

@@ -74,6 +74,7 @@ class Recorder:
     tape: tf.GradientTape
     taps: list[Tap] = field(default_factory=list)
     host: dict[int, Any] = field(default_factory=dict)  # id(layer) → RepeatedTokens tensors
+    inputs: Any = None  # the model's input batch (the ids host-side repeats were found from)
 
     def probe(self, layer: Any, kind: str, z: tf.Tensor, **saved: Any) -> tf.Tensor:
         # Watching the layer's output makes the tape give dLoss/dz for it directly.
