@@ -231,6 +231,10 @@ class FastClipper:
         verify(self, x, y)
         self.self_check_seconds = time.perf_counter() - started
 
+    def owner_name(self, variable: Any) -> str:
+        """The layer name a variable's norm is reported (and self-checked) under."""
+        return self._owner.get(id(variable), self.model.name)
+
     @property
     def uses_fallback(self) -> bool:
         return bool(self.fallback_variables)
@@ -298,7 +302,7 @@ class FastClipper:
             label = EXACT_FALLBACK if self.exact_fallback else FALLBACK
             by_owner: dict[str, list[tuple[Any, tf.Tensor]]] = {}
             for v, g in zip(self.fallback_variables, jac, strict=True):
-                by_owner.setdefault(self._owner.get(id(v), self.model.name), []).append((v, g))
+                by_owner.setdefault(self.owner_name(v), []).append((v, g))
             out.extend(materialized(pairs, label, name) for name, pairs in by_owner.items())
         reg_grads = None
         if reg is not None:

@@ -118,7 +118,7 @@ def _reference(clipper: Any, x: Any, y: Any, batch: int) -> dict[str, np.ndarray
             loss, clipper.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
         for v, g in zip(clipper.variables, grads, strict=True):
-            name = clipper._owner.get(id(v), clipper.model.name)
+            name = clipper.owner_name(v)
             value = float(np.sum(np.square(np.asarray(tf.convert_to_tensor(g), np.float64))))
             out.setdefault(name, np.zeros(batch))[i] += value
     return out
