@@ -241,14 +241,20 @@ def test_secure_output_and_show_in_a_shell(ip, alice, capsys):
     assert "PATIENT-1234" in capsys.readouterr().out
 
 
-def test_secure_output_needs_recipients_and_keeps_errors_visible(ip, alice, capsys):
+def test_secure_output_needs_recipients_and_encrypts_the_traceback(ip, alice, capsys):
     res = ip.run_cell("%%secure_output\nprint(1)")
     assert "--to" in str(res.error_in_exec)
     capsys.readouterr()
-    ip.run_cell("%%secure_output --to alice\nprint('ROW-' + str(6 * 7))\n1/0")
-    out = capsys.readouterr().out
-    assert "ZeroDivisionError" in out  # the traceback is shown in the clear, after the cell
-    assert "ROW-42" not in out and "encrypted output — 1 item(s) for alice" in out
+    res = ip.run_cell("%%secure_output --to alice\nprint('ROW-' + str(6 * 7))\n1/0")
+    seen = capsys.readouterr()
+    shown = seen.out + seen.err
+    assert "the cell raised ZeroDivisionError; traceback encrypted" in shown
+    assert "Traceback" not in shown and "1/0" not in shown  # only the one-line note
+    assert "ROW-42" not in shown and "encrypted output — 2 item(s) for alice" in shown
+    assert res.error_in_exec is not None  # the cell still fails (Run All stops here)
+    ip.run_line_magic("secure_show", f"-i {alice.path} --for 0")
+    revealed = capsys.readouterr().out
+    assert "ROW-42" in revealed and "ZeroDivisionError" in revealed and "1/0" in revealed
 
 
 def test_secure_export_line_magic(ip, tmp_path, alice):

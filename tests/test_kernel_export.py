@@ -50,7 +50,7 @@ def test_secure_output_keeps_plaintext_out_of_the_notebook(tmp_path, kp_home):
         SECRET_CELL,
         "print('in Out:', any('PATIENT-' in repr(v) for v in Out.values()), "
         "'| in _:', 'PATIENT-' in repr(_))",
-        "%%secure_output --to alice\nraise ValueError('visible ' + 'error')",
+        "%%secure_output --to alice\nraise ValueError('TBLEAK-' + str(6 * 7))",
     ]
     nb = execute(cells, tmp_path, kp_home)
     saved = tmp_path / "saved.ipynb"
@@ -61,8 +61,9 @@ def test_secure_output_keeps_plaintext_out_of_the_notebook(tmp_path, kp_home):
     assert len(placeholder) == 1
     assert "encrypted output — " in placeholder[0]["data"]["text/plain"]
     assert "in Out: False | in _: False" in nb.cells[2].outputs[0]["text"]
-    errors = [o for o in nb.cells[3].outputs if o["output_type"] == "error"]
-    assert errors and errors[0]["evalue"] == "visible error"
+    assert "TBLEAK-42" not in text  # the traceback is encrypted, not shown
+    shown = "".join(o.get("text", "") for o in nb.cells[3].outputs)
+    assert "UsageError: the cell raised ValueError; traceback encrypted" in shown
 
     armored = placeholder[0]["data"][OUTPUTS_MIME]
     outputs = decrypt_outputs(armored, identities=[kp_home / "keys" / "alice.key"])
@@ -113,3 +114,58 @@ def test_fd_level_output_is_encrypted_too(tmp_path, kp_home):
     for marker in FD_MARKERS:
         assert marker in streams["stdout"] + streams["stderr"], marker
     assert "FDLEAK-subprocess-42" in streams["stderr"] and "FDLEAK-oswrite-45" in streams["stderr"]
+
+
+# Written before the cell: a saved stream object and a logging handler holding the old stderr.
+BEFORE_CELL = """\
+import logging, sys
+saved_out = sys.stdout
+leaky = logging.getLogger("leaky")
+leaky.addHandler(logging.StreamHandler(sys.stderr))
+leaky.setLevel(logging.INFO)
+leaky.propagate = False
+"""
+# Every marker is computed, so it is in the outputs only, never in the cell sources.
+SIDE_CHANNEL_CELL = """\
+%%secure_output --to alice
+import threading, time
+leaky.info("SIDELEAK-log-" + str(50 + 1))
+saved_out.write("SIDELEAK-saved-" + str(50 + 2) + "\\n")
+saved_out.flush()
+worker = threading.Thread(target=lambda: print("SIDELEAK-thread-" + str(50 + 3)))
+worker.start(); worker.join()
+late = threading.Thread(target=lambda: (time.sleep(2), print("after the cell")))
+late.start()
+time.sleep(0.5)  # ipykernel would publish the stream within this time
+raise KeyError("SIDELEAK-traceback-" + str(50 + 4))
+"""
+SIDE_MARKERS = ("SIDELEAK-log-51", "SIDELEAK-saved-52", "SIDELEAK-thread-53")
+
+
+def test_saved_streams_logging_threads_and_tracebacks_are_encrypted(tmp_path, kp_home):
+    cells = [
+        "%load_ext kprivacy_nb\n%secure_keygen alice",
+        BEFORE_CELL,
+        SIDE_CHANNEL_CELL,
+        "import time; time.sleep(3); print('next cell')",
+    ]
+    nb = execute(cells, tmp_path, kp_home)
+    saved = tmp_path / "saved.ipynb"
+    nbformat.write(nb, saved)
+    text = saved.read_text()
+    leaked = [m for m in (*SIDE_MARKERS, "SIDELEAK-traceback-54") if m in text]
+    assert not leaked, leaked
+    outputs = nb.cells[2].outputs
+    (placeholder,) = [o for o in outputs if OUTPUTS_MIME in o.get("data", {})]
+    notes = "".join(o.get("text", "") for o in outputs if o["output_type"] == "stream")
+    assert "1 thread(s) started in this cell are still running" in notes
+    assert "the cell raised KeyError; traceback encrypted" in notes
+    assert not [o for o in outputs if o["output_type"] == "error"]  # no traceback shown
+    decrypted = decrypt_outputs(
+        placeholder["data"][OUTPUTS_MIME], identities=[kp_home / "keys" / "alice.key"]
+    )
+    everything = json.dumps(decrypted)
+    for marker in (*SIDE_MARKERS, "SIDELEAK-traceback-54"):
+        assert marker in everything, marker
+    (tb,) = [o for o in decrypted if o["output_type"] == "error"]
+    assert tb["ename"] == "KeyError" and "SIDELEAK-traceback-54" in "".join(tb["traceback"])

@@ -24,6 +24,7 @@ from ..errors import KPrivacyError
 from ..notebook_file import find_notebook_path
 from ..quiet.fdcapture import FdCapture
 from ..quiet.safe_mime import safe_output
+from ..quiet.streams import hold_streams, terminal_streams
 from ._base import lookup, passphrase_from_args, user_errors
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
@@ -56,6 +57,81 @@ def _output_dicts(
         data, metadata = shell.display_formatter.format(value)
         outputs.append({"output_type": "execute_result", "data": data, "metadata": metadata})
     return outputs, dropped
+
+
+class _CapturedRun:
+    """What :func:`_run_captured` caught: output dicts (errors included) and loose ends."""
+
+    def __init__(self) -> None:
+        self.outputs: list[dict] = []
+        self.errors: list[dict] = []
+        self.dropped = 0
+        self.result: Any = None
+        self.still_running: list[threading.Thread] = []
+
+
+def _error_output(etype: Any, evalue: Any, stb: Any) -> dict:
+    """An nbformat ``error`` output from what ``shell._showtraceback`` receives."""
+    return {
+        "output_type": "error",
+        "ename": getattr(etype, "__name__", str(etype)),
+        "evalue": str(evalue),
+        "traceback": [str(line) for line in (stb or [])],
+    }
+
+
+def _run_captured(shell: Any, cell: str) -> _CapturedRun:
+    """Run ``cell`` with every way it can write captured: ``sys.stdout``/``sys.stderr``, stream
+    objects and logging handlers that existed before the cell, fd 1/2 (subprocesses, C code),
+    threads writing while the cell runs, displays, the value and the traceback."""
+    run = _CapturedRun()
+    values: list[Any] = []
+    saved_hook = sys.displayhook
+    own_tb = shell.__dict__.get("_showtraceback")
+    before = set(threading.enumerate())
+    streams = terminal_streams()
+
+    def hook(value: Any) -> None:
+        if value is not None:
+            values.append(value)
+
+    def keep_traceback(*exc: Any) -> None:
+        run.errors.append(_error_output(*exc[:3]))
+
+    with (
+        capture_output(stdout=True, stderr=True, display=True) as captured,
+        FdCapture() as fds,
+        hold_streams({"stdout": sys.stdout, "stderr": sys.stderr}, streams),
+    ):
+        sys.displayhook = hook
+        shell._showtraceback = keep_traceback
+        try:
+            run.result = shell.run_cell(cell, store_history=False)
+        finally:
+            sys.displayhook = saved_hook
+            if own_tb is None:
+                del shell._showtraceback
+            else:
+                shell._showtraceback = own_tb
+    run.outputs, run.dropped = _output_dicts(captured, values, shell, fds)
+    run.outputs += run.errors
+    run.still_running = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    return run
+
+
+def _traceback_text(out: dict) -> str:
+    lines = out.get("traceback")
+    if isinstance(lines, list) and all(isinstance(x, str) for x in lines) and lines:
+        return "\n".join(lines)
+    return f"{out.get('ename', 'Error')}: {out.get('evalue', '')}"
+
+
+def _warn_running_threads(threads: list[threading.Thread]) -> None:
+    if threads:
+        print(
+            f"⚠ {len(threads)} thread(s) started in this cell are still running; what they "
+            "write from now on is NOT captured or encrypted (join them inside the cell)"
+        )
 
 
 @magics_class
@@ -159,10 +235,14 @@ class ExportMagics(Magics):
     def secure_output(self, line: str, cell: str) -> None:
         """Run the cell; store and show its outputs ONLY encrypted.
 
-        stdout/stderr (also what subprocesses and C libraries write to file descriptors 1 and
-        2), rich displays and the cell's value are captured, encrypted as one age blob to the
-        recipients, and replaced by a placeholder; the saved notebook, ``Out`` and ``_`` never
-        hold the plaintext. Errors (tracebacks) still show normally, after the cell. Example::
+        Everything the cell writes while it runs is captured: stdout/stderr (also through
+        stream objects or logging handlers made before the cell, from threads, and what
+        subprocesses and C libraries write to file descriptors 1 and 2), rich displays, the
+        cell's value and its traceback. It is encrypted as one age blob to the recipients and
+        replaced by a placeholder; the saved notebook, ``Out`` and ``_`` never hold the
+        plaintext. A cell that raised fails with a one-line "the cell raised <Type>; traceback
+        encrypted" note. What a thread writes *after* the cell ended is not captured (a note
+        says so when threads are still running: join them inside the cell). Example::
 
             %%secure_output --to alice
             df[df.patient_id == 1234]
@@ -180,36 +260,12 @@ class ExportMagics(Magics):
             raise UsageError("say who can read the output: --to NAME|age1… or --passphrase")
         # Resolve keys before running the cell, so a typo doesn't run (and lose) the cell.
         recipients_for(recipients or None, passphrase, DEFAULT_SCRYPT_WORK_FACTOR)
-        values: list[Any] = []
-        errors: list[tuple[Any, ...]] = []
-        saved_hook = sys.displayhook
-        shell = self.shell
-        own_tb = shell.__dict__.get("_showtraceback")
-
-        def hook(value: Any) -> None:
-            if value is not None:
-                values.append(value)
-
-        def defer_traceback(*exc: Any) -> None:
-            errors.append(exc)  # shown after the capture, in the clear (see the docstring)
-
-        with capture_output(stdout=True, stderr=True, display=True) as captured, FdCapture() as fds:
-            sys.displayhook = hook
-            shell._showtraceback = defer_traceback
-            try:
-                result = shell.run_cell(cell, store_history=False)
-            finally:
-                sys.displayhook = saved_hook
-                if own_tb is None:
-                    del shell._showtraceback
-                else:
-                    shell._showtraceback = own_tb
-        outputs, dropped = _output_dicts(captured, values, shell, fds)
-        for exc in errors:
-            shell._showtraceback(*exc)
+        run = _run_captured(self.shell, cell)
+        outputs, dropped = run.outputs, run.dropped
         if not outputs:
-            if not (result.error_before_exec or result.error_in_exec):
+            if not (run.result.error_before_exec or run.result.error_in_exec):
                 print("(the cell produced no output; nothing to encrypt)")
+            _warn_running_threads(run.still_running)
             return None
         armored, shown = encrypt_outputs(
             outputs,
@@ -238,6 +294,13 @@ class ExportMagics(Magics):
             raw=True,
             metadata={"kprivacy_nb": {"id": blob_id, "recipients": list(shown)}},
         )
+        _warn_running_threads(run.still_running)
+        if run.errors:
+            names = ", ".join(dict.fromkeys(e["ename"] for e in run.errors))
+            raise UsageError(
+                f"the cell raised {names}; traceback encrypted (a key holder runs "
+                f"%secure_show {blob_id})"
+            )
         return None
 
     # -- %secure_show -----------------------------------------------------------------------
@@ -286,6 +349,8 @@ class ExportMagics(Magics):
             display_id = pyrandom.token_hex(6)
             if out.get("output_type") == "stream":
                 data, metadata = {"text/plain": out.get("text", "")}, {}
+            elif out.get("output_type") == "error":
+                data, metadata = {"text/plain": _traceback_text(out)}, {}
             else:
                 data, metadata = out.get("data", {}), out.get("metadata", {})
             if not status.verified:  # anyone with our public key could have written it
