@@ -17,7 +17,7 @@ from .errors import KPrivacyError
 from .secrets import redact
 
 # Modules that add subcommands (each defines ``register(subparsers)``).
-CLI_MODULES = ("kprivacy_nb.dp.cli", "kprivacy_nb.crypto.cli")
+CLI_MODULES = ("kprivacy_nb.dp.cli", "kprivacy_nb.crypto.cli", "kprivacy_nb.doctor.cli")
 
 
 class _Parser(argparse.ArgumentParser):

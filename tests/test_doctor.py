@@ -1,0 +1,269 @@
+"""``kprivacy-nb doctor`` and ``%kp_doctor``: each finding from a fixture that has the problem,
+and a clean environment that reports nothing high."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from kprivacy_nb.__main__ import main
+from kprivacy_nb.crypto import age
+from kprivacy_nb.doctor import run_checks
+
+PATCHED = "keras==3.15.0\ncryptography==46.0.5\njupyter-server==2.21.0\npillow==12.0.0\n"
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Jupyter's runtime/config folders, IPython's history and the working tree in tmp_path."""
+    for name in ("runtime", "jcfg", "ipython", "work"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(tmp_path / "jcfg"))
+    monkeypatch.setenv("JUPYTER_CONFIG_PATH", "")
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    monkeypatch.delenv("KPRIVACY_NB_LEDGER_URL", raising=False)
+    monkeypatch.chdir(tmp_path / "work")
+    return tmp_path
+
+
+def doctor(capsys, *argv: str) -> tuple[int, dict]:
+    rc = main(["doctor", "--json", *argv])
+    out = capsys.readouterr().out.strip().splitlines()
+    return rc, json.loads(out[-1])
+
+
+def ids(doc: dict, severity: str | None = None) -> set[str]:
+    return {f["id"] for f in doc["findings"] if severity in (None, f["severity"])}
+
+
+# -- package advisories ----------------------------------------------------------------------
+
+
+def test_vulnerable_pins_are_reported_and_fail_the_cli(capsys, tmp_path):
+    req = tmp_path / "requirements.txt"
+    req.write_text("keras==3.8.0  # pinned\ncryptography==41.0.0\n")
+    rc, doc = doctor(capsys, "--requirements", str(req), "--check", "advisories")
+    assert rc == 1
+    assert {"CVE-2025-1550", "CVE-2024-26130"} <= ids(doc, "high")
+    f = next(f for f in doc["findings"] if f["id"] == "CVE-2025-1550")
+    assert "keras 3.8.0" in f["evidence"] and "requirements.txt line 1" in f["evidence"]
+    assert f["fix"].startswith('pip install "keras>=') and f["check"] == "advisories"
+    assert doc["advisory_snapshot"]  # the snapshot is date-stamped
+
+
+def test_patched_pins_report_nothing_and_pass(capsys, tmp_path):
+    req = tmp_path / "requirements.txt"
+    req.write_text(PATCHED)
+    rc, doc = doctor(capsys, "--requirements", str(req), "--check", "advisories")
+    assert (rc, doc["findings"]) == (0, [])
+
+
+def test_a_clean_environment_reports_nothing_high(capsys, tmp_path):
+    req = tmp_path / "requirements.txt"
+    req.write_text(PATCHED)
+    rc, doc = doctor(capsys, "--requirements", str(req))  # every check family
+    assert rc == 0 and not ids(doc, "high")
+    assert set(doc["checks"]) == {"advisories", "server", "keys", "privacy"}
+
+
+def test_ranges_editables_and_bad_lines(capsys, tmp_path):
+    (tmp_path / "more.txt").write_text("keras>=3.15.0\n")
+    req = tmp_path / "requirements.txt"
+    req.write_text(
+        "keras>=3\n-e .\n--index-url https://example.invalid/simple\nfoo=1.0\n"
+        "cryptography==41.0.0 ; python_version < '3'\n-r more.txt\n-r missing.txt\n"
+    )
+    rc, doc = doctor(capsys, "--requirements", str(req), "--check", "advisories")
+    assert rc == 0  # nothing pinned to a vulnerable version: only low findings
+    assert ids(doc) == {"unpinned:keras", "requirements:unparsed"}
+    assert ids(doc, "low") == ids(doc)
+    bad = [f["evidence"] for f in doc["findings"] if f["id"] == "requirements:unparsed"]
+    assert any("foo=1.0" in e for e in bad) and any("missing.txt" in e for e in bad)
+    assert any("editable" in n for n in doc["notes"])
+
+
+def test_missing_requirements_file_is_a_usage_error(capsys, tmp_path):
+    assert main(["doctor", "--requirements", str(tmp_path / "nope.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.txt" in err and "Traceback" not in err
+
+
+# -- the Jupyter server and the kernel -------------------------------------------------------
+
+
+def test_running_server_on_all_interfaces_without_token(capsys, isolated):
+    info = {"hostname": "0.0.0.0", "port": 1, "token": "", "password": False, "secure": False}
+    runtime = isolated / "runtime"
+    (runtime / "jpserver-1.json").write_text(json.dumps({**info, "pid": os.getpid()}))
+    rc, doc = doctor(capsys, "--check", "server")
+    assert rc == 1
+    assert "server:auth-off-exposed" in ids(doc, "high") and "server:no-tls" in ids(doc)
+    # The same file from a server that is gone is ignored (and said so).
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
+                          capture_output=True, check=True)  # fmt: skip
+    (runtime / "jpserver-1.json").write_text(json.dumps({**info, "pid": int(dead.stdout)}))
+    rc, doc = doctor(capsys, "--check", "server")
+    assert (rc, doc["findings"]) == (0, []) and any("stale" in n for n in doc["notes"])
+
+
+def test_server_config_files_auth_off_and_any_origin(capsys, isolated):
+    cfg = isolated / "jcfg"
+    (cfg / "jupyter_server_config.json").write_text(
+        json.dumps({"ServerApp": {"ip": "0.0.0.0", "token": "", "allow_origin": "*"}})
+    )
+    rc, doc = doctor(capsys, "--check", "server")
+    assert rc == 1 and {"server:auth-off-exposed", "server:allow-origin-any"} <= ids(doc, "high")
+    (cfg / "jupyter_server_config.json").unlink()
+    marker = isolated / "executed"
+    (cfg / "jupyter_server_config.py").write_text(
+        f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n"
+        "c.ServerApp.ip = '0.0.0.0'\nc.IdentityProvider.token = ''\n"
+    )
+    rc, doc = doctor(capsys, "--check", "server")
+    assert "server:auth-off-exposed" in ids(doc, "high")
+    assert not marker.exists()  # config files are parsed, never run
+
+
+def test_kernel_connection_file_over_tcp(capsys, isolated):
+    conn = isolated / "runtime" / "kernel-abc.json"
+    conn.write_text(json.dumps({"transport": "tcp", "ip": "0.0.0.0", "key": "", "shell_port": 1}))
+    conn.chmod(0o644)
+    rc, doc = doctor(capsys, "--check", "server")
+    assert rc == 1
+    assert {"kernel:tcp-exposed", "kernel:no-key", "kernel:connection-file-mode"} <= ids(doc)
+    conn.write_text(json.dumps({"transport": "tcp", "ip": "127.0.0.1", "key": "k" * 32}))
+    conn.chmod(0o600)
+    rc, doc = doctor(capsys, "--check", "server")
+    assert (rc, doc["findings"]) == (0, [])
+
+
+# -- keys and secrets ------------------------------------------------------------------------
+
+
+def test_key_file_readable_by_others(capsys, kp_home):
+    keys = kp_home / "keys"
+    keys.mkdir(mode=0o700)
+    key = keys / "alice.key"
+    key.write_text(age.X25519Identity.generate().reveal() + "\n")
+    key.chmod(0o644)
+    rc, doc = doctor(capsys, "--check", "keys")
+    assert rc == 1
+    f = next(f for f in doc["findings"] if f["id"] == "keys:file-mode")
+    assert f["severity"] == "high" and "0644" in f["evidence"] and f["fix"] == f"chmod 600 {key}"
+    key.chmod(0o600)
+    rc, doc = doctor(capsys, "--check", "keys")
+    assert (rc, doc["findings"]) == (0, [])
+
+
+def test_secret_literals_in_a_notebook(capsys, isolated):
+    secret = age.X25519Identity.generate().reveal()
+    nb = {
+        "cells": [
+            {"cell_type": "markdown", "source": ["# fine"]},
+            {"cell_type": "code", "source": [f'ident = "{secret}"\n'], "outputs": []},
+            {"cell_type": "code", "source": 'secure_save(m, "m.age", passphrase="hunter2!")',
+             "outputs": []},
+        ]
+    }  # fmt: skip
+    (isolated / "work" / "leak.ipynb").write_text(json.dumps(nb))
+    rc = main(["doctor", "--check", "keys"])
+    out = capsys.readouterr().out
+    assert rc == 1 and secret not in out and "hunter2" not in out
+    assert "leak.ipynb cell 2: an age secret key" in out
+    assert "leak.ipynb cell 3: a passphrase/password literal" in out
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_key_in_a_git_working_tree(capsys, isolated):
+    work = isolated / "work"
+    subprocess.run(["git", "init", "-q", str(work)], check=True)
+    (work / "key.txt").write_text(age.X25519Identity.generate().reveal() + "\n")
+    rc, doc = doctor(capsys, "--check", "keys")
+    f = next(f for f in doc["findings"] if f["id"] == "keys:key-in-tree")
+    assert rc == 1 and f["severity"] == "high" and "key.txt" in f["evidence"]
+    (work / ".gitignore").write_text("key.txt\n")
+    rc, doc = doctor(capsys, "--check", "keys")
+    assert rc == 0 and ids(doc, "medium") == {"keys:key-in-tree"}
+
+
+def test_secret_in_ipython_history(capsys, isolated):
+    db = isolated / "ipython" / "profile_default" / "history.sqlite"
+    db.parent.mkdir(parents=True)
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE history (session integer, line integer, source text, "
+                    "source_raw text)")  # fmt: skip
+        con.execute("INSERT INTO history VALUES (1, 1, 'x = 1', 'x = 1')")
+        key = age.X25519Identity.generate().reveal()
+        con.execute("INSERT INTO history VALUES (1, 2, ?, ?)", (f"k = {key!r}", f"k = {key!r}"))
+    con.close()
+    rc, doc = doctor(capsys, "--check", "keys")
+    f = next(f for f in doc["findings"] if f["id"] == "keys:secret-in-history")
+    assert rc == 1 and "session 1 line 2" in f["evidence"] and key not in json.dumps(doc)
+
+
+# -- privacy hygiene -------------------------------------------------------------------------
+
+
+def test_ledger_writable_by_others(capsys, kp_home):
+    ledger = kp_home / "ledger.sqlite3"
+    ledger.write_bytes(b"")
+    ledger.chmod(0o666)
+    rc, doc = doctor(capsys, "--check", "privacy")
+    assert rc == 1 and ids(doc, "high") == {"privacy:ledger-writable"}
+    ledger.chmod(0o644)
+    rc, doc = doctor(capsys, "--check", "privacy")
+    assert rc == 0 and ids(doc, "low") == {"privacy:ledger-readable"}
+    ledger.chmod(0o600)
+    rc, doc = doctor(capsys, "--check", "privacy")
+    assert (rc, doc["findings"]) == (0, [])
+
+
+def _run(ledger_name):
+    from kprivacy_nb.dp.trainer import DPFitResult
+
+    return DPFitResult(
+        model=None, history={}, epsilon=1.0, epsilon_curve=None, noise_multiplier=1.0,
+        delta=1e-5, steps=10, clipping={}, l2_norm_clip=1.0, batch_size=8, n=80,
+        sampling="poisson", accountant="pld", epochs_completed=1, planned_curve=None,
+        ledger_name=ledger_name,
+    )  # fmt: skip
+
+
+def test_dp_runs_not_charged_to_a_ledger():
+    report = run_checks(checks=["privacy"], user_ns={"run": _run(None), "ok": _run("customers")})
+    (f,) = report.findings
+    assert f.id == "privacy:run-not-charged" and f.evidence == "variables: run"
+
+
+# -- the magic -------------------------------------------------------------------------------
+
+
+def test_kp_doctor_magic(ip, tmp_path):
+    (tmp_path / "work" / "req.txt").write_text("keras==3.8.0\n")
+    report = ip.run_line_magic("kp_doctor", "--requirements req.txt --check advisories")
+    high = [f for f in report.findings if f.severity == "high"]
+    assert "CVE-2025-1550" in {f.id for f in high} and report.has_high
+    assert "CVE-2025-1550" in repr(report)
+    html = report._repr_html_()
+    assert html.count("<details") == len(report.findings) and "#c0392b" in html
+    text = ip.run_line_magic("kp_doctor", "--requirements req.txt --check advisories --json")
+    assert "CVE-2025-1550" in {f["id"] for f in json.loads(str(text))["findings"]}
+    ip.user_ns["run"] = _run(None)
+    report = ip.run_line_magic("kp_doctor", "--check privacy")
+    assert [f.id for f in report.findings] == ["privacy:run-not-charged"]
+    doc = ip.find_line_magic("kp_doctor").__doc__
+    assert "Example" in doc and "%kp_doctor" in doc
+
+
+def test_kp_doctor_bad_usage_is_a_usage_error(ip):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="does not exist"):
+        ip.run_line_magic("kp_doctor", "--requirements nope.txt")
