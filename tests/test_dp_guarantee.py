@@ -199,6 +199,81 @@ def test_mixing_only_in_training_mode_is_refused_and_dropout_is_not():
     assert run.verified
 
 
+class GraphOnlyMix(keras.layers.Layer):
+    """Mixes examples only when traced (the eager self-check sees an honest layer)."""
+
+    def call(self, x):
+        return x if tf.executing_eagerly() else x - keras.ops.mean(x, axis=0)
+
+
+class LargeBatchMix(keras.layers.Layer):
+    """Mixes examples only in batches larger than the eager self-check's 8 examples."""
+
+    def call(self, x):
+        mixed = x - keras.ops.mean(x, axis=0)
+        return keras.ops.where(keras.ops.shape(x)[0] > 8, mixed, x)
+
+
+@tf.custom_gradient
+def _leaky_identity(t):
+    def grad(dy):  # every example's gradient gets every other example's
+        return dy + tf.reduce_sum(dy, axis=0, keepdims=True)
+
+    return tf.identity(t), grad
+
+
+class BackwardMix(keras.layers.Layer):
+    """Honest forward pass; when traced, the backward pass adds the whole batch's gradient to
+    each example (eagerly — as the per-example reference runs — it is an honest identity)."""
+
+    def call(self, x):
+        return x if tf.executing_eagerly() else _leaky_identity(x)
+
+
+@pytest.mark.parametrize("layer", [GraphOnlyMix, LargeBatchMix, BackwardMix])
+def test_mixing_the_eager_check_cannot_see_is_caught_in_the_traced_step(layer):
+    x = np.random.default_rng(5).normal(size=(64, 4)).astype("float32")
+    y = np.random.default_rng(6).normal(size=(64, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), k.Dense(4), layer(), k.Dense(1)])
+    with pytest.raises(TrainingError, match="mixes the examples"):
+        dp_fit(model, x, y, epochs=1, batch_size=32, noise_multiplier=1.0, delta=1e-3,
+               loss="mse", l2_norm_clip=0.01, verbose=0)  # fmt: skip
+
+
+def test_the_traced_probe_measures_at_most_c_on_an_honest_model():
+    x = np.random.default_rng(7).normal(size=(64, 4)).astype("float32")
+    y = np.random.default_rng(8).normal(size=(64, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), k.Dense(8), k.Dropout(0.3), k.Dense(1)])
+    engine = _engine(model, x, y, clip=0.01)
+    worst = engine.check_sensitivity(tf.constant(x), tf.constant(y), 32)
+    assert 0.5 < worst <= 1.0 + 1e-3  # tiny C: every example is clipped to exactly C
+
+
+class Scale(keras.layers.Layer):
+    """A layer with no fast path: its weights take the per-example jacobian fallback."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.w
+
+
+def test_an_overflowing_record_cannot_silence_the_rest_of_its_batch():
+    # In the batched jacobian every example's gradient is a sum over rows, so one row with
+    # 0·∞ = NaN made every example non-finite: one record dropped the whole batch.
+    x = np.random.default_rng(9).normal(size=(16, 4)).astype("float32")
+    y = np.random.default_rng(10).normal(size=(16, 1)).astype("float32")
+    x[10] = 3e38  # finite, but the forward pass overflows
+    model = keras.Sequential([keras.Input((4,)), Scale(), k.Dense(3), k.Dense(1)])
+    engine = _engine(model, x, y, clip=0.05)
+    assert any("fallback" in m for m in engine.report.values())
+    everyone = _update(engine, x, y, np.arange(16))
+    honest = _update(engine, x, y, np.delete(np.arange(16), 10))
+    assert np.linalg.norm(honest) > 0.2  # the 15 others are clipped to 0.05 each
+    np.testing.assert_allclose(everyone, honest, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- 4. metrics
 
 

@@ -246,6 +246,7 @@ def test_adam_and_log_lines():
                  callbacks=[LogReporter(out)])  # fmt: skip
     lines = out.getvalue().strip().splitlines()
     assert len(lines) == 3 and lines[1].startswith("epoch 1/2") and "ε" in lines[2]
+    assert "train loss" in lines[1] and "not private" in lines[1]
     assert run.history["loss"][-1] < run.history["loss"][0] + 0.5
     assert "NOT covered by ε" in run.summary()["training_metrics"]
 

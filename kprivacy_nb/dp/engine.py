@@ -15,6 +15,7 @@ found on the host (:func:`.clipping.repeats`). Both are plain inputs of the trac
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -136,6 +137,10 @@ class DPSGDEngine:
             spec = RepeatedTokens(tf.TensorSpec([None, None], tf.bool), vector, vector, vector)
             signature.extend(spec for _ in self._host_vocab)
         self._step = tf.function(self._step_impl, input_signature=signature)
+        probe_signature = [_batch_spec(X), _batch_spec(Y), tf.TensorSpec([None], tf.float32)]
+        probe_signature.extend(signature[5:])
+        self._probe = tf.function(self._probe_impl, input_signature=probe_signature)
+        self.sensitivity_checked: float | None = None  # largest removal effect / C found
         self._eval = tf.function(self._eval_impl, input_signature=[_batch_spec(X), _batch_spec(Y)])
         self._concrete: Any = None
         self._pool: ThreadPoolExecutor | None = None  # host inputs of the next step
@@ -219,6 +224,38 @@ class DPSGDEngine:
         kept = weights * tf.cast(out.kept, tf.float32)
         stats = self._stats(y, out.predictions, out.losses, kept)
         return tf.stack([*stats, applied, tf.cast(out.nonfinite, tf.float32)])
+
+    def _probe_impl(self, x: Any, y: Any, weights: tf.Tensor, *repeated: RepeatedTokens) -> Any:
+        out = self.clipper.clipped_sum(x, y, weights, repeated=repeated)
+        return tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in out.grads], 0)
+
+    def check_sensitivity(self, X: Any, Y: Any, batch_size: int) -> float:
+        """The traced-step probe of the self-check (:func:`.clipping.selfcheck.probe_sensitivity`)
+        on the first ``batch_size`` rows (at least 16, at most 512): the clipped sum computed as
+        training computes it moves by at most C when one example is removed."""
+        from .clipping.selfcheck import probe_sensitivity
+
+        n = int(tf.nest.flatten(X)[0].shape[0])
+        rows = min(n, max(16, min(int(batch_size), 512)))
+        x = tf.nest.map_structure(lambda t: t[:rows], X)
+        y = Y[:rows]
+
+        def run(xs: Any, ys: Any, weights: tf.Tensor) -> Any:
+            extra = []
+            if self._host_vocab:
+                ids = np.asarray(tf.nest.flatten(xs)[0]).astype(self._host_dtype, copy=False)
+                extra = [
+                    RepeatedTokens(*map(tf.constant, repeats(ids, v))) for v in self._host_vocab
+                ]
+            return self._probe(xs, ys, weights, *extra)
+
+        started = time.perf_counter()
+        self.sensitivity_checked = probe_sensitivity(
+            run, x, y, self.model.non_trainable_variables, self.clipper.l2_norm_clip
+        )
+        seconds = time.perf_counter() - started
+        self.clipper.self_check_seconds = (self.clipper.self_check_seconds or 0.0) + seconds
+        return self.sensitivity_checked
 
     def step(
         self,

@@ -51,7 +51,12 @@ class LogReporter:
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         parts = [f"epoch {epoch}/{logs.get('epochs', '?')}"]
-        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        # Training-set metrics come from the private data without noise: labelled as such
+        # (this line may end up in a saved notebook or a log file).
+        train = [f"{key} {logs[key]:.4f}" for key in ("loss", "accuracy") if key in logs]
+        if train:
+            parts.append(f"train {', '.join(train)} (not private: not covered by ε)")
+        for key in ("val_loss", "val_accuracy"):
             if key in logs:
                 parts.append(f"{key} {logs[key]:.4f}")
         parts.append(f"ε {_fmt(logs['epsilon'])} (δ={logs['delta']:g})")

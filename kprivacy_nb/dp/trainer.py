@@ -293,6 +293,7 @@ def dp_fit(
         host_x=x if isinstance(x, np.ndarray) and x.dtype.kind in "iu" else None,
     )  # fmt: skip
     eng.trace()
+    eng.check_sensitivity(X, Y, batch_size)
     spe = accounting.steps_per_epoch(n, batch_size, sampling)
     planned = accounting.epsilon_curve(
         n, batch_size, epochs, sigma, delta, sampling=sampling, accountant=accountant

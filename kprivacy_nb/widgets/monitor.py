@@ -109,7 +109,9 @@ class TrainingMonitor:
                 ]
                 if pts:
                     ax.plot(
-                        *zip(*pts, strict=False), style, label="validation" if prefix else "train"
+                        *zip(*pts, strict=False),
+                        style,
+                        label="validation" if prefix else "train (not private)",
                     )
             ax.set_title(key)
             ax.set_xlabel("epoch")

@@ -327,6 +327,74 @@ class FastClipper:
         factors costs nothing; scaling the sums later would be one more pass over every
         weight.)"""
         weights = tf.cast(weights, tf.float32)
+        first = self._clipped_sum(x, y, weights, scale, repeated)
+        if not self.fallback_variables:
+            return first
+        # The jacobian back-propagates every example's one-hot loss through the whole batch: a
+        # weight's gradient is a sum over rows, and an overflowing row adds 0·∞ = NaN to every
+        # example's gradient, so every example would be dropped — one record silencing the
+        # batch. When a row was dropped (rare), the step is computed again the textbook way: one
+        # example at a time, each on its own forward pass, so no row can touch another.
+        dropped = ~first.kept & (weights > 0)
+
+        def again() -> tuple[Any, ...]:
+            return self._one_at_a_time(x, y, weights, scale)
+
+        def as_is() -> tuple[Any, ...]:
+            return first.grads, first.losses, first.norms, first.kept
+
+        grads, losses, norms, kept = tf.cond(tf.reduce_any(dropped), again, as_is)
+        return ClippedBatch(
+            list(grads), losses, first.predictions, norms,
+            tf.reduce_sum(tf.cast(~kept & (weights > 0), tf.int32)), kept,
+            first.regularization_grads,
+        )  # fmt: skip
+
+    def _one_at_a_time(self, x: Any, y: Any, weights: tf.Tensor, scale: Any) -> tuple[Any, ...]:
+        """Clipped sum with one forward/backward pass per example (no vectorisation, no batch)."""
+        batch = tf.shape(weights)[0]
+        clip = tf.constant(self.l2_norm_clip, tf.float32)
+        scale = tf.cast(scale, tf.float32)
+
+        def body(i: tf.Tensor, sums: list[tf.Tensor], losses: Any, norms: Any, kept: Any) -> Any:
+            xi = tf.nest.map_structure(lambda t: t[i : i + 1], x)
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(
+                    tf.cast(self.loss_fn(y[i : i + 1], self.model(xi, training=True)), tf.float32)
+                )
+            grads = tape.gradient(
+                loss, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
+            sq = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grads])
+            ok = tf.math.is_finite(sq) & tf.math.is_finite(loss) & (weights[i] > 0)
+            norm = tf.sqrt(tf.where(ok, sq, 0.0))
+            factor = tf.where(norm > clip, clip / tf.maximum(norm, 1e-30), 1.0)
+            factor = tf.where(ok, factor * weights[i] * scale, 0.0)
+            sums = [
+                s + tf.where(ok, tf.cast(factor, g.dtype) * g, tf.zeros_like(g))
+                for s, g in zip(sums, grads, strict=True)
+            ]
+            return (
+                i + 1, sums, losses.write(i, tf.where(ok, loss, 0.0)), norms.write(i, norm),
+                kept.write(i, ok | (weights[i] <= 0)),
+            )  # fmt: skip
+
+        start = (
+            tf.constant(0), [tf.zeros(v.shape, v.dtype) for v in self.variables],
+            tf.TensorArray(tf.float32, batch), tf.TensorArray(tf.float32, batch),
+            tf.TensorArray(tf.bool, batch),
+        )  # fmt: skip
+        _, sums, losses, norms, kept = tf.while_loop(lambda i, *_: i < batch, body, start)
+        return sums, losses.stack(), norms.stack(), kept.stack()
+
+    def _clipped_sum(
+        self,
+        x: Any,
+        y: Any,
+        weights: tf.Tensor,
+        scale: Any,
+        repeated: Sequence[RepeatedTokens],
+    ) -> ClippedBatch:
         run = self.parts(x, y, weights, repeated)
         batch = tf.shape(run.losses)[0]
         sq = tf.zeros([batch], tf.float32)
