@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -113,6 +114,21 @@ def test_running_server_on_all_interfaces_without_token(capsys, isolated):
     assert (rc, doc["findings"]) == (0, []) and any("stale" in n for n in doc["notes"])
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net (Linux)")
+def test_runtime_file_saying_localhost_but_socket_on_all_interfaces(capsys, isolated):
+    # With --ip='*' the runtime file says "localhost"; the listening socket tells the truth.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        info = {"hostname": "localhost", "port": port, "token": "", "pid": os.getpid()}
+        (isolated / "runtime" / "jpserver-2.json").write_text(json.dumps(info))
+        rc, doc = doctor(capsys, "--check", "server")
+    assert rc == 1 and "server:auth-off-exposed" in ids(doc, "high")
+    rc, doc = doctor(capsys, "--check", "server")  # socket closed: only local, auth off
+    assert rc == 0 and ids(doc) == {"server:auth-off"}
+
+
 def test_server_config_files_auth_off_and_any_origin(capsys, isolated):
     cfg = isolated / "jcfg"
     (cfg / "jupyter_server_config.json").write_text(
@@ -157,6 +173,9 @@ def test_key_file_readable_by_others(capsys, kp_home):
     assert rc == 1
     f = next(f for f in doc["findings"] if f["id"] == "keys:file-mode")
     assert f["severity"] == "high" and "0644" in f["evidence"] and f["fix"] == f"chmod 600 {key}"
+    key.chmod(0o640)  # group-readable is as bad
+    rc, doc = doctor(capsys, "--check", "keys")
+    assert rc == 1 and "keys:file-mode" in ids(doc, "high")
     key.chmod(0o600)
     rc, doc = doctor(capsys, "--check", "keys")
     assert (rc, doc["findings"]) == (0, [])
