@@ -286,3 +286,76 @@ def test_kp_doctor_bad_usage_is_a_usage_error(ip):
 
     with pytest.raises(UsageError, match="does not exist"):
         ip.run_line_magic("kp_doctor", "--requirements nope.txt")
+
+
+# -- the snapshot refresh tool ---------------------------------------------------------------
+
+
+def _refresh_tool():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "refresh_advisories.py"
+    spec = importlib.util.spec_from_file_location("refresh_advisories", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_refresh_tool_turns_osv_records_into_a_snapshot(tmp_path, capsys):
+    import zipfile
+
+    from packaging.version import Version
+
+    from kprivacy_nb.doctor.advisories import Pin, _parse_snapshot, findings_for
+
+    def rec(id_, aliases, sev=None, **extra):
+        events = [{"introduced": "3.0.0"}, {"fixed": "3.9.0"}]
+        return {
+            "id": id_, "aliases": aliases, "modified": "2026-01-01T00:00:00Z",
+            "summary": "safe_mode bypass",
+            "database_specific": {"severity": sev} if sev else {},
+            "affected": [{"package": {"ecosystem": "PyPI", "name": "Keras"},
+                          "ranges": [{"type": "ECOSYSTEM", "events": events}]}],
+            **extra,
+        }  # fmt: skip
+
+    records = [
+        rec("PYSEC-2025-1", ["CVE-2025-1550"]),
+        rec("GHSA-48g7-3x6r-xfhp", ["CVE-2025-1550"], "HIGH"),
+        rec("GHSA-gone-gone-gone", ["CVE-2000-1"], "HIGH", withdrawn="2026-01-02T00:00:00Z"),
+        {**rec("GHSA-othr-othr-othr", []), "affected": [{"package": {"ecosystem": "PyPI",
+         "name": "unrelated"}, "ranges": [{"type": "ECOSYSTEM", "events": []}]}]},
+    ]  # fmt: skip
+    archive = tmp_path / "all.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for r in records:
+            zf.writestr(f"{r['id']}.json", json.dumps(r))
+    out = tmp_path / "advisories.json"
+    assert _refresh_tool().main(["--from-zip", str(archive), "--output", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    (entry,) = doc["advisories"]
+    assert entry["id"] == "GHSA-48g7-3x6r-xfhp" and entry["severity"] == "high"
+    assert set(entry["aliases"]) == {"CVE-2025-1550", "PYSEC-2025-1"}
+    snap = _parse_snapshot(doc)
+    hit = findings_for(Pin("keras", Version("3.8.0"), None, "test"), snap)
+    assert [f.id for f in hit] == ["CVE-2025-1550"]
+    assert findings_for(Pin("keras", Version("3.9.0"), None, "test"), snap) == []
+
+
+def test_bundled_snapshot_is_dated_sourced_and_parseable():
+    import datetime as dt
+
+    from packaging.version import Version
+
+    from kprivacy_nb.doctor.advisories import load_snapshot
+
+    snap = load_snapshot()
+    dt.date.fromisoformat(snap.date)
+    assert {"keras", "cryptography", "jupyter-server"} <= {a.package for a in snap.advisories}
+    for a in snap.advisories:
+        assert a.source and a.references and a.severity in ("high", "medium", "low"), a.id
+        for r in a.ranges:
+            for key in ("introduced", "fixed", "last_affected"):
+                if r.get(key, "0") != "0":
+                    Version(r[key])
