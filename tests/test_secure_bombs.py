@@ -204,3 +204,86 @@ def test_deep_manifest_ends_in_a_kprivacy_error(tmp_path, alice):
     path.write_bytes(age.encrypt(plain, [age.X25519Recipient.parse(alice.public)]))
     with pytest.raises(ResourceLimitError, match="manifest is nested"):
         secure_load(path)
+
+
+def h5_with_a_hard_link_cycle() -> bytes:
+    """HDF5 weights whose group ``a`` holds a hard link back to the root (a cycle)."""
+    import h5py
+
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        f.create_group("a")
+        f["a/back"] = f  # hard link: / -> a -> back (= /) -> a -> …
+        f["a/w"] = np.zeros(3, "float32")
+    return buf.getvalue()
+
+
+def keras_archive(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+CONFIG = json.dumps({"class_name": "Sequential", "config": {"layers": []}}).encode()
+
+
+def test_hdf5_hard_link_cycle_ends_quickly_in_a_clear_error(tmp_path, alice):
+    archive = keras_archive(
+        {"config.json": CONFIG, "model.weights.h5": h5_with_a_hard_link_cycle()}
+    )
+    path = crafted(tmp_path / "cycle.age", alice, "keras.model", {"model.keras": archive})
+    code = (
+        "import sys; from kprivacy_nb.crypto.store import secure_load\n"
+        "from kprivacy_nb.errors import KPrivacyError\n"
+        "try:\n    secure_load(sys.argv[1], identities=[sys.argv[2]])\n"
+        "except KPrivacyError as exc:\n    print('refused', type(exc).__name__)\n"
+    )
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", code, str(path), str(alice.path)],
+            capture_output=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("loading HDF5 weights with a hard-link cycle hangs")
+    # The weights walk ends; Keras then refuses the empty model's weights: a clear error.
+    assert r.returncode == 0 and r.stdout.startswith(b"refused"), r.stderr.decode()[-1500:]
+
+
+@pytest.mark.slow
+def test_npz_weights_nested_in_a_keras_archive_are_bounded(tmp_path, alice):
+    inner = deflated_zip({"layers/dense/vars.npy": (npy_header(BOMB), BOMB)})
+    assert len(inner) < 2 << 20
+    archive = keras_archive({"config.json": CONFIG, "model.weights.npz": inner})
+    path = crafted(tmp_path / "nested.age", alice, "keras.model", {"model.keras": archive})
+    out = load_in_child(path, alice)
+    assert out["error"] == "ResourceLimitError" and "model.weights.npz" in out["message"], out
+    assert out["growth"] < LIMIT // 2, out
+
+
+def test_nested_archives_share_one_expansion_limit(tmp_path, alice):
+    # Each level alone fits 1 MB; together (outer .keras + the npz inside it) they don't.
+    inner = keras_archive({"w.npy": npy_header(600_000) + bytes(600_000)}, zipfile.ZIP_STORED)
+    archive = keras_archive({"config.json": CONFIG, "model.weights.npz": inner})
+    path = crafted(tmp_path / "two-levels.age", alice, "keras.model", {"model.keras": archive})
+    with pytest.raises(ResourceLimitError, match="with the archives it is nested in"):
+        secure_load(path, max_expanded_bytes=1_000_000)
+
+
+@pytest.mark.slow
+def test_large_json_is_refused_before_parsing_in_bounded_memory(tmp_path, alice):
+    # 20 MiB of empty lists parse into ~450 MB of Python objects: refused by size first.
+    schema = b"[" + b"[]," * ((20 << 20) // 3) + b"[]]"
+    parts = {"schema.json": schema, "arrays.npz": deflated_zip({})}
+    path = crafted(tmp_path / "json.age", alice, "pandas.dataframe", parts)
+    out = load_in_child(path, alice, limit=None)
+    assert out["error"] == "ResourceLimitError" and "JSON limit of 16,777,216" in out["message"]
+    assert out["growth"] < 120 << 20, out
+    # Inside a .keras, a big config.json is refused from its declared size, before inflating it.
+    archive = deflated_zip({"config.json": (b"[", 17 << 20)})
+    path = crafted(tmp_path / "cfg.age", alice, "keras.model", {"model.keras": archive})
+    out = load_in_child(path, alice, limit=None)
+    assert out["error"] == "ResourceLimitError" and "config.json" in out["message"], out
+    assert out["growth"] < 12 << 20, out

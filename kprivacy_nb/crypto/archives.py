@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from ..errors import SerializationError
-from .limits import check_expansion
+from .limits import charge_expansion, check_expansion, check_json_size, loads_json
 
 MAX_MEMBERS = 100_000
 
@@ -41,7 +41,7 @@ def open_zip(data: bytes, what: str) -> zipfile.ZipFile:
         if info.flag_bits & 0x1:
             raise SerializationError(f"refused: {what} has an encrypted member")
         check_expansion(info.file_size, f"member {info.filename!r} of {what}")
-    check_expansion(sum(i.file_size for i in infos), f"{what} (all members together)")
+    charge_expansion(sum(i.file_size for i in infos), f"{what} (all members together)")
     return zf
 
 
@@ -53,6 +53,16 @@ def read_member(zf: zipfile.ZipFile, name: str, what: str) -> bytes:
         raise SerializationError(f"refused: {what} has no member {name!r}") from None
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError) as exc:
         raise SerializationError(f"refused: member {name!r} of {what} is corrupt ({exc})") from None
+
+
+def read_json_member(zf: zipfile.ZipFile, name: str, what: str) -> Any:
+    """A JSON member, its declared size checked against the JSON limit before it is inflated."""
+    try:
+        size = zf.getinfo(name).file_size
+    except KeyError:
+        raise SerializationError(f"refused: {what} has no member {name!r}") from None
+    check_json_size(size, f"{name} in {what}")
+    return loads_json(read_member(zf, name, what), f"{name} in {what}")
 
 
 # --- numpy ----------------------------------------------------------------------------------------
@@ -91,6 +101,15 @@ def load_npy(data: bytes, what: str) -> Any:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise SerializationError(f"refused {what}: {exc}") from None
+
+
+def check_npz(data: bytes, what: str) -> None:
+    """Refuse an ``.npz`` whose members (or the arrays their headers declare) are too large."""
+    zf = open_zip(data, what)
+    for info in zf.infolist():
+        if not info.filename.endswith(".npy"):
+            raise SerializationError(f"refused: unexpected member {info.filename!r} in {what}")
+        npy_declared_bytes(read_member(zf, info.filename, what), f"{info.filename} in {what}")
 
 
 def load_npz(data: bytes, what: str) -> dict[str, Any]:
@@ -153,21 +172,38 @@ def read_tar(data: bytes, what: str) -> dict[str, bytes]:
 # --- HDF5 (Keras weights) -------------------------------------------------------------------------
 
 
+MAX_H5_OBJECTS = 100_000
+
+
 def check_h5(data: bytes, what: str) -> None:
-    """Refuse HDF5 weights that link outside the file or declare more than the limit."""
+    """Refuse HDF5 weights that link outside the file, declare more than the limit, or hold
+    more than :data:`MAX_H5_OBJECTS` objects. Hard links may make the group graph cyclic: each
+    object (by its address in the file) is visited once."""
     import h5py
 
     total = 0
+    visited: set[Any] = set()
+    steps = 0
     try:
         with h5py.File(io.BytesIO(data), "r") as f:
             pending: list[Any] = [f]
+            visited.add(h5py.h5o.get_info(f["/"].id).addr)
             while pending:
                 group = pending.pop()
                 for key in group:
+                    steps += 1
+                    if steps > MAX_H5_OBJECTS:
+                        raise SerializationError(
+                            f"refused: {what} has more than {MAX_H5_OBJECTS:,} objects"
+                        )
                     link = group.get(key, getlink=True)
                     if isinstance(link, (h5py.ExternalLink, h5py.SoftLink)):
                         raise SerializationError(f"refused: {what} links to {key!r} elsewhere")
                     node = group[key]
+                    address = h5py.h5o.get_info(node.id).addr
+                    if address in visited:
+                        continue  # a second hard link to an object already checked
+                    visited.add(address)
                     if isinstance(node, h5py.Group):
                         pending.append(node)
                         continue
@@ -177,5 +213,6 @@ def check_h5(data: bytes, what: str) -> None:
                     check_expansion(total, what)
     except SerializationError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError):
         raise SerializationError(f"refused: {what} is not a valid HDF5 weights file") from None
+    charge_expansion(total, what)

@@ -7,7 +7,11 @@ holds. The rules (docs/container.md, "Limits"):
   (default 1 GiB), and so may all members of one archive together;
 * a tar member may be no larger than the tar part it comes from; sparse members are refused;
 * an ``.npy`` array may not declare more bytes than follow its header;
-* JSON is at most :data:`MAX_JSON_BYTES` long and :data:`MAX_JSON_DEPTH` deep.
+* archives nested in archives (``model.weights.npz`` or HDF5 weights inside a ``.keras``) count
+  against the same limit: everything one entry expands to, all levels together, is at most
+  :func:`max_expanded_bytes` (see :func:`expansion_budget`);
+* JSON is at most :data:`MAX_JSON_BYTES` (16 MiB) long and :data:`MAX_JSON_DEPTH` deep — parsed
+  JSON takes up to ~50× its size in memory, and a real model's config is far smaller.
 
 The expansion limit comes from, in order: :func:`expansion_limit` (what ``secure_load(...,
 max_expanded_bytes=N)`` sets for one call), :func:`configure` (what ``%config
@@ -33,13 +37,16 @@ from ..errors import InvalidParameterError, ResourceLimitError, SerializationErr
 ENV_VAR = "KPRIVACY_NB_MAX_EXPANDED"
 CONFIG_NAME = "SecureMagics.max_expanded_bytes"
 DEFAULT_MAX_EXPANDED = 1 << 30
-MAX_JSON_BYTES = 64 << 20
+MAX_JSON_BYTES = 16 << 20
 MAX_JSON_DEPTH = 64
 
 _override: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "kprivacy_nb_max_expanded", default=None
 )
 _configured: int | None = None
+_spent: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "kprivacy_nb_expansion_spent", default=None
+)
 
 
 def _parse_limit(value: Any, origin: str) -> int:
@@ -97,6 +104,30 @@ def check_expansion(size: int, what: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def expansion_budget() -> Iterator[None]:
+    """Inside the block, every :func:`charge_expansion` adds up: one entry's nested archives
+    together may not expand beyond the limit (a nested block shares the outer budget)."""
+    if _spent.get() is not None:
+        yield
+        return
+    token = _spent.set([0])
+    try:
+        yield
+    finally:
+        _spent.reset(token)
+
+
+def charge_expansion(size: int, what: str) -> None:
+    """Refuse ``what`` expanding to ``size`` bytes if it, or everything expanded so far in the
+    current :func:`expansion_budget`, is above the limit."""
+    check_expansion(size, what)
+    spent = _spent.get()
+    if spent is not None:
+        spent[0] += size
+        check_expansion(spent[0], f"{what} (with the archives it is nested in)")
+
+
 def json_depth(obj: Any) -> int:
     """Nesting depth of a parsed JSON value, computed without recursion."""
     deepest = 0
@@ -111,10 +142,18 @@ def json_depth(obj: Any) -> int:
     return deepest
 
 
+def check_json_size(size: int, what: str, max_bytes: int = MAX_JSON_BYTES) -> None:
+    """Refuse JSON text of ``size`` bytes before reading or parsing it."""
+    if size > max_bytes:
+        raise ResourceLimitError(
+            f"refused: {what} is {size:,} bytes, above the JSON limit of {max_bytes:,} "
+            "(kprivacy_nb.crypto.limits.MAX_JSON_BYTES)"
+        )
+
+
 def loads_json(data: bytes | str, what: str, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
     """``json.loads`` for untrusted data: size and depth bounded, every failure a clear error."""
-    if len(data) > max_bytes:
-        raise ResourceLimitError(f"refused: {what} is {len(data):,} bytes (limit {max_bytes:,})")
+    check_json_size(len(data), what, max_bytes)
     try:
         value = json.loads(data)
     except RecursionError:

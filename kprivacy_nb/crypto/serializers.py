@@ -22,8 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import KPrivacyError, SerializationError
-from .archives import check_h5, load_npy, load_npz, open_zip, read_member, read_tar
-from .limits import loads_json
+from .archives import (
+    check_h5,
+    check_npz,
+    load_npy,
+    load_npz,
+    open_zip,
+    read_json_member,
+    read_member,
+    read_tar,
+)
+from .limits import expansion_budget, loads_json
 
 Parts = dict[str, bytes]
 
@@ -155,11 +164,15 @@ def check_keras_archive(data: bytes) -> None:
             "refused: unexpected files in the .keras archive "
             f"({', '.join(sorted(names - KERAS_MEMBERS)) or 'config.json missing'})"
         )
-    config = loads_json(read_member(zf, "config.json", "the .keras archive"), "Keras config.json")
+    config = read_json_member(zf, "config.json", "the .keras archive")
     if "metadata.json" in names:
-        loads_json(read_member(zf, "metadata.json", "the .keras archive"), "Keras metadata.json")
+        read_json_member(zf, "metadata.json", "the .keras archive")
     if "model.weights.h5" in names:
         check_h5(read_member(zf, "model.weights.h5", "the .keras archive"), "the model weights")
+    if "model.weights.npz" in names:
+        # Keras inflates each array of this nested zip: bound them (against the same budget).
+        npz = read_member(zf, "model.weights.npz", "the .keras archive")
+        check_npz(npz, "the model weights (model.weights.npz)")
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
@@ -607,7 +620,8 @@ def load(type_name: str, parts: Parts, meta: dict, *, allow_pickle: bool = False
     if not isinstance(meta, dict):
         raise SerializationError(f"malformed {type_name} entry: its metadata is not an object")
     try:
-        return ser.load(parts, meta)
+        with expansion_budget():  # nested archives of one entry share one expansion limit
+            return ser.load(parts, meta)
     except KPrivacyError:
         raise
     except (
