@@ -12,6 +12,7 @@ MAGIC_CLASSES: tuple[tuple[str, str], ...] = (
     ("kprivacy_nb.magics.fit", "FitMagics"),
     ("kprivacy_nb.magics.secure", "SecureMagics"),
     ("kprivacy_nb.magics.export", "ExportMagics"),
+    ("kprivacy_nb.magics.audit", "AuditMagics"),
     ("kprivacy_nb.magics.doctor", "DoctorMagics"),
 )
 

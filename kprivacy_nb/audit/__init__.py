@@ -1,0 +1,40 @@
+"""Empirical privacy audits: evidence about a trained model next to its proven ε.
+
+* :func:`membership_inference` — loss / calibrated-score attacks on members vs a holdout: ROC AUC
+  with a DeLong interval, TPR at low FPR, a log–log ROC, slices by class, and the ε implied by
+  the best (TPR, FPR) pair with Clopper–Pearson confidence.
+* :func:`one_run` — the one-training-run canary audit of Steinke, Nasr & Jagielski (2023): a
+  statistically valid ε lower bound at 95% confidence, which must stay ≤ the proven ε; if it
+  doesn't, the result says "the audit contradicts the guarantee".
+
+A lower bound is not a guarantee: only the proven ε bounds every attack.
+"""
+
+from __future__ import annotations
+
+from .mia import MIAReport, membership_inference
+from .one_run import OneRunAudit, one_run
+from .roc import ROC, auc, delong_interval, roc
+from .stats import (
+    clopper_pearson,
+    epsilon_from_counts,
+    epsilon_from_rates,
+    one_run_epsilon,
+    one_run_p_value,
+)
+
+__all__ = [
+    "MIAReport",
+    "OneRunAudit",
+    "ROC",
+    "auc",
+    "clopper_pearson",
+    "delong_interval",
+    "epsilon_from_counts",
+    "epsilon_from_rates",
+    "membership_inference",
+    "one_run",
+    "one_run_epsilon",
+    "one_run_p_value",
+    "roc",
+]

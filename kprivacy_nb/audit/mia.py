@@ -1,0 +1,263 @@
+"""Membership inference against a trained model: how well can its outputs tell members apart?
+
+>>> report = membership_inference(model, train=(x_train, y_train), holdout=(x_test, y_test))
+>>> report.auc, report.auc_interval, report.tpr_at, report.epsilon_lower_bound   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidParameterError
+from . import scores as sc
+from . import stats, view
+from .roc import ROC, roc
+
+__all__ = ["membership_inference", "MIAReport", "SliceReport"]
+
+#: Fewer members or non-members than this and the report says its numbers are rough.
+SMALL = 50
+
+
+@dataclass
+class SliceReport:
+    """The attack restricted to one class."""
+
+    label: int
+    n_in: int
+    n_out: int
+    auc: float | None
+    auc_interval: tuple[float, float] | None
+
+
+@dataclass
+class MIAReport:
+    """Result of :func:`membership_inference`."""
+
+    attack: str
+    roc: ROC
+    epsilon_lower_bound: float
+    threshold: float | None  # score ≥ threshold → "member", chosen on the selection half
+    tpr: float  # (TPR, FPR) at that threshold on the held-out half
+    fpr: float
+    confidence: float
+    delta: float
+    proven_epsilon: float | None = None
+    slices: list[SliceReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    scores_in: np.ndarray | None = field(default=None, repr=False)
+    scores_out: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def auc(self) -> float:
+        return self.roc.auc
+
+    @property
+    def auc_interval(self) -> tuple[float, float]:
+        return self.roc.auc_interval
+
+    @property
+    def tpr_at(self) -> dict[float, float | None]:
+        return self.roc.tpr_at
+
+    @property
+    def exceeds_proven(self) -> bool:
+        p = self.proven_epsilon
+        return p is not None and math.isfinite(p) and self.epsilon_lower_bound > p + 1e-9
+
+    @property
+    def verdict(self) -> str:
+        return view.verdict(
+            self.epsilon_lower_bound, self.proven_epsilon, self.confidence, valid_test=False
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Plain numbers (what a privacy card or an export would carry)."""
+        return {
+            "kind": "membership_inference", "attack": self.attack, "auc": self.auc,
+            "auc_interval": list(self.auc_interval),
+            "tpr_at_fpr": {f"{k:g}": v for k, v in self.tpr_at.items()},
+            "epsilon_lower_bound": stats.finite(self.epsilon_lower_bound),
+            "confidence": self.confidence, "delta": self.delta,
+            "proven_epsilon": None if self.proven_epsilon is None else stats.finite(self.proven_epsilon),
+            "n_in": self.roc.n_in, "n_out": self.roc.n_out, "verdict": self.verdict,
+        }  # fmt: skip
+
+    def plot(self) -> Any:
+        """Log–log ROC and ε comparison (a matplotlib Figure)."""
+        return view.roc_figure(
+            self.roc, f"{self.attack} attack", self.epsilon_lower_bound, self.proven_epsilon,
+            self.confidence,
+        )  # fmt: skip
+
+    def __repr__(self) -> str:
+        lo, hi = self.auc_interval
+        return (
+            f"MIAReport(attack={self.attack}, AUC={self.auc:.3f} [{lo:.3f}, {hi:.3f}], "
+            f"ε ≥ {view.fmt_eps(self.epsilon_lower_bound)} at {self.confidence:.0%}, "
+            f"proven ε={view.fmt_eps(self.proven_epsilon)}, n_in={self.roc.n_in}, "
+            f"n_out={self.roc.n_out})"
+        )
+
+    def _repr_html_(self) -> str:
+        lo, hi = self.auc_interval
+        rows = [
+            ("attack", self.attack),
+            ("members / non-members", f"{self.roc.n_in} / {self.roc.n_out}"),
+            ("ROC AUC", f"{self.auc:.3f} ({self.confidence:.0%} CI {lo:.3f}–{hi:.3f}, DeLong)"),
+            *view.tpr_rows(self.roc),
+            ("ε lower bound (implied by TPR/FPR)",
+             f"{view.fmt_eps(self.epsilon_lower_bound)} at δ={self.delta:g}, "
+             f"{self.confidence:.0%} (TPR {self.tpr:.3g}, FPR {self.fpr:.3g})"),
+            ("proven ε", view.fmt_eps(self.proven_epsilon)),
+        ]  # fmt: skip
+        parts = [view.table(rows)]
+        if self.slices:
+            parts.append("<p><b>By class</b></p>")
+            parts.append(
+                view.table(
+                    [
+                        (
+                            str(s.label),
+                            str(s.n_in),
+                            str(s.n_out),
+                            "—" if s.auc is None else f"{s.auc:.3f}",
+                            "—"
+                            if s.auc_interval is None
+                            else f"{s.auc_interval[0]:.3f}–{s.auc_interval[1]:.3f}",
+                        )
+                        for s in self.slices
+                    ],  # fmt: skip
+                    header=("class", "members", "non-members", "AUC", "CI"),
+                )
+            )
+        parts.extend(f"<p>{view.html.escape(n)}</p>" for n in self.notes)
+        parts.append(view.png_html(self.plot()))
+        return view.card("Membership inference", self.verdict, self.exceeds_proven, parts)
+
+
+def _threshold_bound(
+    s_in: np.ndarray, s_out: np.ndarray, delta: float, confidence: float, rng: np.random.Generator
+) -> tuple[float, float | None, float, float]:
+    """ε lower bound with an honestly chosen threshold: pick it on a random half of members and
+    non-members, measure (TPR, FPR) with Clopper–Pearson on the other half. Choosing and measuring
+    on the same scores would overstate the bound."""
+    pick_in, test_in = _halves(s_in, rng)
+    pick_out, test_out = _halves(s_out, rng)
+    if min(len(pick_in), len(test_in), len(pick_out), len(test_out)) == 0:
+        return 0.0, None, 0.0, 0.0
+    curve = roc(pick_in, pick_out)
+    eps = stats.epsilon_from_counts(
+        curve.tp, curve.n_in, curve.fp, curve.n_out, delta=delta, confidence=confidence
+    )
+    threshold = float(curve.thresholds[int(np.argmax(eps))])
+    tp, fp = int((test_in >= threshold).sum()), int((test_out >= threshold).sum())
+    bound = stats.epsilon_from_counts(
+        tp, len(test_in), fp, len(test_out), delta=delta, confidence=confidence
+    )
+    return float(bound), threshold, tp / len(test_in), fp / len(test_out)
+
+
+def _halves(values: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    perm = rng.permutation(len(values))
+    return values[perm[: len(values) // 2]], values[perm[len(values) // 2 :]]
+
+
+def _slices(labels_in: np.ndarray, labels_out: np.ndarray, s_in, s_out, confidence):
+    out = []
+    for label in np.union1d(labels_in, labels_out):
+        a, b = s_in[labels_in == label], s_out[labels_out == label]
+        ok = len(a) > 0 and len(b) > 0
+        out.append(
+            SliceReport(
+                label=int(label),
+                n_in=len(a),
+                n_out=len(b),
+                auc=roc(a, b).auc if ok else None,
+                auc_interval=roc(a, b, confidence).auc_interval if ok else None,
+            )  # fmt: skip
+        )
+    return out
+
+
+def membership_inference(
+    model: Any,
+    train: tuple[Any, Any],
+    holdout: tuple[Any, Any],
+    *,
+    attack: str = "loss",
+    confidence: float = 0.95,
+    delta: float | None = None,
+    epsilon: float | None = None,
+    run: Any = None,
+    loss: Any = None,
+    seed: int | None = 0,
+    batch_size: int = 1024,
+) -> MIAReport:
+    """Attack ``model`` with its members ``train=(x, y)`` against non-members ``holdout=(x, y)``.
+
+    ``attack``: ``"loss"`` (threshold on the per-example loss) or ``"calibrated"`` (logit-scaled
+    confidence standardised per class). The report holds the ROC AUC with a DeLong interval, TPR
+    at FPR 10⁻³/10⁻²/10⁻¹, the log–log ROC (``.plot()``), a slice per class, and the ε lower
+    bound implied by the best (TPR, FPR) pair with Clopper–Pearson confidence (threshold picked
+    on half the scores, measured on the other half). That ε is a valid test only if members and
+    non-members were split at random; :func:`kprivacy_nb.audit.one_run` is the rigorous audit.
+    ``run`` (a ``DPFitResult``) or ``epsilon``/``delta`` give the proven ε to compare with.
+
+    >>> membership_inference(model, (x_train, y_train), (x_test, y_test))   # doctest: +SKIP
+    MIAReport(attack=loss, AUC=0.731 [0.702, 0.760], ε ≥ 0.912 at 95%, ...)
+    """
+    if attack not in sc.ATTACKS:
+        raise InvalidParameterError(
+            f"attack must be one of {', '.join(sc.ATTACKS)}; got {attack!r}"
+        )
+    confidence = stats.check_confidence(confidence)
+    if run is not None:
+        epsilon = run.epsilon if epsilon is None else epsilon
+        delta = run.delta if delta is None else delta
+    delta = stats.check_delta(0.0 if delta is None else delta)
+    x_in, y_in = sc.pair(train, "train")
+    x_out, y_out = sc.pair(holdout, "holdout")
+    loss = loss if loss is not None else getattr(model, "loss", None)
+    losses_in, margins_in = sc.per_example_loss(model, x_in, y_in, loss=loss, batch_size=batch_size)
+    losses_out, margins_out = sc.per_example_loss(
+        model, x_out, y_out, loss=loss, batch_size=batch_size
+    )
+    margins = None
+    if margins_in is not None and margins_out is not None:
+        margins = np.r_[margins_in, margins_out]
+    for name, values in (("train", losses_in), ("holdout", losses_out)):
+        if not np.all(np.isfinite(values)):
+            raise InvalidParameterError(
+                f"the model's loss is not finite on {int((~np.isfinite(values)).sum())} {name} "
+                "examples: check the data and the model (a diverged model can't be audited)"
+            )
+    labels_in, labels_out = sc.class_labels(y_in), sc.class_labels(y_out)
+    labels = None
+    if labels_in is not None and labels_out is not None:
+        labels = np.concatenate([labels_in, labels_out])
+    is_out = np.r_[np.zeros(len(losses_in), bool), np.ones(len(losses_out), bool)]
+    scores = sc.attack_scores(attack, np.r_[losses_in, losses_out], labels, is_out, loss, margins)
+    s_in, s_out = scores[~is_out], scores[is_out]
+
+    curve = roc(s_in, s_out, confidence)
+    rng = np.random.default_rng(seed)
+    bound, threshold, tpr, fpr = _threshold_bound(s_in, s_out, delta, confidence, rng)
+    notes = []
+    if min(len(s_in), len(s_out)) < SMALL:
+        notes.append(
+            f"Only {len(s_in)} members and {len(s_out)} non-members: the AUC interval is wide "
+            f"and the ε bound weak; use ≥ {SMALL} of each (a few thousand for TPR at FPR 10⁻³)."
+        )
+    report = MIAReport(
+        attack=attack, roc=curve, epsilon_lower_bound=bound, threshold=threshold, tpr=tpr,
+        fpr=fpr, confidence=confidence, delta=delta,
+        proven_epsilon=None if epsilon is None else float(epsilon),
+        slices=[] if labels is None else _slices(labels_in, labels_out, s_in, s_out, confidence),
+        notes=notes, scores_in=s_in, scores_out=s_out,
+    )  # fmt: skip
+    return report

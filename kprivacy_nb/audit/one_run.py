@@ -1,0 +1,334 @@
+"""The one-training-run audit of Steinke, Nasr & Jagielski (2023).
+
+m canaries are made and each is put into the training set independently with probability ½;
+the model is trained once; every canary gets a membership score (minus its loss); the auditor
+guesses "in" for the highest scores and "out" for the lowest and abstains on the rest; the number
+of right guesses, through :func:`kprivacy_nb.audit.stats.one_run_epsilon`, gives an ε that the
+run provably exceeds-or-equals with probability ≥ ``confidence`` *if* the training were
+(ε, δ)-DP. So a bound above the proven ε means the guarantee is broken (or a 1-in-20 fluke at
+95%): the result says so loudly.
+
+Canaries (``canary_kind``):
+
+* ``"mislabel"`` (default) — m training examples, taken out of the training set, with their label
+  changed to a different class chosen at random. A model that memorises an included canary
+  predicts its wrong label; an excluded one is predicted by its true class. Needs m < n.
+* ``"random"`` — m inputs drawn from a Gaussian with each feature's mean and standard deviation,
+  with random labels (out-of-distribution; any m). Needs a numeric array x.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidParameterError
+from . import scores as sc
+from . import stats, view
+from .roc import ROC, roc
+
+__all__ = ["one_run", "OneRunAudit", "CANARY_KINDS"]
+
+CANARY_KINDS = ("mislabel", "random")
+
+
+@dataclass
+class OneRunAudit:
+    """Result of :func:`one_run`: the empirical ε lower bound beside the proven ε."""
+
+    epsilon_lower_bound: float
+    epsilon: float  # proven ε of the run (∞ when trained without DP)
+    delta: float
+    confidence: float
+    private: bool
+    canaries: int
+    canary_kind: str
+    included: np.ndarray = field(repr=False)
+    scores: np.ndarray = field(repr=False)
+    guess: stats.Guess
+    shapes_tried: int
+    roc: ROC | None
+    model: Any = field(repr=False)
+    run: Any = field(default=None, repr=False)  # the DPFitResult of a private run
+    n_train: int = 0
+    seconds: float = 0.0
+
+    @property
+    def contradicts(self) -> bool:
+        """The lower bound exceeds the proven ε: the guarantee does not hold for this run."""
+        return math.isfinite(self.epsilon) and self.epsilon_lower_bound > self.epsilon + 1e-9
+
+    @property
+    def verdict(self) -> str:
+        proven = self.epsilon if self.private else None
+        return view.verdict(self.epsilon_lower_bound, proven, self.confidence, valid_test=True)
+
+    def summary(self) -> dict[str, Any]:
+        """Plain numbers (what a privacy card or an export would carry)."""
+        return {
+            "kind": "one_run", "epsilon_lower_bound": self.epsilon_lower_bound,
+            "epsilon": stats.finite(self.epsilon), "delta": self.delta,
+            "confidence": self.confidence, "private": self.private, "canaries": self.canaries,
+            "canary_kind": self.canary_kind, "included": int(self.included.sum()),
+            "guesses": self.guess.guesses, "guesses_in": self.guess.k_in,
+            "correct": self.guess.correct, "shapes_tried": self.shapes_tried,
+            "auc": None if self.roc is None else self.roc.auc, "contradicts": self.contradicts,
+            "verdict": self.verdict,
+        }  # fmt: skip
+
+    def plot(self) -> Any:
+        """Log–log ROC of the canary scores and the ε comparison (a matplotlib Figure)."""
+        if self.roc is None:
+            raise InvalidParameterError("no ROC: every canary was in (or out); use more canaries")
+        proven = self.epsilon if self.private else math.inf
+        return view.roc_figure(
+            self.roc, "canaries (in vs out)", self.epsilon_lower_bound, proven, self.confidence
+        )
+
+    def __repr__(self) -> str:
+        alarm = f", {view.CONTRADICTION.upper()}" if self.contradicts else ""
+        return (
+            f"OneRunAudit(ε ≥ {view.fmt_eps(self.epsilon_lower_bound)} at "
+            f"{self.confidence:.0%}, δ={self.delta:g}, proven ε={view.fmt_eps(self.epsilon)}, "
+            f"private={self.private}, canaries={self.canaries} ({int(self.included.sum())} in), "
+            f"{self.guess.correct}/{self.guess.guesses} guesses right{alarm})"
+        )
+
+    def _repr_html_(self) -> str:
+        g = self.guess
+        rows = [
+            ("proven ε", f"{view.fmt_eps(self.epsilon)} (δ={self.delta:g})"
+             + ("" if self.private else " — trained without DP")),
+            ("empirical ε lower bound",
+             f"{view.fmt_eps(self.epsilon_lower_bound)} at {self.confidence:.0%} confidence"),
+            ("canaries", f"{self.canaries} {self.canary_kind}, {int(self.included.sum())} "
+             f"included (each with probability ½); {self.n_train} training examples"),
+            ("guesses", f"{g.correct} of {g.guesses} right ({g.k_in} 'in', {g.k_out} 'out', "
+             f"{self.canaries - g.guesses} abstained; best of {self.shapes_tried}, Bonferroni)"),
+        ]  # fmt: skip
+        if self.roc is not None:
+            lo, hi = self.roc.auc_interval
+            rows.append(("canary ROC AUC", f"{self.roc.auc:.3f} (CI {lo:.3f}–{hi:.3f})"))
+        parts = [view.table(rows)]
+        if self.roc is not None:
+            parts.append(view.png_html(self.plot()))
+        return view.card("One-run privacy audit", self.verdict, self.contradicts, parts)
+
+
+# --------------------------------------------------------------------------- canaries
+
+
+def _concat(parts: list[Any]) -> Any:
+    first = parts[0]
+    if isinstance(first, dict):
+        return {k: _concat([p[k] for p in parts]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_concat([p[i] for p in parts]) for i in range(len(first)))
+    return np.concatenate([np.asarray(p) for p in parts])
+
+
+def _num_classes(model: Any) -> int:
+    try:
+        k = int(model.output_shape[-1])
+    except (AttributeError, TypeError, ValueError, IndexError):
+        raise InvalidParameterError(
+            "one_run needs a classifier with one output of shape (batch, classes)"
+        ) from None
+    return 2 if k == 1 else k
+
+
+def _labels_like(y: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """``labels`` (ints) in the format of ``y``: one-hot rows or integer/float labels."""
+    if y.ndim >= 2 and y.shape[-1] > 1:
+        return np.eye(k, dtype=y.dtype)[labels]
+    return labels.astype(y.dtype).reshape((len(labels),) + y.shape[1:])
+
+
+def make_canaries(
+    x: Any, y: np.ndarray, labels: np.ndarray, m: int, k: int, kind: str, rng: np.random.Generator
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """``(x_canary, y_canary, base_rows)``: m canaries and the rows of x kept as ordinary data."""
+    n = len(labels)
+    if kind == "mislabel":
+        if m >= n:
+            raise InvalidParameterError(
+                f"canaries={m} but x has only {n} examples: mislabelled canaries are taken from "
+                f"the data, so use canaries < n (e.g. {max(1, n // 4)}) or canary_kind='random'"
+            )
+        src = rng.choice(n, m, replace=False)
+        new = (labels[src] + rng.integers(1, k, m)) % k
+        base = np.setdiff1d(np.arange(n), src)
+        return sc.take(x, src), _labels_like(y, new, k), base
+    arr = np.asarray(x) if not isinstance(x, (dict, list, tuple)) else None
+    if arr is None or arr.dtype.kind not in "fiu":
+        raise InvalidParameterError(
+            "canary_kind='random' needs x as one numeric array; use canary_kind='mislabel'"
+        )
+    mean, std = arr.mean(0), arr.std(0)
+    x_c = (rng.normal(size=(m,) + arr.shape[1:]) * std + mean).astype(
+        arr.dtype if arr.dtype.kind == "f" else np.float32
+    )
+    return x_c, _labels_like(y, rng.integers(0, k, m), k), np.arange(n)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def check_settings(settings: dict[str, Any]) -> None:
+    """Refuse settings ``dp_fit`` would not take, naming the ones it does."""
+    from ..dp import trainer
+
+    params = inspect.signature(trainer.dp_fit).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # a wrapper that takes anything: let it decide
+    allowed = set(params) - {"model", "x", "y", "epochs", "batch_size", "seed", "verbose"}
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise InvalidParameterError(
+            f"unknown setting(s) {', '.join(unknown)}; one_run passes these to dp_fit: "
+            f"{', '.join(sorted(allowed))}"
+        )
+
+
+def _train_private(model, x, y, *, epochs, batch_size, seed, verbose, settings):
+    """DP training of the audited run through the public ``dp_fit`` API.
+
+    When ``make_private`` (issue #13) lands, this becomes ``make_private(model, **settings)``
+    then ``model.fit(x, y, epochs=…, batch_size=…)`` and the proven ε/δ come from
+    ``model.privacy``; nothing else in the audit changes. ``dp_fit`` is looked up at call time
+    so a test can stand in a broken engine and check the audit catches it.
+    """
+    from ..dp import trainer
+
+    run = trainer.dp_fit(
+        model, x, y, epochs=epochs, batch_size=batch_size, seed=seed, verbose=verbose, **settings
+    )
+    return run.model, run, float(run.epsilon), float(run.delta)
+
+
+def _train_plain(model, x, y, *, epochs, batch_size, verbose, settings):
+    """The non-private baseline: the same model, optimizer and learning rate as the DP run,
+    trained by ``model.fit`` without clipping or noise."""
+    from ..dp import accounting, engine
+
+    loss = settings.get("loss") or getattr(model, "loss", None)
+    if loss is None:
+        raise InvalidParameterError(
+            "make_model() must compile its model with a loss (or pass loss=)"
+        )
+    opt = engine.resolve_optimizer(settings.get("optimizer", "sgd"), settings.get("learning_rate"))
+    model.compile(optimizer=opt, loss=loss)
+    model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=verbose, shuffle=True)
+    n = sc.num_rows(x, "x")
+    delta = settings.get("delta")
+    return model, None, math.inf, float(accounting.default_delta(n) if delta is None else delta)
+
+
+def one_run(
+    make_model: Any,
+    x: Any,
+    y: Any,
+    *,
+    canaries: int = 1000,
+    epochs: int,
+    batch_size: int,
+    private: bool = True,
+    canary_kind: str = "mislabel",
+    guesses: int | tuple[int, int] | None = None,
+    confidence: float = 0.95,
+    seed: int | None = None,
+    verbose: int = 0,
+    **settings: Any,
+) -> OneRunAudit:
+    """Audit one training run with canaries (Steinke, Nasr & Jagielski 2023).
+
+    ``make_model()`` returns a fresh compiled Keras classifier. ``settings`` are the DP settings
+    of the run (``noise_multiplier`` or ``target_epsilon``, ``delta``, ``l2_norm_clip``,
+    ``optimizer``, ``learning_rate``, ``sampling``, …, as for ``dp_fit``). ``private=False``
+    trains the same model with plain ``fit`` (same optimizer and learning rate) as the baseline.
+    ``guesses`` fixes the number of non-abstaining guesses (else the best of a few shapes is
+    taken, Bonferroni-corrected). ``seed`` makes canaries, initial weights and noise reproducible
+    (tests only; it sets Keras' global seed).
+
+    >>> audit = one_run(make_model, x, y, canaries=1000, epochs=10, batch_size=256,
+    ...                 target_epsilon=3.0, delta=1e-5)                       # doctest: +SKIP
+    >>> audit.epsilon_lower_bound <= audit.epsilon                             # doctest: +SKIP
+    True
+    """
+    started = time.perf_counter()
+    if not callable(make_model) or hasattr(make_model, "fit"):
+        raise InvalidParameterError(
+            "make_model must be a function returning a fresh compiled model (one_run trains it "
+            "on data with canaries): pass make_model, not make_model() or a trained model"
+        )
+    if canary_kind not in CANARY_KINDS:
+        raise InvalidParameterError(f"canary_kind must be one of {', '.join(CANARY_KINDS)}")
+    if isinstance(canaries, bool) or not isinstance(canaries, (int, np.integer)) or canaries < 2:
+        raise InvalidParameterError(f"canaries must be an integer ≥ 2, got {canaries!r}")
+    confidence = stats.check_confidence(confidence)
+    check_settings(settings)
+    n = sc.num_rows(x, "x")
+    if sc.num_rows(y, "y") != n:
+        raise InvalidParameterError(
+            f"x has {n} rows but y has {sc.num_rows(y, 'y')}; they must match"
+        )
+    y = np.asarray(y)
+    labels = sc.class_labels(y)
+    if labels is None:
+        raise InvalidParameterError("one_run needs class labels y (integers or one-hot)")
+
+    if seed is not None:
+        import keras
+
+        keras.utils.set_random_seed(seed)
+    model = make_model()
+    if not hasattr(model, "fit") or not hasattr(model, "output_shape"):
+        raise InvalidParameterError(
+            f"make_model() returned {type(model).__name__}, not a Keras model"
+        )
+    k = _num_classes(model)
+    if labels.min() < 0 or labels.max() >= k:
+        raise InvalidParameterError(f"labels must be in 0…{k - 1} for a model with {k} classes")
+    rng = np.random.default_rng(seed)
+    x_c, y_c, base = make_canaries(x, y, labels, int(canaries), k, canary_kind, rng)
+    included = rng.random(int(canaries)) < 0.5
+    x_train = _concat([sc.take(x, base), sc.take(x_c, np.flatnonzero(included))])
+    y_train = _concat([y[base], y_c[included]])
+    n_train = len(base) + int(included.sum())
+
+    if private:
+        model, run, epsilon, delta = _train_private(
+            model, x_train, y_train, epochs=epochs, batch_size=batch_size, seed=seed,
+            verbose=verbose, settings=settings,
+        )  # fmt: skip
+    else:
+        model, run, epsilon, delta = _train_plain(
+            model, x_train, y_train, epochs=epochs, batch_size=batch_size, verbose=verbose,
+            settings=settings,
+        )  # fmt: skip
+
+    losses, margins = sc.per_example_loss(model, x_c, y_c, loss=settings.get("loss"))
+    raw = sc.attack_scores("loss", losses, None, np.zeros(len(losses), bool), None, margins)
+    # A canary whose loss is not finite is scored as "least likely in" (never helps the bound).
+    scores = np.where(np.isfinite(raw), raw, -np.inf)
+    guess, shapes = stats.best_guess(
+        scores, included, delta=delta, confidence=confidence, guesses=guesses
+    )
+    curve = None
+    if 0 < included.sum() < len(included) and np.isfinite(scores).all():
+        curve = roc(scores[included], scores[~included], confidence)
+    audit = OneRunAudit(
+        epsilon_lower_bound=guess.epsilon, epsilon=epsilon, delta=delta, confidence=confidence,
+        private=bool(private), canaries=int(canaries), canary_kind=canary_kind,
+        included=included, scores=scores, guess=guess, shapes_tried=shapes, roc=curve,
+        model=model, run=run, n_train=n_train, seconds=time.perf_counter() - started,
+    )  # fmt: skip
+    if audit.contradicts:
+        warnings.warn(audit.verdict, RuntimeWarning, stacklevel=2)
+    return audit

@@ -1,0 +1,324 @@
+"""Empirical privacy audit: the statistics (Clopper–Pearson, ε lower bounds, AUC), membership
+inference on a trained model, the one-run canary audit end to end, and ``%dp_audit``.
+
+The end-to-end one-run tests are the regression test of the DP engine an audit is for: a DP run
+must never be shown to have ε above its proven ε, and a run whose engine lies about its ε (trained
+without noise, reported at ε = 1) must be caught.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from IPython.core.error import UsageError  # noqa: E402
+
+from kprivacy_nb import audit  # noqa: E402
+from kprivacy_nb.audit import stats  # noqa: E402
+from kprivacy_nb.dp import trainer  # noqa: E402
+from kprivacy_nb.errors import InvalidParameterError  # noqa: E402
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+D, K = 20, 4
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_clopper_pearson_matches_known_values():
+    lo, hi = audit.clopper_pearson(5, 10)
+    assert lo == pytest.approx(0.187086, abs=1e-6) and hi == pytest.approx(0.812914, abs=1e-6)
+    assert audit.clopper_pearson(0, 10) == (0.0, pytest.approx(0.308497, abs=1e-6))
+    assert audit.clopper_pearson(10, 10) == (pytest.approx(0.691503, abs=1e-6), 1.0)
+    lo, hi = audit.clopper_pearson(5, 10, side="lower")  # one-sided 95%: all α in one tail
+    assert lo == pytest.approx(0.222441, abs=1e-6) and hi == 1.0
+
+
+@pytest.mark.parametrize("p", [0.03, 0.3, 0.5])
+def test_clopper_pearson_covers_at_least_the_confidence(p):
+    """Exact coverage (summing the binomial pmf over k): never below 95% — an interval that is
+    too narrow, or with the tails swapped, fails this."""
+    n = 40
+    ks = np.arange(n + 1)
+    lo, hi = audit.clopper_pearson(ks, np.full(n + 1, n))
+    pmf = np.array([math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in ks])
+    coverage = pmf[(lo <= p) & (p <= hi)].sum()
+    assert 0.95 <= coverage < 0.999
+
+
+def test_epsilon_from_rates_and_counts():
+    assert audit.epsilon_from_rates(0.5, 0.05) == pytest.approx(math.log(10))
+    assert audit.epsilon_from_rates(0.5, 0.05, delta=0.1) == pytest.approx(math.log(8))
+    assert audit.epsilon_from_rates(0.99, 0.5) == pytest.approx(math.log(0.5 / 0.01))  # TNR/FNR
+    assert audit.epsilon_from_rates(0.3, 0.3) == 0.0  # random guessing implies nothing
+    # With counts the rates are replaced by their confidence bounds: smaller than the point ε.
+    point = audit.epsilon_from_rates(50 / 100, 5 / 100)
+    bounded = audit.epsilon_from_counts(50, 100, 5, 100)
+    assert 0 < bounded < point
+    assert audit.epsilon_from_counts(500, 1000, 50, 1000) > bounded  # more data, tighter bound
+
+
+def test_one_run_bound_perfect_attack_grows_with_guesses_and_matches_closed_form():
+    bounds = [audit.one_run_epsilon(r, r, r, delta=0.0) for r in (10, 100, 1000)]
+    assert 0 < bounds[0] < bounds[1] < bounds[2]
+    # δ = 0: P[all r right] = q^r ≤ 0.05 ⇔ q ≥ 0.05^(1/r); ε = logit(q).
+    q = 0.05 ** (1 / 100)
+    assert bounds[1] == pytest.approx(math.log(q / (1 - q)), abs=1e-5)
+    with_delta = audit.one_run_epsilon(1000, 1000, 1000, delta=1e-5)
+    assert 0 < with_delta < bounds[2]  # δ > 0 only ever weakens the bound
+
+
+def test_one_run_bound_is_zero_for_random_guessing_and_monotone():
+    assert audit.one_run_epsilon(1000, 1000, 500, delta=1e-5) == 0.0
+    assert audit.one_run_epsilon(1000, 1000, 520, delta=1e-5) == 0.0  # within chance
+    by_correct = [audit.one_run_epsilon(1000, 1000, v, delta=1e-5) for v in (600, 700, 800, 900)]
+    assert by_correct == sorted(by_correct) and by_correct[0] > 0
+    by_delta = [audit.one_run_epsilon(1000, 500, 450, delta=d) for d in (0, 1e-6, 1e-4)]
+    assert by_delta[0] > by_delta[1] > by_delta[2]
+    by_conf = [audit.one_run_epsilon(1000, 500, 450, 1e-5, c) for c in (0.9, 0.95, 0.99)]
+    assert by_conf[0] > by_conf[1] > by_conf[2]
+
+
+def test_one_run_p_value_matches_exact_binomial_sums():
+    m, r, v, eps, delta = 50, 30, 24, 0.7, 1e-3
+    q = math.exp(eps) / (1 + math.exp(eps))
+    pmf = [math.comb(r, j) * q**j * (1 - q) ** (r - j) for j in range(r + 1)]
+    tail = sum(pmf[v:])
+    alpha = max(sum(pmf[v - i : v]) / i for i in range(1, v + 1))
+    expected = tail + alpha * 2 * m * delta
+    assert audit.one_run_p_value(m, r, v, eps, delta) == pytest.approx(expected, rel=1e-9)
+
+
+def test_one_run_bound_holds_for_a_truly_eps_dp_mechanism():
+    """Randomised response at ε = 1 *is* 1-DP: the 95% bound may exceed 1 in at most ~5% of
+    trials (an optimistic bound, or one without the Bonferroni step, exceeds it far more)."""
+    rng = np.random.default_rng(0)
+    eps, m, trials = 1.0, 200, 300
+    q = math.exp(eps) / (1 + math.exp(eps))
+    over = 0
+    for _ in range(trials):
+        included = rng.random(m) < 0.5
+        # The ε-DP output: each canary's bit reported truthfully with probability q.
+        reported = np.where(rng.random(m) < q, included, ~included)
+        scores = reported + rng.random(m) * 0.1  # ties broken at random
+        guess, _ = stats.best_guess(scores, included, delta=0.0)
+        over += guess.epsilon > eps
+    assert over / trials <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / trials)
+
+
+def test_abstaining_guesses_use_the_extremes():
+    scores = np.arange(100.0)
+    included = scores >= 50  # a perfect score
+    guess, shapes = stats.best_guess(scores, included, delta=0.0, guesses=(20, 20))
+    assert (guess.k_in, guess.k_out, guess.correct, shapes) == (20, 20, 40, 1)
+    guess, shapes = stats.best_guess(scores, ~included, delta=0.0, guesses=40)
+    assert guess.correct == 0 and guess.epsilon == 0.0
+    with pytest.raises(InvalidParameterError, match="guesses"):
+        stats.best_guess(scores, included, delta=0.0, guesses=101)
+
+
+# --------------------------------------------------------------------------- ROC
+
+
+def _hand_auc(s_in, s_out):
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in s_in for b in s_out) / (
+        len(s_in) * len(s_out)
+    )
+
+
+def test_auc_and_delong_match_hand_computation():
+    rng = np.random.default_rng(3)
+    s_in = np.round(rng.normal(0.7, 1, 60), 1)  # rounding makes ties
+    s_out = np.round(rng.normal(0, 1, 45), 1)
+    assert audit.auc(s_in, s_out) == pytest.approx(_hand_auc(s_in, s_out), abs=1e-12)
+    curve = audit.roc(s_in, s_out)
+    assert np.trapezoid(curve.tpr, curve.fpr) == pytest.approx(curve.auc, abs=1e-12)
+    # DeLong by its definition: ψ matrix, structural components, their variances.
+    psi = (s_in[:, None] > s_out[None]) + 0.5 * (s_in[:, None] == s_out[None])
+    var = psi.mean(1).var(ddof=1) / len(s_in) + psi.mean(0).var(ddof=1) / len(s_out)
+    lo, hi = curve.auc_interval
+    assert (hi - lo) / 2 == pytest.approx(1.959964 * math.sqrt(var), rel=1e-5)
+    assert audit.auc([1, 2, 3], [0, 0.5]) == 1.0 and audit.auc([0], [0]) == 0.5
+
+
+def test_tpr_at_fpr_is_the_best_tpr_within_the_fpr():
+    s_out = np.arange(100.0)  # non-members 0..99
+    s_in = np.r_[[99.5, 98.5, 97.2], np.zeros(7)]  # 3 members above most non-members
+    curve = audit.roc(s_in, s_out)
+    assert curve.tpr_at[1e-2] == pytest.approx(0.2)  # FPR ≤ 1% allows one non-member (99)
+    assert curve.tpr_at[1e-1] == pytest.approx(0.3)
+    assert curve.tpr_at[1e-3] is None  # 100 non-members cannot measure FPR 10⁻³
+
+
+# --------------------------------------------------------------------------- training helpers
+
+
+def _data(n=600, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(K, D)) * scale
+    y = rng.integers(0, K, n)
+    x = (centers[y] + rng.normal(size=(n, D))).astype("float32")
+    return x, y
+
+
+def make_model():
+    model = keras.Sequential(
+        [keras.Input((D,)), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(K)]
+    )
+    model.compile(loss=LOSS)
+    return model
+
+
+# Same training in every one-run test; only the privacy differs.
+RUN = dict(canaries=200, epochs=30, batch_size=50, optimizer="adam", learning_rate=1e-2,
+           l2_norm_clip=10.0, delta=1e-5, seed=1)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- membership inference
+
+
+@pytest.fixture(scope="module")
+def overfit():
+    """A model that memorised 200 examples with 30% random labels, and 200 non-members."""
+    keras.utils.set_random_seed(0)
+    x, y = _data(400, scale=0.5)
+    noisy = np.random.default_rng(1).random(400) < 0.3
+    y = np.where(noisy, (y + 1) % K, y)
+    model = make_model()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=LOSS)
+    model.fit(x[:200], y[:200], epochs=60, batch_size=32, verbose=0)
+    return model, (x[:200], y[:200]), (x[200:], y[200:])
+
+
+@pytest.mark.parametrize("attack", ["loss", "calibrated"])
+def test_membership_inference_on_an_overfit_model(overfit, attack):
+    model, train, holdout = overfit
+    report = audit.membership_inference(model, train, holdout, attack=attack, epsilon=1.0)
+    assert report.auc > 0.7 and report.auc_interval[0] > 0.5
+    assert report.epsilon_lower_bound > 0.5
+    assert report.tpr_at[1e-1] > 0.1 and report.tpr_at[1e-3] is None
+    assert {s.label for s in report.slices} == set(range(K))
+    assert all(s.auc > 0.5 for s in report.slices)
+    html = report._repr_html_()
+    assert "not a guarantee" in html and "data:image/png;base64," in html
+    assert "proven ε" in html and "By class" in html
+    assert report.exceeds_proven == (report.epsilon_lower_bound > 1.0)
+
+
+def test_membership_inference_on_a_fresh_model_finds_nothing(overfit):
+    _, train, holdout = overfit
+    keras.utils.set_random_seed(5)
+    report = audit.membership_inference(make_model(), train, holdout)
+    assert report.auc_interval[0] < 0.5 < report.auc_interval[1]
+    assert report.epsilon_lower_bound < 0.5
+
+
+def test_membership_inference_refuses_bad_shapes_with_clear_messages(overfit):
+    model, (x, y), (xh, yh) = overfit
+    with pytest.raises(InvalidParameterError, match="x has 200 rows but y has 199"):
+        audit.membership_inference(model, (x, y[:-1]), (xh, yh))
+    with pytest.raises(InvalidParameterError, match="cannot score"):
+        audit.membership_inference(model, (x[:, :5], y), (xh, yh))
+    with pytest.raises(InvalidParameterError, match="pair"):
+        audit.membership_inference(model, x, (xh, yh))
+    with pytest.raises(InvalidParameterError, match="attack"):
+        audit.membership_inference(model, (x, y), (xh, yh), attack="lira")
+    with pytest.raises(InvalidParameterError, match="at least 3 holdout"):
+        audit.membership_inference(model, (x, y), (xh[:2], yh[:2]), attack="calibrated")
+    tiny = audit.membership_inference(model, (x, y), (xh[:3], yh[:3]))
+    assert "Only 200 members and 3 non-members" in tiny._repr_html_()
+
+
+# --------------------------------------------------------------------------- one run, end to end
+
+
+def test_one_run_without_dp_shows_a_clear_leak():
+    x, y = _data()
+    result = audit.one_run(make_model, x, y, private=False, **RUN)
+    assert result.epsilon_lower_bound > 1.5, result
+    assert math.isinf(result.epsilon) and not result.contradicts
+    assert result.roc is not None and result.roc.auc > 0.9
+    assert 60 < result.included.sum() < 140  # each canary in with probability ½
+    assert result.n_train == 600 - 200 + result.included.sum()
+    assert "Leak shown" in result.verdict and "no DP" in result._repr_html_()
+
+
+def test_one_run_with_dp_stays_below_the_proven_epsilon():
+    """The regression test of the guarantee: the same training as above, with DP-SGD at ε = 1.
+    A broken engine (noise missing, mis-scaled, or ε mis-accounted) shows up here as a lower
+    bound above the proven ε (see the next test for how large that signal is)."""
+    x, y = _data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the contradiction warning fails the test
+        result = audit.one_run(make_model, x, y, target_epsilon=1.0, **RUN)
+    assert result.epsilon <= 1.0 and result.delta == 1e-5
+    assert result.epsilon_lower_bound <= result.epsilon, result
+    assert (
+        not result.contradicts
+        and "Consistent" in result.verdict
+        or "proves nothing" in (result.verdict)
+    )
+    assert result.run is not None and result.run.epsilon == result.epsilon
+
+
+def test_one_run_catches_an_engine_that_lies_about_epsilon(monkeypatch):
+    """A stand-in dp_fit that trains without noise but reports ε = 1: the audit must say the
+    guarantee is contradicted (loudly: a warning, the verdict and the card)."""
+    real = trainer.dp_fit
+
+    def lying_dp_fit(model, x, y, **kw):
+        kw.pop("target_epsilon")
+        run = real(model, x, y, noise_multiplier=0.0, **kw)
+        run.epsilon = 1.0
+        return run
+
+    monkeypatch.setattr(trainer, "dp_fit", lying_dp_fit)
+    warnings.filterwarnings("ignore", "noise_multiplier=0|ε is huge", RuntimeWarning)
+    x, y = _data()
+    with pytest.warns(RuntimeWarning, match="(?i)contradicts the guarantee"):
+        result = audit.one_run(make_model, x, y, target_epsilon=1.0, **RUN)
+    assert result.contradicts and result.epsilon_lower_bound > 1.5
+    assert "CONTRADICTS THE GUARANTEE" in result._repr_html_()
+
+
+def test_one_run_refuses_what_it_cannot_audit():
+    x, y = _data(100)
+    with pytest.raises(InvalidParameterError, match="canaries=200 but x has only 100"):
+        audit.one_run(make_model, x, y, canaries=200, epochs=1, batch_size=10, private=False)
+    with pytest.raises(InvalidParameterError, match="unknown setting"):
+        audit.one_run(make_model, x, y, canaries=10, epochs=1, batch_size=10, noise=1.0)
+    with pytest.raises(InvalidParameterError, match="class labels"):
+        audit.one_run(make_model, x, y + 0.5, canaries=10, epochs=1, batch_size=10)
+    with pytest.raises(InvalidParameterError, match="function"):
+        audit.one_run(make_model(), x, y, canaries=10, epochs=1, batch_size=10)
+
+
+# --------------------------------------------------------------------------- %dp_audit
+
+
+def test_dp_audit_magic(ip, overfit):
+    model, (x, y), (xh, yh) = overfit
+    ip.user_ns.update(model=model, x=x, y=y, xh=xh, yh=yh, make_model=make_model)
+    report = ip.run_line_magic("dp_audit", "mia model x y xh yh --epsilon 2 -o rep")
+    assert ip.user_ns["rep"] is report and report.proven_epsilon == 2.0 and report.auc > 0.7
+    with pytest.raises(UsageError, match="needs 5 variable names"):
+        ip.run_line_magic("dp_audit", "mia model x y xh")
+    with pytest.raises(UsageError, match="only for one-run"):
+        ip.run_line_magic("dp_audit", "mia model x y xh yh --epochs 3")
+    with pytest.raises(UsageError, match="canaries=500 but x has only 200"):
+        ip.run_line_magic(
+            "dp_audit", "one-run make_model x y --epochs 1 --batch-size 10 --no-dp --canaries 500"
+        )
+    with pytest.raises(UsageError, match="--epochs and --batch-size"):
+        ip.run_line_magic("dp_audit", "one-run make_model x y")
+    result = ip.run_line_magic(
+        "dp_audit", "one-run make_model x y --epochs 1 --batch-size 20 --canaries 20 "
+        "--noise-multiplier 1.0 --delta 1e-4 --seed 0 -o aud",
+    )  # fmt: skip
+    assert ip.user_ns["aud"] is result and result.private and result.canaries == 20
+    assert result.epsilon_lower_bound <= result.epsilon
