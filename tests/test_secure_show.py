@@ -44,7 +44,8 @@ def test_safe_output_keeps_only_passive_types():
     )
     assert "<script" not in svg["text/html"]  # the SVG is base64 inside the data URI
     md, _, dropped = safe_output(HOSTILE[2]["data"], {})
-    assert md == {"text/plain": "<b onclick=x>hi</b>"} and dropped == ["text/markdown (raw HTML)"]
+    assert md == {"text/plain": "<b onclick=x>hi</b>"}
+    assert dropped == ["text/markdown (raw HTML or unsafe link)"]
     ok, _, dropped = safe_output(HOSTILE[3]["data"], {"image/png": {"width": 3, "onload": "x"}})
     assert ok == {"text/markdown": "**fine**", "image/png": PNG} and dropped == []
     assert safe_output(HOSTILE[4]["data"], {})[0] == {}
@@ -87,3 +88,43 @@ def test_blob_signed_by_a_trusted_signer_is_shown_as_is(ip, kp_home, shown):
     trust.add_trusted("me")
     ip.run_line_magic("secure_show", f"b2 -i {alice.path} --for 0")
     assert shown[-1][0]["text/html"] == "<img src=x onerror=alert(1)>"
+
+
+# Markdown links a renderer turns into javascript: (or other active) hrefs, as an attacker writes them.
+HOSTILE_MARKDOWN = [
+    "[x](javascript:alert(1))",
+    "[x](&#106;avascript:alert(1))",
+    "[x](&#x6A;avascript:alert(1))",
+    "[x](javascript&colon;alert(1))",
+    "[x](java&#9;script:alert(1))",
+    "[x](java&NewLine;script:alert(1))",
+    "[x](JaVaScRiPt:alert(1))",
+    "[x](\x01javascript:alert(1))",
+    "[x](java\x00script:alert(1))",
+    "[x](javascript\\:alert(1))",
+    "[x](&amp;#106;avascript:alert(1))",
+    "[x][1]\n\n[1]: javascript:alert(1)",
+    "[x][evil]\n\n[evil]:\n   &#x6a;avascript:alert(1)",
+    "![img](vbscript:msgbox(1))",
+    "[x](data:text/html;base64,PHNjcmlwdD4=)",
+    "<javascript:alert(1)>",
+    "[x]( <javascript:alert(1)> )",
+]
+PASSIVE_MARKDOWN = [
+    "**bold** and [docs](https://example.org/a?b=c#d)",
+    "[mail](mailto:a@example.org) [rel](results/table.md) [anchor](#section-2)",
+    "[ref][1]\n\n[1]: http://example.org",
+]
+
+
+@pytest.mark.parametrize("markdown", HOSTILE_MARKDOWN)
+def test_markdown_with_an_active_link_is_shown_only_as_plain_text(markdown):
+    data, _, dropped = safe_output({"text/markdown": markdown}, {})
+    assert data == {"text/plain": markdown} and dropped == [
+        "text/markdown (raw HTML or unsafe link)"
+    ]
+
+
+@pytest.mark.parametrize("markdown", PASSIVE_MARKDOWN)
+def test_markdown_with_web_mail_and_relative_links_still_renders(markdown):
+    assert safe_output({"text/markdown": markdown}, {}) == ({"text/markdown": markdown}, {}, [])

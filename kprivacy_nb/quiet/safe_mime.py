@@ -7,7 +7,10 @@ the blob is signed by a key you trust, :func:`safe_output` keeps only passive ty
 * ``text/plain``;
 * ``image/png`` and ``image/jpeg`` (strict base64 only);
 * ``image/svg+xml``, shown as an ``<img>`` with a ``data:`` URI (browsers run no script there);
-* ``text/markdown`` without raw HTML or ``javascript:`` links (else shown as plain text).
+* ``text/markdown`` without raw HTML, whose every link and image destination (inline ``[x](…)``,
+  reference ``[1]: …``) is ``http:``, ``https:``, ``mailto:`` or relative (``page``, ``#anchor``),
+  judged after decoding HTML entities and backslash escapes and removing control characters and
+  whitespace — as a browser would read the ``href``. Anything else is shown as plain text.
 
 Everything else is dropped and counted, so the caller can say what was held back.
 
@@ -23,7 +26,13 @@ import re
 from typing import Any
 
 _B64_RE = re.compile(r"[A-Za-z0-9+/\s]*={0,2}\s*")
-_RAW_HTML_RE = re.compile(r"<[A-Za-z!/?]|javascript:|vbscript:|data:text/html", re.IGNORECASE)
+_RAW_HTML_RE = re.compile(r"<[A-Za-z!/?]", re.IGNORECASE)  # also catches <scheme:…> autolinks
+# Where a Markdown link destination starts: after "](" (inline links, images) or "]:" (reference
+# definitions), possibly on the next line, possibly in <…>.
+_LINK_DEST_RE = re.compile(r"\]\s*(?:\(|:)\s*(<[^>]*>?|[^\s)]*)")
+_SAFE_SCHEMES = frozenset({"http", "https", "mailto"})
+_INVISIBLE_RE = re.compile(r"[\x00-\x20\x7f-\x9f\s\u200b-\u200f\u2028\u2029\ufeff]+")
+_MD_ESCAPE_RE = re.compile(r"\\([!-/:-@\[-`{-~])")
 _IMAGE_META = ("width", "height")
 
 
@@ -44,6 +53,25 @@ def _b64_image(value: Any) -> str | None:
     return text
 
 
+def safe_link(dest: str) -> bool:
+    """Whether a link destination is http(s), mailto or relative, read as a browser would."""
+    text = dest.strip("<>")
+    for _ in range(3):  # entities may be nested (&amp;#106;): decode until nothing changes
+        decoded = html.unescape(_MD_ESCAPE_RE.sub(r"\1", text))
+        if decoded == text:
+            break
+        text = decoded
+    text = _INVISIBLE_RE.sub("", text)
+    scheme = re.match(r"([^/?#]*?):", text)
+    return scheme is None or scheme.group(1).lower() in _SAFE_SCHEMES
+
+
+def _passive_markdown(text: str) -> bool:
+    if _RAW_HTML_RE.search(text):
+        return False
+    return all(safe_link(m.group(1)) for m in _LINK_DEST_RE.finditer(text))
+
+
 def safe_output(data: Any, metadata: Any) -> tuple[dict, dict, list[str]]:
     """The passive part of a MIME bundle: ``(data, metadata, dropped MIME types)``."""
     if not isinstance(data, dict):
@@ -59,9 +87,9 @@ def safe_output(data: Any, metadata: Any) -> tuple[dict, dict, list[str]]:
             uri = "data:image/svg+xml;base64," + base64.b64encode(_text(value).encode()).decode()
             out["text/html"] = f'<img src="{html.escape(uri)}" alt="SVG image">'
         elif mime == "text/markdown" and _text(value) is not None:
-            if _RAW_HTML_RE.search(_text(value)):
+            if not _passive_markdown(_text(value)):
                 out.setdefault("text/plain", _text(value))
-                dropped.append("text/markdown (raw HTML)")
+                dropped.append("text/markdown (raw HTML or unsafe link)")
             else:
                 out[mime] = _text(value)
         else:
