@@ -90,10 +90,22 @@ def test_ranges_editables_and_bad_lines(capsys, tmp_path):
     assert any("editable" in n for n in doc["notes"])
 
 
-def test_missing_requirements_file_is_a_usage_error(capsys, tmp_path):
+def test_missing_or_binary_requirements_file_is_a_usage_error(capsys, tmp_path):
     assert main(["doctor", "--requirements", str(tmp_path / "nope.txt")]) == 2
     err = capsys.readouterr().err
     assert "nope.txt" in err and "Traceback" not in err
+    (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 8)
+    assert main(["doctor", "--requirements", str(tmp_path / "blob.txt")]) == 2
+    assert "not a" in capsys.readouterr().err
+
+
+def test_ignore_accepted_findings(capsys, tmp_path):
+    req = tmp_path / "requirements.txt"
+    req.write_text("cryptography==46.0.4\n")
+    rc, doc = doctor(capsys, "-r", str(req), "--check", "advisories")
+    assert (rc, ids(doc)) == (1, {"CVE-2026-26007"})
+    rc, doc = doctor(capsys, "-r", str(req), "--check", "advisories", "--ignore", "CVE-2026-26007")
+    assert (rc, doc["findings"]) == (0, []) and any("ignored" in n for n in doc["notes"])
 
 
 # -- the Jupyter server and the kernel -------------------------------------------------------
@@ -203,10 +215,15 @@ def test_secret_literals_in_a_notebook(capsys, isolated):
 def test_key_in_a_git_working_tree(capsys, isolated):
     work = isolated / "work"
     subprocess.run(["git", "init", "-q", str(work)], check=True)
-    (work / "key.txt").write_text(age.X25519Identity.generate().reveal() + "\n")
+    key = age.X25519Identity.generate().reveal()
+    # A key quoted in code or a test vector is not a key file; only key.txt is reported.
+    (work / "test_vectors.py").write_text(f'BAD = "%quiet {key}"\n')
+    (work / "vector").write_text(f"identity: {key}\n")
+    (work / "key.txt").write_text(f"# created: today\n# public key: age1…\n{key}\n")
     rc, doc = doctor(capsys, "--check", "keys")
-    f = next(f for f in doc["findings"] if f["id"] == "keys:key-in-tree")
-    assert rc == 1 and f["severity"] == "high" and "key.txt" in f["evidence"]
+    (f,) = doc["findings"]
+    assert rc == 1 and f["id"] == "keys:key-in-tree" and f["severity"] == "high"
+    assert f["evidence"].endswith("key.txt: an age secret key (AGE-SECRET-KEY-1…)")
     (work / ".gitignore").write_text("key.txt\n")
     rc, doc = doctor(capsys, "--check", "keys")
     assert rc == 0 and ids(doc, "medium") == {"keys:key-in-tree"}

@@ -70,6 +70,7 @@ def run_checks(
     kernel_connection_file: str | os.PathLike | None = None,
     history_file: str | os.PathLike | None = None,
     online: bool = False,
+    ignore: Iterable[str] = (),
 ) -> Report:
     """Run the doctor's checks and return a :class:`Report` (most severe findings first).
 
@@ -77,7 +78,8 @@ def run_checks(
     ``checks`` limits the run to some families (``advisories``, ``server``, ``keys``,
     ``privacy``); ``workdir`` is the working tree scanned for keys and notebooks (default: the
     current folder); ``user_ns`` is a notebook namespace (DP runs in it are checked);
-    ``online`` also asks ``pip-audit`` (if installed — the only path that uses the network).
+    ``online`` also asks ``pip-audit`` (if installed — the only path that uses the network);
+    ``ignore`` drops findings by id (accepted risks), and the report says how many.
     """
     _load_families()
     names = list(CHECKS) if checks is None else list(dict.fromkeys(checks))
@@ -100,4 +102,9 @@ def run_checks(
     findings: list[Finding] = []
     for name in names:
         findings.extend(CHECKS[name](ctx))
+    skip = set(ignore)
+    dropped = [f for f in findings if f.id in skip]
+    if dropped:
+        findings = [f for f in findings if f.id not in skip]
+        ctx.note(f"{len(dropped)} finding(s) ignored as asked: {', '.join(sorted(skip))}")
     return Report(findings, ctx.notes, tuple(names), ctx.snapshot_date)

@@ -29,6 +29,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
+from ..errors import InvalidParameterError
 from . import Context, check
 from .report import Finding
 
@@ -153,8 +154,16 @@ def installed_pins(names: tuple[str, ...]) -> Iterator[Pin]:
 
 def _logical_lines(path: Path) -> Iterator[tuple[int, str]]:
     """Lines of a requirements file, continuations joined, comments dropped (pip's rules)."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidParameterError(
+            f"{path} is not a readable UTF-8 requirements file ({type(exc).__name__})"
+        ) from None
+    if "\0" in text:
+        raise InvalidParameterError(f"{path} is not a text requirements file")
     buf, start = "", 0
-    for no, raw in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for no, raw in enumerate(text.splitlines(), 1):
         line = re.sub(r"(^|\s)#.*$", "", raw).rstrip()
         if not buf:
             start = no
@@ -240,7 +249,7 @@ def _admits_affected(spec: SpecifierSet, adv: Advisory) -> bool:
 def _upgrade_fix(name: str, target: Version | None) -> str:
     if target is None:
         return f"no fixed release known; remove {name} or avoid the affected feature"
-    return f'pip install "{name}>={target}"'
+    return f'pip install "{canonicalize_name(name)}>={target}"'
 
 
 def findings_for(pin: Pin, snapshot: Snapshot) -> list[Finding]:
@@ -275,7 +284,9 @@ def findings_for(pin: Pin, snapshot: Snapshot) -> list[Finding]:
             severity="low",
             title=f"{pin.shown} still allows versions with {len(hits)} known advisories",
             evidence=f"{pin.shown} ({pin.origin}) admits affected versions ({ids})",
-            fix=f'require "{pin.name}>={max(fixes)}"' if fixes else f"pin {pin.name} exactly",
+            fix=f'require "{canonicalize_name(pin.name)}>={max(fixes)}"'
+            if fixes
+            else f"pin {pin.name} exactly",
             check="advisories",
         )
     ]
@@ -330,14 +341,15 @@ def check_advisories(ctx: Context) -> list[Finding]:
     else:
         pins, bad = list(installed_pins(snapshot.watched)), []
     findings = [f for pin in pins for f in findings_for(pin, snapshot)]
-    for line in bad:
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         findings.append(
             Finding(
                 id="requirements:unparsed",
                 severity="low",
-                title="a requirements line could not be read, so it was not checked",
-                evidence=line,
-                fix="write it as NAME==VERSION (PEP 508), e.g. keras==3.14.0",
+                title=f"{len(bad)} requirements line(s) could not be read, so were not checked",
+                evidence="; ".join(bad[:5]) + more,
+                fix="write them as NAME==VERSION (PEP 508), e.g. keras==3.14.0",
                 check="advisories",
             )
         )

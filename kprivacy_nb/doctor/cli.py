@@ -36,6 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="run only this check family (repeatable; default: all)",
     )
+    p.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="drop findings with this id (an accepted risk; repeatable)",
+    )
     p.add_argument("--path", default=None, help="working tree to scan for keys (default: .)")
     p.add_argument(
         "--online",
@@ -49,7 +56,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from . import run_checks
 
     report = run_checks(
-        requirements=args.requirements, checks=args.check, workdir=args.path, online=args.online
+        requirements=args.requirements,
+        checks=args.check,
+        workdir=args.path,
+        online=args.online,
+        ignore=args.ignore,
     )
     print(report.to_json() if args.json else repr(report))
     return 1 if report.has_high else 0

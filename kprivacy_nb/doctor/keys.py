@@ -20,13 +20,18 @@ from . import Context, check
 from .report import Finding
 
 _PRIVATE_BLOCK_RE = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+_KEY_FILE_RE = re.compile(
+    r"^\s*(?:AGE-SECRET-KEY-(?:PQ-)?1[0-9A-Za-z]{20,}|KPRIVACY-SIGNING-KEY-1[0-9A-Za-z]{20,})\s*$"
+    r"|^-----BEGIN [A-Z ]*PRIVATE KEY-----",
+    re.MULTILINE | re.IGNORECASE,
+)
 _PASSPHRASE_LITERAL_RE = re.compile(
     r"""\b(?:passphrase|password)\s*=\s*(?P<q>['"])(?!\s*(?P=q))[^'"\n]{4,}(?P=q)"""
 )
 _SKIP_DIRS = {".git", ".hg", ".venv", "venv", "node_modules", "__pycache__", ".tox", ".mypy_cache"}
 _MAX_FILES = 20000
 _MAX_DEPTH = 8
-_SMALL = 64 * 1024
+_SMALL = 16 * 1024  # key files are tiny (an RSA-4096 PEM key is ~3.3 KiB)
 _MAX_NOTEBOOK = 50 * 1024 * 1024
 
 
@@ -112,6 +117,8 @@ def _notebook_secrets(path: Path) -> list[str]:
 
 
 def _file_secret(path: Path) -> str | None:
+    """The kind of key a small text file *is* (a key alone on a line, or a PEM private key);
+    a key quoted inside source code or a test vector is not a key file."""
     try:
         if not path.is_file() or path.is_symlink() or path.stat().st_size > _SMALL:
             return None
@@ -121,7 +128,8 @@ def _file_secret(path: Path) -> str | None:
         return None
     if b"\0" in head[:1024]:
         return None
-    return secret_kind(head.decode("utf-8", errors="replace"), code=False)
+    m = _KEY_FILE_RE.search(head.decode("utf-8", errors="replace"))
+    return secret_kind(m.group(0), code=False) if m else None
 
 
 def _home_findings(home: Path) -> list[Finding]:

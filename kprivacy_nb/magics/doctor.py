@@ -38,6 +38,7 @@ class DoctorMagics(Magics, Configurable):
     @magic_arguments()
     @argument("--requirements", "-r", default=None, help="audit this requirements file's pins")
     @argument("--check", action="append", choices=FAMILIES, default=None, help="only this family")
+    @argument("--ignore", action="append", default=[], help="drop findings with this id")
     @argument("--path", default=None, help="working tree to scan (default: the current folder)")
     @argument("--online", action="store_true", help="also ask pip-audit (network)")
     @argument("--json", action="store_true", help="return the JSON text instead of the report")
@@ -71,5 +72,6 @@ class DoctorMagics(Magics, Configurable):
             kernel_connection_file=_connection_file(),
             history_file=None if hist in (None, ":memory:") else str(hist),
             online=args.online or self.online,
+            ignore=args.ignore,
         )
         return PlainText(report.to_json()) if args.json else report
