@@ -32,6 +32,10 @@ class SecretOnLineError(KPrivacyError):
     exit_code = 2
 
 
+class MissingEnvVarError(KPrivacyError):
+    """The environment variable named for a secret is not set (its name is not echoed)."""
+
+
 class KeyFileError(KPrivacyError):
     """A key file is missing, unreadable, malformed or has unsafe permissions."""
 

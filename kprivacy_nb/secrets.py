@@ -22,7 +22,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from .errors import KeyFileError, KPrivacyError, SecretOnLineError
+from .errors import KeyFileError, KPrivacyError, MissingEnvVarError, SecretOnLineError
 
 MASK = "***"
 _MIN_SECRET_LEN = 4
@@ -140,8 +140,9 @@ _LITERAL_FLAG_RE = re.compile(
 )
 _TOKEN_RE = re.compile(r"[A-Za-z0-9+/=_\-]{32,}")
 # Flags that take the NAME of an environment variable, never a value.
+# Abbreviations too (--passphrase-e, --passphrase-): argparse would have accepted them.
 _ENV_FLAG_RE = re.compile(
-    r"(?:^|\s)--[a-z-]*-env(?:=|\s+)(\"[^\"]*\"?|'[^']*'?|\S+)", re.IGNORECASE
+    r"(?:^|\s)--[a-z-]*-(?:e|en|env)?(?:=|\s+)(\"[^\"]*\"?|'[^']*'?|\S+)", re.IGNORECASE
 )
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Public things that look random but are not secrets.
@@ -259,7 +260,11 @@ def secret_from_env(var: str) -> Secret:
         )
     value = os.environ.get(var)
     if value is None or value == "":
-        raise KPrivacyError(f"environment variable {var} is not set (or empty)")
+        raise MissingEnvVarError(
+            "the environment variable named in --passphrase-env is not set (or empty); its name "
+            "is not repeated, in case it was the passphrase itself. Set it with "
+            "`export NAME=…` (or %env) before starting, then pass the NAME"
+        )
     return Secret(value, source=f"env {var}")
 
 

@@ -38,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "encrypt",
+        allow_abbrev=False,  # no --passphrase-e: a secret must not land in an abbreviation
         help="encrypt to age recipients or a passphrase",
         description="Encrypt IN (default stdin) to OUT (default stdout) as an age v1 file. "
         "Example: kprivacy-nb encrypt -r alice -o data.age data.csv",
@@ -58,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "decrypt",
+        allow_abbrev=False,  # no --passphrase-e: a secret must not land in an abbreviation
         help="decrypt an age file",
         description="Decrypt IN (default stdin) to OUT (default stdout). With -o, OUT appears "
         "only if the whole file authenticated. Example: kprivacy-nb decrypt -i key.txt data.age",
@@ -84,6 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "verify",
+        allow_abbrev=False,  # no --passphrase-e: a secret must not land in an abbreviation
         help="verify a detached signature, or the signature inside a secure_save file",
         description="With FILE.sig (or -s), check the detached signature. Otherwise decrypt FILE "
         "(-i/--passphrase-env) and check its container signature. "
@@ -98,6 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "inspect",
+        allow_abbrev=False,  # no --passphrase-e: a secret must not land in an abbreviation
         help="what a file is: age header, recipient types, container manifest",
         description="Describe FILE without decrypting it; with -i/--passphrase-env also show the "
         "container manifest (entries, types, sizes, digests, signature). "

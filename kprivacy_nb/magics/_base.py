@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import shlex
 import sqlite3
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from .. import secrets
-from ..errors import KPrivacyError, SecretOnLineError
+from ..errors import KPrivacyError, MissingEnvVarError, SecretOnLineError
 
 REDACTED_INPUT = "# [kprivacy_nb] input removed: it contained a secret"
 
@@ -52,6 +53,12 @@ def scrub_history(shell: Any, needle: str | None = None) -> int:
         if (key in ("_i", "_ii", "_iii") or key.startswith("_i")) and bad(ns.get(key)):
             ns[key] = REDACTED_INPUT
             changed += 1
+    # The history manager keeps its own _i/_ii/_iii/_i00 and copies them back into the
+    # namespace on the next cell: scrub those too, or the secret line comes back.
+    for attr in ("_i00", "_i", "_ii", "_iii"):
+        if bad(getattr(hm, attr, None)):
+            setattr(hm, attr, REDACTED_INPUT)
+            changed += 1
     lock = getattr(hm, "db_input_cache_lock", contextlib.nullcontext())
     with lock:
         cache = getattr(hm, "db_input_cache", [])
@@ -77,40 +84,86 @@ def scrub_history(shell: Any, needle: str | None = None) -> int:
     return changed
 
 
+def scrub_line(shell: Any, line: str) -> None:
+    """Remove ``line`` from the history now, and again after the cell (the history DB writer
+    may flush after this magic returns)."""
+    if shell is None:
+        return
+    scrub_history(shell, line)
+    events = shell.events
+
+    def _later(*_a: Any) -> None:
+        scrub_history(shell, line)
+        with contextlib.suppress(ValueError):
+            events.unregister("post_run_cell", _later)
+
+    events.register("post_run_cell", _later)
+
+
 def refuse_secret_line(shell: Any, line: str, cell: str | None = None) -> None:
     """Refuse a magic line (or cell header) that carries a secret, scrubbing it from history."""
     why = secrets.find_secret(line)
     if why is None:
         return
-    if shell is not None:
-        scrub_history(shell, line)
-        # The history DB writer may flush after this magic returns: scrub again after the cell.
-        events = shell.events
-
-        def _later(*_a: Any) -> None:
-            scrub_history(shell, line)
-            with contextlib.suppress(ValueError):
-                events.unregister("post_run_cell", _later)
-
-        events.register("post_run_cell", _later)
+    scrub_line(shell, line)
     try:
         secrets.check_line(line)
     except SecretOnLineError as exc:
         raise UsageError(str(exc)) from None
 
 
+_UNRECOGNIZED_RE = re.compile(r"^unrecognized arguments: (.*)$", re.DOTALL)
+_INVALID_VALUE_RE = re.compile(r"^(argument \S+: invalid (?:choice|.*? value)): .*$", re.DOTALL)
+_AMBIGUOUS_RE = re.compile(r"^ambiguous option: (--?[\w-]+)=\S*")
+
+
+def argument_error(message: str) -> str:
+    """An argparse error for a magic line, without repeating any value typed on it: a value
+    might be a secret typed in the wrong place (``--passphrase-env VAR hunter2``)."""
+    m = _UNRECOGNIZED_RE.match(message)
+    if m:
+        n = len(m.group(1).split())
+        return (
+            f"unrecognized arguments: {n} word(s) not understood (not repeated here, in case one "
+            "is a secret); see the magic's help with %name?"
+        )
+    m = _INVALID_VALUE_RE.match(message)
+    if m:
+        return f"{m.group(1)} (the value is not repeated here)"
+    return secrets.redact(_AMBIGUOUS_RE.sub(r"ambiguous option: \1=…", message))
+
+
+def _strict_parser(wrapper: Any) -> None:
+    """No abbreviated options (``--passphrase-e``) on magics that take a passphrase."""
+    parser = getattr(wrapper, "parser", None)
+    if parser is not None and parser.allow_abbrev:
+        if any("passphrase" in opt for opt in parser._option_string_actions):
+            parser.allow_abbrev = False
+
+
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a magic: refuse secret lines; turn kprivacy_nb errors into a one-line UsageError."""
+    """Decorate a magic: refuse secret lines; turn kprivacy_nb errors into a one-line UsageError;
+    argument errors never repeat what was typed; no abbreviated options next to passphrases."""
 
     @functools.wraps(func)
     def wrapper(self: Any, line: str = "", cell: str | None = None, *args: Any, **kw: Any) -> Any:
-        refuse_secret_line(getattr(self, "shell", None), line)
+        shell = getattr(self, "shell", None)
+        refuse_secret_line(shell, line)
+        _strict_parser(wrapper)
         try:
             if cell is None:
                 return func(self, line, *args, **kw)
             return func(self, line, cell, *args, **kw)
+        except MissingEnvVarError as exc:
+            scrub_line(shell, line)  # the "name" may have been a passphrase: out of the history
+            raise UsageError(str(exc)) from None
         except KPrivacyError as exc:
             raise UsageError(secrets.redact(str(exc))) from None
+        except UsageError as exc:
+            message = argument_error(str(exc))
+            if message != str(exc) and "passphrase" in line:
+                scrub_line(shell, line)  # a stray word next to a passphrase option
+            raise UsageError(message) from None
 
     return wrapper
 
