@@ -166,8 +166,15 @@ def test_kernel_connection_file_over_tcp(capsys, isolated):
     rc, doc = doctor(capsys, "--check", "server")
     assert rc == 1
     assert {"kernel:tcp-exposed", "kernel:no-key", "kernel:connection-file-mode"} <= ids(doc)
-    conn.write_text(json.dumps({"transport": "tcp", "ip": "127.0.0.1", "key": "k" * 32}))
+    local = {"transport": "tcp", "ip": "127.0.0.1", "key": "k" * 32}
+    conn.write_text(json.dumps(local))
     conn.chmod(0o600)
+    rc, doc = doctor(capsys, "--check", "server")  # ipykernel's own warning, as a low finding
+    assert (rc, ids(doc), ids(doc, "low")) == (0, {"kernel:tcp-no-curve"}, {"kernel:tcp-no-curve"})
+    conn.write_text(json.dumps({**local, "ip": "0.0.0.0", "curve_secretkey": "s" * 40}))
+    rc, doc = doctor(capsys, "--check", "server")  # CurveZMQ: encrypted
+    assert (rc, doc["findings"]) == (0, [])
+    conn.write_text(json.dumps({**local, "transport": "ipc"}))
     rc, doc = doctor(capsys, "--check", "server")
     assert (rc, doc["findings"]) == (0, [])
 

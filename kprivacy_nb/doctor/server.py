@@ -293,12 +293,14 @@ def _runtime_servers(rt: Path, ctx: Context) -> Iterator[tuple[Path, ServerView]
             continue
         ip = str(info.get("hostname", "localhost"))
         port = info.get("port")
+        where = f"running server pid {info.get('pid')} ({path.name}, port {port})"
         if isinstance(port, int):
             wide = [a for a in _listen_addrs(port) if not is_loopback(a)]
             if wide and is_loopback(ip):
+                where += f"; its file says {ip} but a socket listens on {wide[0]}"
                 ip = wide[0]
         view = ServerView(
-            where=f"running server pid {info.get('pid')} ({path.name}, port {port})",
+            where=where,
             ip=ip,
             token_off=not info.get("token"),
             password=bool(info.get("password")),
@@ -330,15 +332,28 @@ def _kernel_findings(path: Path) -> list[Finding]:
         return []
     found = []
     transport, ip = info.get("transport", "tcp"), str(info.get("ip", "127.0.0.1"))
-    if transport == "tcp" and not is_loopback(ip):
+    curve = bool(info.get("curve_secretkey"))
+    if transport == "tcp" and not curve and not is_loopback(ip):
         found.append(
             Finding(
                 id="kernel:tcp-exposed",
                 severity="high",
                 title=f"kernel listens on {ip} over TCP without encryption (no CurveZMQ): "
                 "everything it sends, secrets included, crosses the network in clear",
-                evidence=f"{path}: transport=tcp, ip={ip!r}",
+                evidence=f"{path}: transport=tcp, ip={ip!r}, no curve key",
                 fix="start kernels on 127.0.0.1 (--ip=127.0.0.1) and tunnel over ssh",
+                check="server",
+            )
+        )
+    elif transport == "tcp" and not curve:
+        found.append(
+            Finding(
+                id="kernel:tcp-no-curve",
+                severity="low",
+                title="kernel traffic is unencrypted TCP on loopback (no CurveZMQ): readable by "
+                "anyone who can capture local traffic",
+                evidence=f"{path}: transport=tcp, ip={ip!r}, no curve key",
+                fix="jupyter lab --KernelManager.transport=ipc (Unix sockets, file permissions)",
                 check="server",
             )
         )
