@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import secrets
 from ..paths import home_dir
 from . import Context, check
-from .report import Finding
+from .report import Finding, mode_finding
 
 _PRIVATE_BLOCK_RE = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 _KEY_FILE_RE = re.compile(
@@ -138,25 +138,24 @@ def _home_findings(home: Path) -> list[Finding]:
     for folder, what in ((home, "kprivacy_nb home folder"), (keys, "keys folder")):
         if folder.is_dir() and _mode(folder) & 0o077:
             found.append(
-                Finding(
+                mode_finding(
+                    folder,
                     id="keys:folder-mode",
                     severity="medium",
                     title=f"the {what} is open to other users",
-                    evidence=f"{folder} has mode {_mode(folder):04o}",
-                    fix=f"chmod 700 {folder}",
                     check="keys",
+                    want=0o700,
                 )
             )
     if keys.is_dir():
         for path in sorted(keys.iterdir()):
             if path.is_file() and path.name.endswith(".key") and _mode(path) & 0o077:
                 found.append(
-                    Finding(
+                    mode_finding(
+                        path,
                         id="keys:file-mode",
                         severity="high",
                         title="a secret key file is readable or writable by other users",
-                        evidence=f"{path} has mode {_mode(path):04o} (should be 0600)",
-                        fix=f"chmod 600 {path}",
                         check="keys",
                     )
                 )

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..paths import home_dir
 from . import Context, check
-from .report import Finding
+from .report import Finding, mode_finding
 
 LEDGER_FILENAME = "ledger.sqlite3"  # as kprivacy_nb.dp.ledger (not imported: it is heavy)
 
@@ -28,28 +28,18 @@ def _ledger_findings(path: Path) -> list[Finding]:
         return []
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return [
-            Finding(
-                id="privacy:ledger-writable",
-                severity="high",
-                title="other users can rewrite the privacy ledger (and so the budgets it enforces)",
-                evidence=f"{path} has mode {mode:04o}",
-                fix=f"chmod 600 {path}",
-                check="privacy",
-            )
-        ]
-    if mode & (stat.S_IRGRP | stat.S_IROTH):
-        return [
-            Finding(
-                id="privacy:ledger-readable",
-                severity="low",
-                title="other users can read the privacy ledger (dataset names, budgets, runs)",
-                evidence=f"{path} has mode {mode:04o}",
-                fix=f"chmod 600 {path}",
-                check="privacy",
-            )
-        ]
-    return []
+        fid, severity, title = "privacy:ledger-writable", "high", "rewrite the privacy ledger "
+        title += "(and so the budgets it enforces)"
+    elif mode & (stat.S_IRGRP | stat.S_IROTH):
+        fid, severity = "privacy:ledger-readable", "low"
+        title = "read the privacy ledger (dataset names, budgets, runs)"
+    else:
+        return []
+    return [
+        mode_finding(
+            path, id=fid, severity=severity, title=f"other users can {title}", check="privacy"
+        )
+    ]
 
 
 def _uncharged(value: Any) -> bool:

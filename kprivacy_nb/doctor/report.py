@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import html
 import json
+import stat
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..secrets import redact
@@ -106,3 +108,18 @@ class Report:
             + (f"<small><ul>{notes}</ul></small>" if notes else "")
             + "</div>"
         )
+
+
+def mode_finding(
+    path: Path, *, id: str, severity: str, title: str, check: str, want: int = 0o600
+) -> Finding:
+    """A finding about ``path``'s permissions: its mode as evidence, ``chmod`` as the fix."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    return Finding(
+        id=id,
+        severity=severity,
+        title=title,
+        evidence=f"{path} has mode {mode:04o} (should be {want:04o})",
+        fix=f"chmod {want:o} {path}",
+        check=check,
+    )

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import Context, check
-from .report import Finding
+from .report import Finding, mode_finding
 
 _APPS = ("ServerApp", "NotebookApp")
 _CONFIG_STEMS = ("jupyter_server_config", "jupyter_notebook_config")
@@ -312,15 +312,8 @@ def _runtime_servers(rt: Path, ctx: Context) -> Iterator[tuple[Path, ServerView]
 
 
 def _mode_finding(path: Path, fid: str, what: str) -> Finding:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    return Finding(
-        id=fid,
-        severity="high",
-        title=f"{what} is readable by other users",
-        evidence=f"{path} has mode {mode:04o}",
-        fix=f"chmod 600 {path}",
-        check="server",
-    )
+    title = f"{what} is readable by other users"
+    return mode_finding(path, id=fid, severity="high", title=title, check="server")
 
 
 def _kernel_findings(path: Path) -> list[Finding]:
