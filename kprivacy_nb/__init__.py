@@ -24,6 +24,7 @@ _LAZY = {
     "Ledger": "kprivacy_nb.dp.ledger",
     "dp_fit": "kprivacy_nb.dp.trainer",
     "DPFitResult": "kprivacy_nb.dp.trainer",
+    "make_private": "kprivacy_nb.dp.private",
     "secure_save": "kprivacy_nb.crypto.store",
     "secure_load": "kprivacy_nb.crypto.store",
     "redact": "kprivacy_nb.secrets",

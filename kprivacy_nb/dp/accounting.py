@@ -27,6 +27,7 @@ import functools
 import math
 import numbers
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import dp_accounting
@@ -46,6 +47,8 @@ MAX_NOISE_MULTIPLIER = 1000.0
 
 __all__ = [
     "ACCOUNTANTS",
+    "Mechanism",
+    "composed",
     "SAMPLINGS",
     "EpsilonCurve",
     "account",
@@ -210,6 +213,45 @@ def dpsgd_event(
     return dp_accounting.SelfComposedDpEvent(gaussian, epochs_started)
 
 
+@dataclass(frozen=True)
+class Mechanism:
+    """One DP-SGD mechanism: what a run's privacy depends on besides its number of steps.
+
+    >>> m = Mechanism(n=60000, batch_size=256, noise_multiplier=1.1)
+    >>> m.steps_per_epoch, m.event(m.steps_per_epoch * 15).count
+    (234, 3510)
+    """
+
+    n: int
+    batch_size: int
+    noise_multiplier: float
+    sampling: str = "poisson"
+
+    def __post_init__(self) -> None:
+        _check_int("n (dataset size)", self.n)
+        _check_int("batch_size", self.batch_size)
+        _check_choice("sampling", self.sampling, SAMPLINGS)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(self.n, self.batch_size, self.sampling)
+
+    def event(self, steps: int) -> dp_accounting.DpEvent:
+        """The ``DpEvent`` of ``steps`` steps of this mechanism (:func:`dpsgd_event`)."""
+        return dpsgd_event(
+            n=self.n, batch_size=self.batch_size, noise_multiplier=self.noise_multiplier,
+            steps=steps, sampling=self.sampling,
+        )  # fmt: skip
+
+
+def composed(events: Sequence[dp_accounting.DpEvent]) -> dp_accounting.DpEvent:
+    """One event for several runs on the same data (their privacy losses add up)."""
+    events = tuple(events)
+    if len(events) == 1:
+        return events[0]
+    return dp_accounting.ComposedDpEvent(events)
+
+
 def make_accountant(
     accountant: str = "pld", *, value_discretization_interval: float | None = None
 ) -> dp_accounting.PrivacyAccountant:
@@ -321,7 +363,9 @@ class _CachingAccountant:
     def get_epsilon(self, target_delta: float) -> float:
         if self._event is None:
             return 0.0
-        return epsilon_of_event(self._event, target_delta, self._accountant)
+        with warnings.catch_warnings():  # candidates far from the answer may be "huge": fine
+            warnings.filterwarnings("ignore", "ε is huge", RuntimeWarning)
+            return epsilon_of_event(self._event, target_delta, self._accountant)
 
 
 def _warn_no_noise() -> None:
@@ -386,8 +430,12 @@ def calibrate_noise(
     steps: int | None = None,
     sampling: str = "poisson",
     accountant: str = "pld",
+    prior: dp_accounting.DpEvent | None = None,
 ) -> float:
     """Smallest σ (within 0.1%) whose ε is ≤ ``target_epsilon``, via ``calibrate_dp_mechanism``.
+
+    ``prior``: what earlier runs on the same data already spent; σ is then calibrated so that
+    the earlier runs and this one together stay within the target.
 
     The returned σ's ε, computed exactly as :func:`compute_epsilon` does, never exceeds the
     target. An unreachable target raises :class:`InvalidParameterError` saying what is reachable.
@@ -406,18 +454,23 @@ def calibrate_noise(
     total = _total_steps(n, batch_size, epochs, steps, sampling)
 
     def event_of(sigma: float) -> dp_accounting.DpEvent:
-        return dpsgd_event(
+        this = dpsgd_event(
             n=n, batch_size=batch_size, noise_multiplier=sigma, steps=total, sampling=sampling
         )
+        return this if prior is None else composed([prior, this])
 
     def eps(sigma: float) -> float:
-        return epsilon_of_event(event_of(sigma), delta, accountant)
+        with warnings.catch_warnings():  # candidates far from the answer may be "huge": fine
+            warnings.filterwarnings("ignore", "ε is huge", RuntimeWarning)
+            return epsilon_of_event(event_of(sigma), delta, accountant)
 
     floor = eps(MAX_NOISE_MULTIPLIER)
     if floor > target:
         raise InvalidParameterError(
             f"target ε={target:g} is unreachable: even σ={MAX_NOISE_MULTIPLIER:g} gives "
-            f"ε={floor:.4g} (δ={delta:g}, {total} steps). Reachable targets are ≥ {floor:.4g}; "
+            f"ε={floor:.4g} (δ={delta:g}, {total} steps"
+            f"{', with the earlier runs on this data' if prior is not None else ''}). "
+            f"Reachable targets are ≥ {floor:.4g}; "
             "or train fewer epochs, use smaller batches or a larger δ"
         )
     bracket: dp_accounting.mechanism_calibration.BracketInterval | None = None
@@ -427,7 +480,7 @@ def calibrate_noise(
         try:
             hi = calibrate_noise(
                 target, n, batch_size, epochs, delta, steps=steps, sampling=sampling,
-                accountant="rdp",
+                accountant="rdp", prior=prior,
             )  # fmt: skip
         except InvalidParameterError:
             hi = None

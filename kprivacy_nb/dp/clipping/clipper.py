@@ -359,7 +359,7 @@ class FastClipper:
         def body(i: tf.Tensor, sums: list[tf.Tensor], losses: Any, norms: Any, kept: Any) -> Any:
             xi = tf.nest.map_structure(lambda t: t[i : i + 1], x)
             with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(
+                loss = weights[i] * tf.reduce_sum(
                     tf.cast(self.loss_fn(y[i : i + 1], self.model(xi, training=True)), tf.float32)
                 )
             grads = tape.gradient(
@@ -369,7 +369,7 @@ class FastClipper:
             ok = tf.math.is_finite(sq) & tf.math.is_finite(loss) & (weights[i] > 0)
             norm = tf.sqrt(tf.where(ok, sq, 0.0))
             factor = tf.where(norm > clip, clip / tf.maximum(norm, 1e-30), 1.0)
-            factor = tf.where(ok, factor * weights[i] * scale, 0.0)
+            factor = tf.where(ok, factor * scale, 0.0)
             sums = [
                 s + tf.where(ok, tf.cast(factor, g.dtype) * g, tf.zeros_like(g))
                 for s, g in zip(sums, grads, strict=True)
@@ -407,7 +407,9 @@ class FastClipper:
         norms = tf.sqrt(tf.maximum(tf.where(keep, sq, 0.0), 0.0))
         clip = tf.constant(self.l2_norm_clip, tf.float32)
         factors = tf.where(norms > clip, clip / tf.maximum(norms, 1e-30), 1.0)
-        factors = tf.where(keep, factors * weights, 0.0) * tf.cast(scale, tf.float32)
+        # The weights are already inside each example's loss (so inside its gradient and its
+        # norm): a weight of 10 cannot push a contribution past C. Here they only select rows.
+        factors = tf.where(keep & (weights > 0), factors, 0.0) * tf.cast(scale, tf.float32)
 
         def summed(rows: RowFilter) -> list[tf.Tensor]:
             sums: list[tf.Tensor | None] = [None] * len(self.variables)

@@ -37,6 +37,7 @@ def per_example_loss_fn(loss: Any) -> Callable[[Any, Any], tf.Tensor]:
         raise TrainingError(f"loss must be a name, a function or a keras Loss, got {loss!r}")
 
     def per_example(y_true: Any, y_pred: Any) -> tf.Tensor:
+        y_true, y_pred = _same_rank(y_true, y_pred)
         values = tf.convert_to_tensor(fn(y_true, y_pred))
         if values.shape.rank is not None and values.shape.rank > 1:
             values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
@@ -44,3 +45,17 @@ def per_example_loss_fn(loss: Any) -> Callable[[Any, Any], tf.Tensor]:
 
     per_example.keras_loss = loss  # type: ignore[attr-defined]
     return per_example
+
+
+def _same_rank(y_true: Any, y_pred: Any) -> tuple[Any, Any]:
+    """Labels of shape ``(B,)`` for predictions ``(B, 1)`` (and the reverse), lined up as Keras'
+    ``fit`` lines them up. Left alone, a loss function would broadcast them to ``(B, B)`` — every
+    example's loss reading every other example's label."""
+    y_true = tf.convert_to_tensor(y_true)
+    if not isinstance(y_pred, tf.Tensor) or y_true.shape.rank is None or y_pred.shape.rank is None:
+        return y_true, y_pred
+    if y_true.shape.rank == y_pred.shape.rank - 1 and y_pred.shape[-1] == 1:
+        y_true = tf.expand_dims(y_true, -1)
+    elif y_true.shape.rank == y_pred.shape.rank + 1 and y_true.shape[-1] == 1:
+        y_true = tf.squeeze(y_true, -1)
+    return y_true, y_pred

@@ -15,7 +15,8 @@
    (:func:`probe_sensitivity`) runs the clipped sum exactly as the training step does — traced,
    on a real batch of the training batch size — and measures the definition itself: for a few
    examples ``k``, removing ``k`` (weight 0) changes the clipped sum by exactly ``k``'s own
-   clipped gradient, of norm ≤ C, and changing ``k``'s input while it is removed changes nothing.
+   clipped gradient, of norm ≤ C, and changing ``k``'s input and label while it is removed changes
+   nothing.
 
 This costs a few forward/backward passes on :data:`EXAMPLES` examples plus a dozen traced steps;
 ``run.clipping`` reports each layer as "verified" and the trainer reports the time taken.
@@ -235,10 +236,11 @@ def probe_sensitivity(
     saved = [np.array(v.numpy()) for v in state]
     clip = float(l2_norm_clip)
 
-    def flat(xs: Any, weights: np.ndarray) -> np.ndarray:
+    def flat(xs: Any, weights: np.ndarray, ys: Any = None) -> np.ndarray:
         for var, value in zip(state, saved, strict=True):
             var.assign(value)
-        return np.asarray(run(xs, y, tf.constant(weights, tf.float32)), np.float64)
+        ys = y if ys is None else ys
+        return np.asarray(run(xs, ys, tf.constant(weights, tf.float32)), np.float64)
 
     worst = 0.0
     try:
@@ -250,7 +252,7 @@ def probe_sensitivity(
             alone[k] = 1.0
             without = flat(x, ones - alone)
             own = flat(x, alone)
-            moved = flat(perturb(x, k), ones - alone)
+            moved = flat(perturb(x, k), ones - alone, perturb(y, k))
             if not np.all(np.isfinite(own)):
                 continue  # a non-finite example is dropped by the step: nothing to measure
             if np.linalg.norm(moved - without) > tol:
