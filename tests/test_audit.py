@@ -222,8 +222,14 @@ def test_membership_inference_refuses_bad_shapes_with_clear_messages(overfit):
     model, (x, y), (xh, yh) = overfit
     with pytest.raises(InvalidParameterError, match="x has 200 rows but y has 199"):
         audit.membership_inference(model, (x, y[:-1]), (xh, yh))
-    with pytest.raises(InvalidParameterError, match="cannot score"):
+    with pytest.raises(
+        InvalidParameterError, match=r"rows have shape \(5,\) but the model expects \(20,\)"
+    ):
         audit.membership_inference(model, (x[:, :5], y), (xh, yh))
+    with pytest.raises(InvalidParameterError, match="labels go from 1 to 4 .* classes 0…3"):
+        audit.membership_inference(model, (x, y), (xh, yh + 1))
+    as_lists = audit.membership_inference(model, (x.tolist(), list(y)), (xh, yh))  # rows
+    assert as_lists.auc == audit.membership_inference(model, (x, y), (xh, yh)).auc
     with pytest.raises(InvalidParameterError, match="pair"):
         audit.membership_inference(model, x, (xh, yh))
     with pytest.raises(InvalidParameterError, match="attack"):
@@ -296,6 +302,10 @@ def test_one_run_refuses_what_it_cannot_audit():
         audit.one_run(make_model, x, y + 0.5, canaries=10, epochs=1, batch_size=10)
     with pytest.raises(InvalidParameterError, match="function"):
         audit.one_run(make_model(), x, y, canaries=10, epochs=1, batch_size=10)
+    with pytest.raises(InvalidParameterError, match="batch_size=95 is larger than the training"):
+        audit.one_run(make_model, x, y, canaries=20, epochs=1, batch_size=95, private=False, seed=0)
+    with pytest.raises(InvalidParameterError, match="epochs must be an integer ≥ 1"):
+        audit.one_run(make_model, x, y, canaries=20, epochs=0, batch_size=10, private=False)
 
 
 # --------------------------------------------------------------------------- %dp_audit

@@ -206,7 +206,8 @@ def membership_inference(
     bound implied by the best (TPR, FPR) pair with Clopper–Pearson confidence (threshold picked
     on half the scores, measured on the other half). That ε is a valid test only if members and
     non-members were split at random; :func:`kprivacy_nb.audit.one_run` is the rigorous audit.
-    ``run`` (a ``DPFitResult``) or ``epsilon``/``delta`` give the proven ε to compare with.
+    ``run`` (a ``DPFitResult``, which may also be passed as ``model``) or ``epsilon``/``delta``
+    give the proven ε to compare with.
 
     >>> membership_inference(model, (x_train, y_train), (x_test, y_test))   # doctest: +SKIP
     MIAReport(attack=loss, AUC=0.731 [0.702, 0.760], ε ≥ 0.912 at 95%, ...)
@@ -216,13 +217,17 @@ def membership_inference(
             f"attack must be one of {', '.join(sc.ATTACKS)}; got {attack!r}"
         )
     confidence = stats.check_confidence(confidence)
+    if run is None and hasattr(model, "epsilon") and hasattr(model, "model"):
+        model, run = model.model, model  # a DPFitResult: audit its model against its ε
     if run is not None:
         epsilon = run.epsilon if epsilon is None else epsilon
         delta = run.delta if delta is None else delta
     delta = stats.check_delta(0.0 if delta is None else delta)
-    x_in, y_in = sc.pair(train, "train")
-    x_out, y_out = sc.pair(holdout, "holdout")
+    x_in, y_in = sc.pair(train, "train", sc.model_inputs(model))
+    x_out, y_out = sc.pair(holdout, "holdout", sc.model_inputs(model))
     loss = loss if loss is not None else getattr(model, "loss", None)
+    sc.check_fits(model, x_in, y_in, loss, "train")
+    sc.check_fits(model, x_out, y_out, loss, "holdout")
     losses_in, margins_in = sc.per_example_loss(model, x_in, y_in, loss=loss, batch_size=batch_size)
     losses_out, margins_out = sc.per_example_loss(
         model, x_out, y_out, loss=loss, batch_size=batch_size

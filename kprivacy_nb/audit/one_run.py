@@ -273,15 +273,9 @@ def one_run(
         raise InvalidParameterError(f"canaries must be an integer ≥ 2, got {canaries!r}")
     confidence = stats.check_confidence(confidence)
     check_settings(settings)
-    n = sc.num_rows(x, "x")
-    if sc.num_rows(y, "y") != n:
-        raise InvalidParameterError(
-            f"x has {n} rows but y has {sc.num_rows(y, 'y')}; they must match"
-        )
-    y = np.asarray(y)
-    labels = sc.class_labels(y)
-    if labels is None:
-        raise InvalidParameterError("one_run needs class labels y (integers or one-hot)")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InvalidParameterError(f"{name} must be an integer ≥ 1, got {value!r}")
 
     if seed is not None:
         import keras
@@ -292,15 +286,26 @@ def one_run(
         raise InvalidParameterError(
             f"make_model() returned {type(model).__name__}, not a Keras model"
         )
+    x, y = sc.pair((x, y), "data", sc.model_inputs(model))
+    labels = sc.class_labels(y)
+    if labels is None:
+        raise InvalidParameterError("one_run needs class labels y (integers or one-hot)")
     k = _num_classes(model)
     if labels.min() < 0 or labels.max() >= k:
         raise InvalidParameterError(f"labels must be in 0…{k - 1} for a model with {k} classes")
+    sc.check_fits(model, x, y, settings.get("loss") or getattr(model, "loss", None), "data")
     rng = np.random.default_rng(seed)
     x_c, y_c, base = make_canaries(x, y, labels, int(canaries), k, canary_kind, rng)
     included = rng.random(int(canaries)) < 0.5
     x_train = _concat([sc.take(x, base), sc.take(x_c, np.flatnonzero(included))])
     y_train = _concat([y[base], y_c[included]])
     n_train = len(base) + int(included.sum())
+    if batch_size > n_train:
+        raise InvalidParameterError(
+            f"batch_size={batch_size} is larger than the training set: {n_train} examples "
+            f"({len(base)} kept + {int(included.sum())} canaries included of {canaries}); "
+            "use a smaller batch size or fewer canaries"
+        )
 
     if private:
         model, run, epsilon, delta = _train_private(

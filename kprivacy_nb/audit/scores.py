@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -47,11 +48,70 @@ def take(data: Any, idx: np.ndarray) -> Any:
     return np.asarray(data)[idx]
 
 
-def pair(data: Any, what: str) -> tuple[Any, Any]:
-    """Check ``data`` is an ``(x, y)`` pair with matching rows; return it."""
+def model_inputs(model: Any) -> int:
+    """How many inputs ``model`` takes (1 when it can't tell)."""
+    try:
+        return max(1, len(model.inputs or []))
+    except (AttributeError, TypeError, ValueError):
+        return 1
+
+
+def as_inputs(data: Any, n_inputs: int = 1) -> Any:
+    """``data`` as Keras takes it: one NumPy array (from a DataFrame, a list of rows, …), or a
+    dict/list of arrays when the model has several inputs."""
+    if isinstance(data, dict):
+        return {k: np.asarray(v) for k, v in data.items()}
+    if n_inputs > 1 and isinstance(data, (list, tuple)):
+        return type(data)(np.asarray(v) for v in data)
+    return np.asarray(data)
+
+
+def check_fits(model: Any, x: Any, y: np.ndarray, loss: Any, what: str) -> None:
+    """Clear errors for the usual mistakes, before Keras' long ones: rows of the wrong shape,
+    class labels the model has no output for."""
+    if isinstance(x, np.ndarray):
+        try:
+            expected = tuple(model.input_shape[1:])
+        except (AttributeError, TypeError, ValueError, IndexError):
+            expected = None
+        got = x.shape[1:]
+        if expected is not None and (
+            len(expected) != len(got)
+            or any(e is not None and e != g for e, g in zip(expected, got, strict=True))
+        ):
+            raise InvalidParameterError(
+                f"{what} x rows have shape {got} but the model expects {expected}"
+            )
+    labels = class_labels(y)
+    if labels is None or "crossentropy" not in loss_name(loss):
+        return
+    try:
+        k = int(model.output_shape[-1])
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return
+    top = max(k, 2) - 1
+    if labels.min() < 0 or labels.max() > top:
+        raise InvalidParameterError(
+            f"{what} labels go from {labels.min()} to {labels.max()} but the model's {k} "
+            f"output(s) allow classes 0…{top}"
+        )
+
+
+def _keras_message(exc: Exception) -> str:
+    """The informative line of a (long, multi-line) Keras/TensorFlow error."""
+    lines = [re.sub(r"\{\{.*?\}\}", "", ln).strip() for ln in str(exc).splitlines()]
+    lines = [ln for ln in lines if ln]
+    for ln in lines:
+        if "expected" in ln.lower() or "received" in ln.lower() or "incompatible" in ln:
+            return ln[:300]
+    return (lines or [type(exc).__name__])[0][:300]
+
+
+def pair(data: Any, what: str, n_inputs: int = 1) -> tuple[Any, Any]:
+    """Check ``data`` is an ``(x, y)`` pair with matching rows; return it as arrays."""
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise InvalidParameterError(f"{what} must be a pair (x, y), got {type(data).__name__}")
-    x, y = data
+    x, y = as_inputs(data[0], n_inputs), np.asarray(data[1])
     nx, ny = num_rows(x, f"{what} x"), num_rows(y, f"{what} y")
     if nx != ny:
         raise InvalidParameterError(f"{what}: x has {nx} rows but y has {ny}; they must match")
@@ -119,10 +179,9 @@ def per_example_loss(
         except InvalidParameterError:
             raise
         except Exception as exc:  # Keras raises many types for shape mistakes; name them once
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise InvalidParameterError(
                 f"the model and its loss cannot score these examples (y rows of shape "
-                f"{np.shape(yb)[1:]}): {first}"
+                f"{np.shape(yb)[1:]}): {_keras_message(exc)}"
             ) from None
         values = np.asarray(values, dtype=np.float64).reshape(-1)
         if values.shape[0] != len(idx):
