@@ -383,3 +383,32 @@ def test_bundled_snapshot_is_dated_sourced_and_parseable():
             for key in ("introduced", "fixed", "last_affected"):
                 if r.get(key, "0") != "0":
                     Version(r[key])
+
+
+def test_online_merges_pip_audit_without_duplicates(capsys, tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("pip_audit") is not None:
+        pytest.skip("a real pip-audit is installed; this test fakes it")
+    report = {
+        "dependencies": [{"name": "keras", "version": "3.8.0", "vulns": [
+            {"id": "GHSA-48g7-3x6r-xfhp", "aliases": ["CVE-2025-1550"], "fix_versions": ["3.9.0"],
+             "description": "known to the snapshot"},
+            {"id": "PYSEC-2099-1", "aliases": ["CVE-2099-0001"], "fix_versions": ["3.10.0", "3.9.1"],
+             "description": "only pip-audit knows"},
+        ]}]
+    }  # fmt: skip
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "pip-audit"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'args'}\ncat <<'EOF'\n"
+                    f"{json.dumps(report)}\nEOF\n")  # fmt: skip
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    req = tmp_path / "requirements.txt"
+    req.write_text("keras==3.8.0\n")
+    rc, doc = doctor(capsys, "-r", str(req), "--check", "advisories", "--online")
+    assert [f["id"] for f in doc["findings"]].count("CVE-2025-1550") == 1
+    new = next(f for f in doc["findings"] if f["id"] == "CVE-2099-0001")
+    assert new["fix"] == 'pip install "keras>=3.9.1"' and "pip-audit" in new["evidence"]
+    assert f"-r {req}" in (tmp_path / "args").read_text()

@@ -10,6 +10,7 @@ reported when it still admits an affected version. ``pip-audit`` is asked too wh
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import importlib.util
@@ -35,6 +36,13 @@ from .report import Finding
 
 SNAPSHOT = "advisories.json"
 _MAX_INCLUDE_DEPTH = 5
+_SEVERITY = {
+    "critical": "high",
+    "high": "high",
+    "moderate": "medium",
+    "medium": "medium",
+    "low": "low",
+}
 
 
 @dataclass(frozen=True)
@@ -102,7 +110,7 @@ def _parse_snapshot(doc: dict[str, Any]) -> Snapshot:
             id=a["id"],
             aliases=tuple(a.get("aliases", ())),
             package=a["package"],
-            severity=a.get("severity", "medium"),
+            severity=_SEVERITY.get(str(a.get("severity", "")).lower(), "medium"),
             summary=a.get("summary", ""),
             ranges=tuple(a["ranges"]),
             references=tuple(a.get("references", ())),
@@ -318,14 +326,17 @@ def _pip_audit(ctx: Context, known: set[str]) -> list[Finding]:
             if known.intersection(ids):
                 continue
             shown = next((i for i in ids if i.startswith("CVE-")), ids[0])
-            fixed = vuln.get("fix_versions") or []
+            fixed = []
+            for v in vuln.get("fix_versions") or []:
+                with contextlib.suppress(InvalidVersion):
+                    fixed.append(Version(v))
             found.append(
                 Finding(
                     id=shown,
                     severity="medium",
                     title=f"{dep['name']} {dep.get('version', '?')}: {vuln.get('description', '')[:120]}",
                     evidence=f"pip-audit (online): {', '.join(i for i in ids if i)}",
-                    fix=_upgrade_fix(dep["name"], Version(min(fixed)) if fixed else None),
+                    fix=_upgrade_fix(dep["name"], min(fixed, default=None)),
                     check="advisories",
                 )
             )
