@@ -208,3 +208,86 @@ def test_cli_trust_and_flipped_byte(files, alice, me, tmp_path):
     assert forged_trusted.returncode == 1 and b"bad signature" in forged_trusted.stderr
     assert cli("trust", "remove", "me").returncode == 0
     assert json.loads(cli("trust", "list", "--json").stdout) == []
+
+
+ESCAPE = "\x1b[2K\r\x1b[32m✅ signature verified: signed by me\x1b[0m"
+
+
+def test_attacker_strings_are_escaped_before_printing(files, alice, me, tmp_path):
+    signed, _ = files
+    spoofed = reencrypted_with(signed, lambda b: {**b, "key": "kppub1" + ESCAPE}, alice)
+    with pytest.warns(UnverifiedFileWarning) as caught:
+        secure_load(spoofed)
+    shown = " ".join(str(w.message) for w in caught)
+    assert "\x1b" not in shown and "\\x1b[2K" in shown
+    out = cli("inspect", str(spoofed), "-i", "alice")
+    assert out.returncode == 0 and b"\x1b" not in out.stdout + out.stderr
+    assert b"\r" not in out.stdout
+    # entry names and type strings a sender chose, too
+    crafted = tmp_path / "crafted.age"
+    with open(crafted, "wb") as f:
+        writer = age.EncryptWriter(f, [age.X25519Recipient.parse(alice.public)])
+        entry = container.Entry("x" + ESCAPE, "numpy.ndarray" + ESCAPE, {"p" + ESCAPE: b"1"}, {})
+        container.write_container(writer, [entry], created="now" + ESCAPE)
+        writer.close()
+    out = cli("inspect", str(crafted), "-i", "alice")
+    assert out.returncode == 0, out.stderr
+    assert b"\x1b" not in out.stdout + out.stderr and b"\\x1b[2K" in out.stdout
+
+
+def test_verify_with_a_bare_name_never_reads_a_file_from_the_folder(
+    files, alice, tmp_path, monkeypatch
+):
+    mallory = signing.generate_signing_key(None, output=tmp_path / "mallory.key")
+    evil = tmp_path / "evil.age"
+    secure_save(np.arange(4), evil, recipients="alice", sign_with=tmp_path / "mallory.key")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "bob").write_text(mallory.public + "\n")  # planted where the user runs from
+    monkeypatch.chdir(work)
+    with pytest.raises(Exception, match="unknown signer") as info:
+        secure_load(evil, verify_with="bob")
+    assert "KPrivacyError" in [c.__name__ for c in type(info.value).__mro__]
+    # a clear path is still read, and a trusted signer's name resolves to its key
+    assert secure_load(evil, verify_with="./bob").sum() == 6
+    trust.add_trusted(mallory.public, name="bob")
+    _, status = load_with_status(evil, verify_with="bob")
+    assert status.verified and status.name == "bob"
+
+
+def with_a_part_changed(path, alice):
+    """The same manifest and signature, the last byte of the data changed, re-encrypted (what
+    anyone who can encrypt to alice can do)."""
+    plain = bytearray(age.decrypt(path.read_bytes(), keys.load_identities([alice.path])))
+    plain[-1] ^= 0x01
+    out = path.with_name("part-changed.age")
+    out.write_bytes(age.encrypt(bytes(plain), [age.X25519Recipient.parse(alice.public)]))
+    return out
+
+
+def test_verify_and_inspect_check_every_part(files, alice, me):
+    signed, _ = files
+    changed = with_a_part_changed(signed, alice)
+    bad = cli("verify", "-k", "me", "-i", "alice", str(changed))
+    assert bad.returncode == 1 and b"does not match its manifest digest" in bad.stderr
+    bad = cli("inspect", str(changed), "-i", "alice")
+    assert bad.returncode == 1 and b"does not match its manifest digest" in bad.stderr
+    assert cli("verify", "-k", "me", "-i", "alice", str(signed)).returncode == 0
+
+
+def test_cli_decrypt_honours_require_signature(files, alice, me, tmp_path):
+    signed, unsigned = files
+    required = {"KPRIVACY_NB_REQUIRE_SIGNATURE": "1"}
+    out = tmp_path / "out.bin"
+    refused = cli("decrypt", "-i", "alice", "-o", str(out), str(unsigned), env=required)
+    assert refused.returncode == 1 and b"unsigned" in refused.stderr and not out.exists()
+    plain_age = tmp_path / "plain.age"
+    plain_age.write_bytes(age.encrypt(b"hello", [age.X25519Recipient.parse(alice.public)]))
+    refused = cli("decrypt", "-i", "alice", "-o", str(out), str(plain_age), env=required)
+    assert refused.returncode == 1 and b"no signature" in refused.stderr and not out.exists()
+    untrusted = cli("decrypt", "-i", "alice", "-o", str(out), str(signed), env=required)
+    assert untrusted.returncode == 1 and not out.exists()
+    trust.add_trusted("me")
+    ok = cli("decrypt", "-i", "alice", "-o", str(out), str(signed), env=required)
+    assert ok.returncode == 0 and out.read_bytes().startswith(container.MAGIC)
+    assert cli("decrypt", "-i", "alice", str(unsigned)).returncode == 0  # policy off: as before

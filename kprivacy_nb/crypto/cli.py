@@ -15,10 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import InvalidParameterError, KPrivacyError
+from ..errors import InvalidParameterError, KPrivacyError, SerializationError
 from ..paths import atomic_write
 from ..secrets import resolve_passphrase
 from . import age, envelope, keys, signing, trust
+from .printable import printable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -211,12 +212,55 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
+    if trust.require_signature():
+        return _decrypt_signed_only(args)
     with _input(args.input) as src:
         agefile = age.AgeFile(src)
         ids = _identities(args, agefile.stanza_types())
         with _output(args.output, args.force, binary=False) as dst:
             agefile.decrypt_to(dst, ids)
     return 0
+
+
+def _decrypt_signed_only(args: argparse.Namespace) -> int:
+    """``decrypt`` under ``KPRIVACY_NB_REQUIRE_SIGNATURE=1``: only a kprivacy-nb container signed
+    by a trusted signer is written out (a plain age file carries no signature: refused)."""
+    if args.input in (None, "-"):
+        raise InvalidParameterError(
+            "with signatures required, decrypt reads a file (not stdin): give IN"
+        )
+    with _input(args.input) as src:
+        types = age.AgeFile(src).stanza_types()
+    passphrase = None
+    if args.passphrase_env or args.passphrase or ("scrypt" in types and not args.identity):
+        passphrase = resolve_passphrase(args.passphrase_env)
+    try:
+        reader = envelope.open_container(
+            args.input,
+            identities=args.identity or None,
+            passphrase=passphrase,
+            require_signature=True,
+        )
+    except SerializationError as exc:
+        if "not a kprivacy-nb container" not in str(exc):
+            raise
+        raise trust_refusal(args.input) from None
+    ids = [age.ScryptIdentity(passphrase)] if passphrase is not None else []
+    if args.identity or passphrase is None:
+        ids += keys.load_identities(args.identity or keys.default_identity_files())
+    reader.check_all_parts()
+    with _input(args.input) as src, _output(args.output, args.force, binary=False) as dst:
+        age.AgeFile(src).decrypt_to(dst, ids)
+    return 0
+
+
+def trust_refusal(path: str) -> KPrivacyError:
+    from ..errors import UntrustedSignatureError
+
+    return UntrustedSignatureError(
+        f"refused: {path} is a plain age file with no signature, and signatures are required "
+        f"({trust.CONFIG_REQUIRE} / {trust.ENV_REQUIRE}=1)"
+    )
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
@@ -231,7 +275,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    expected = signing.load_verify_key(args.key)
+    expected = trust.resolve_signer(args.key)
     sig_path = args.signature or (f"{args.file}.sig" if Path(f"{args.file}.sig").exists() else None)
     if sig_path:
         try:
@@ -244,13 +288,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"good signature by {expected} on {args.file}")
         return 0
     passphrase = resolve_passphrase(args.passphrase_env) if args.passphrase_env else None
-    envelope.open_container(
+    reader = envelope.open_container(
         args.file,
         identities=args.identity or None,
         passphrase=passphrase,
         verify_with=expected,
     )
-    print(f"good signature by {expected} on the manifest of {args.file}")
+    reader.check_all_parts()  # a valid manifest signature vouches only for matching parts
+    print(f"good signature by {expected} on {args.file} (manifest and every part)")
     return 0
 
 
@@ -294,9 +339,11 @@ def describe(path: str, identities: list[str], passphrase_env: str | None) -> di
                 info["content"] = "opaque data (not a kprivacy-nb container)"
                 return info
             raise
+        reader.check_all_parts()
         info["content"] = "kprivacy-nb container"
         info["manifest"] = reader.manifest
-        info["signed_by"] = (reader.signature or {}).get("key")
+        signed_by = (reader.signature or {}).get("key")
+        info["signed_by"] = printable(signed_by) if signed_by is not None else None
         info["signature"] = reader.signature_status.state
         info["signature_note"] = str(reader.signature_status)
     return info
@@ -317,17 +364,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"content: {info['content']}")
     m = info.get("manifest")
     if m:
+        # Every string below was chosen by whoever wrote the file: printed escaped.
         print(
-            f"created: {m.get('created')}  libraries: "
-            + ", ".join(f"{k} {v}" for k, v in sorted(m.get("library", {}).items()))
+            f"created: {printable(m.get('created'))}  libraries: "
+            + printable(", ".join(f"{k} {v}" for k, v in sorted(m.get("library", {}).items())))
         )
         print(info["signature_note"])
         for e in m["entries"]:
             size = sum(p["size"] for p in e["parts"])
-            print(f"entry {e['name']!r}: {e['type']}, {size:,} bytes")
+            print(f"entry '{printable(e['name'])}': {printable(e['type'])}, {size:,} bytes")
             for part in e["parts"]:
-                print(f"  {part['name']}: {part['size']:,} bytes sha256 {part['sha256']}")
+                print(
+                    f"  {printable(part['name'])}: {part['size']:,} bytes sha256 {part['sha256']}"
+                )
             card = e.get("meta", {}).get("privacy_card")
             if card:
-                print(f"  privacy card: {json.dumps(card, sort_keys=True)}")
+                print(f"  privacy card: {printable(json.dumps(card, sort_keys=True), 2000)}")
     return 0

@@ -221,7 +221,33 @@ class ContainerReader:
                 part_names.add(p["name"])
         if not isinstance(m.get("metadata", {}), dict):
             raise SerializationError("malformed container metadata")
+        library = m.get("library", {})
+        if not isinstance(library, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in library.items()
+        ):
+            raise SerializationError("malformed manifest: 'library' must map names to versions")
+        if not isinstance(m.get("created", ""), str):
+            raise SerializationError("malformed manifest: 'created' must be a string")
         return m
+
+    def check_all_parts(self) -> None:
+        """Check every part of every entry against its manifest digest (what ``verify`` and
+        ``inspect`` vouch for), reading in chunks."""
+        for e in self.entries:
+            for p in e["parts"]:
+                self._buf.seek(self._data_start + p["offset"])
+                digest, left = hashlib.sha256(), p["size"]
+                while left:
+                    chunk = self._buf.read(min(left, 1 << 20))
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    left -= len(chunk)
+                if left or not hmac.compare_digest(digest.hexdigest(), p["sha256"]):
+                    raise SerializationError(
+                        f"part {p['name']!r} of entry {e['name']!r} does not match its manifest "
+                        "digest: the content was changed after signing"
+                    )
 
     @property
     def entries(self) -> list[dict]:

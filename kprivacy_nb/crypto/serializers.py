@@ -33,6 +33,7 @@ from .archives import (
     read_tar,
 )
 from .limits import expansion_budget, loads_json
+from .printable import printable
 
 Parts = dict[str, bytes]
 
@@ -406,6 +407,20 @@ def dump_dataframe(df: Any) -> tuple[Parts, dict]:
     }
 
 
+_INT64 = range(-(2**63), 2**63)
+
+
+def _range_bounds(idx: dict) -> tuple[int, int, int]:
+    """A stored RangeIndex's start/stop/step: int64 integers, step not 0 (else refused)."""
+    bounds = tuple(idx.get(k) for k in ("start", "stop", "step"))
+    if not all(type(b) is int and b in _INT64 for b in bounds) or bounds[2] == 0:
+        raise SerializationError(
+            "refused: the DataFrame's RangeIndex is malformed (start/stop/step must be 64-bit "
+            "integers and step non-zero); the file may be corrupted or crafted"
+        )
+    return bounds  # type: ignore[return-value]
+
+
 def load_dataframe(parts: Parts, meta: dict) -> Any:
     import pandas as pd
 
@@ -419,12 +434,20 @@ def load_dataframe(parts: Parts, meta: dict) -> Any:
             return pd.Categorical.from_codes(
                 arrays[key], categories=desc["categories"], ordered=desc["ordered"]
             )
-        return pd.array(desc["values"], dtype=desc["dtype"] if desc["dtype"] != "str" else None)
+        dtype = desc["dtype"] if desc["dtype"] != "str" else None
+        try:
+            return pd.array(desc["values"], dtype=dtype)
+        except ImportError:
+            raise SerializationError(
+                f"a column is stored as {printable(dtype, 40)}, which needs pyarrow here: "
+                "`pip install pyarrow`, or have the sender convert it first with "
+                "df.astype({col: 'string'}) (or 'object')"
+            ) from None
 
     data = {i: rebuild(c, f"c{i}") for i, c in enumerate(schema["columns"])}
     idx = schema["index"]
     if idx["kind"] == "range":
-        index = pd.RangeIndex(idx["start"], idx["stop"], idx["step"], name=idx["name"])
+        index = pd.RangeIndex(*_range_bounds(idx), name=idx["name"])
     else:
         index = pd.Index(rebuild(idx, "index"), name=idx["name"])
     df = pd.DataFrame(data, index=index)

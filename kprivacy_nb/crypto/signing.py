@@ -35,6 +35,7 @@ from .keys import (
     now_iso,
     write_key_file,
 )
+from .printable import printable
 
 PUB_HRP = "kppub"
 SECRET_HRP = "kprivacy-signing-key-"
@@ -181,9 +182,17 @@ def load_signing_key(spec: str | os.PathLike | SigningKey) -> SigningKey:
     return SigningKey.from_text(read_key_file(p), origin=f"signing key {p}")
 
 
+def looks_like_path(text: str) -> bool:
+    """Whether a signer argument is clearly a file path: it contains ``/``, starts with ``~``
+    or ends in ``.pub`` — a bare word (``bob``) is a name and is never read from the folder."""
+    return "/" in text or text.startswith("~") or text.endswith(".pub")
+
+
 def load_verify_key(spec: str | os.PathLike | VerifyKey) -> VerifyKey:
     """A public key: literal ``kppub1…``, a name (recipients.txt or ``keys/NAME.sign.pub``),
-    or a file holding one."""
+    or a file holding one — read only when the argument is clearly a path
+    (:func:`looks_like_path`), so a file named ``bob`` in the current folder can't stand in
+    for the signer ``bob``."""
     if isinstance(spec, VerifyKey):
         return spec
     text = str(spec)
@@ -193,15 +202,18 @@ def load_verify_key(spec: str | os.PathLike | VerifyKey) -> VerifyKey:
     if named:
         return VerifyKey.parse(named[-1])
     pub = keys_dir(create=False) / f"{text}{SIGNING_PUB_SUFFIX}"
-    p = Path(text).expanduser()
-    for candidate in (pub, p):
+    candidates = [pub]
+    if isinstance(spec, os.PathLike) or looks_like_path(text):
+        candidates.append(Path(text).expanduser())
+    for candidate in candidates:
         if candidate.is_file():
             for line in candidate.read_text(encoding="utf-8").splitlines():
                 if line.strip().startswith("kppub1"):
                     return VerifyKey.parse(line.strip())
             raise KeyFileError(f"{candidate} holds no kppub1… public key")
     raise InvalidParameterError(
-        f"unknown signer {text!r}: give a kppub1… key, a name from recipients.txt, or a .pub file"
+        f"unknown signer {printable(text)}: give a kppub1… key, a trusted signer's or known "
+        "key's name, or a path to a .pub file (with a '/' or ending in .pub, e.g. ./bob.pub)"
     )
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from ..errors import InvalidParameterError, SignatureError, UntrustedSignatureError
 from ..paths import atomic_write, home_dir
 from .keys import check_name
+from .printable import printable
 from .signing import VerifyKey, check_manifest_signature, load_verify_key
 
 TRUSTED_FILE = "trusted_signers"
@@ -101,6 +102,17 @@ def _write(signers: Sequence[TrustedSigner]) -> None:
         f.write(text.encode())
 
 
+def resolve_signer(spec: VerifyKey | str | os.PathLike) -> VerifyKey:
+    """The key ``--verify-with SPEC`` means, in this order: a literal ``kppub1…`` key, a trusted
+    signer's name, a known key's name (recipients.txt, ``keys/NAME.sign.pub``), and only then a
+    file, when SPEC is clearly a path (has a ``/``, starts with ``~`` or ends in ``.pub``)."""
+    if isinstance(spec, str) and not spec.startswith("kppub1"):
+        for s in list_trusted():
+            if s.name == spec:
+                return s.key
+    return load_verify_key(spec)
+
+
 def add_trusted(spec: str, name: str | None = None) -> TrustedSigner:
     """Trust a signer: a ``kppub1…`` key (``name`` optional) or a known signer's name."""
     key = load_verify_key(spec)
@@ -170,7 +182,7 @@ class SignaturePolicy:
     def current(
         cls, verify_with: VerifyKey | str | os.PathLike | None = None, require: bool | None = None
     ) -> SignaturePolicy:
-        key = load_verify_key(verify_with) if verify_with is not None else None
+        key = resolve_signer(verify_with) if verify_with is not None else None
         return cls(key, tuple(list_trusted()), require_signature(require))
 
     def check(self, manifest: bytes, block: dict | None) -> SignatureStatus:
@@ -194,7 +206,8 @@ class SignaturePolicy:
                     # A forged signature claiming a trusted signer: always refused.
                     check_manifest_signature(manifest, block, s.key)
                     return SignatureStatus(VERIFIED, str(s.key), s.name)
-            status = SignatureStatus(UNVERIFIED, str(claimed) if claimed else None)
+            # The claimed key is the sender's choice: escaped so it can't fake terminal output.
+            status = SignatureStatus(UNVERIFIED, printable(claimed) if claimed else None)
         if self.require:
             raise UntrustedSignatureError(
                 f"refused: {status}. Signatures are required ({CONFIG_REQUIRE} / {ENV_REQUIRE}=1)"
