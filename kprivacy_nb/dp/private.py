@@ -400,7 +400,7 @@ class _Engine:
         self.steps.assign_add(1)  # counted before anything else: every step that ran counts
         grads, loss_sum, dropped = self._clipped(x, y, w, 1.0 / meta[0])
         variables = self.clipper.variables
-        if self.sizes and noise.shape[0] != 0:
+        if self.add_noise:  # set by each fit before Keras traces this step
             offsets = self.offsets
             grads = [
                 g + tf.cast(tf.reshape(noise[o : o + n], v.shape), g.dtype)
@@ -561,6 +561,7 @@ def _private_fit(
 
     dataset, noise = _pipeline(model, state, engine, x, y, weights, mechanism, sigma)
     engine.offsets = list(noise.offsets)
+    engine.add_noise = sigma > 0
     bad_before = int(engine.bad.numpy())
     user_callbacks = list(callbacks or [])
     original_step = model.__dict__.get("train_step")

@@ -1,0 +1,224 @@
+"""make_private: Keras' own fit, private — tried the way a Keras user (and an attacker) would."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import kprivacy_nb  # noqa: E402
+from kprivacy_nb.dp import accounting  # noqa: E402
+from kprivacy_nb.dp.ledger import Ledger  # noqa: E402
+from kprivacy_nb.errors import InvalidParameterError, TrainingError  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:noise_multiplier=0"),
+    pytest.mark.filterwarnings("ignore:ε is huge"),
+]
+
+
+def _data(n=600, d=10, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype("float32")
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype("int64")
+    return x, y
+
+
+def _binary(d=10, optimizer=None):
+    model = keras.Sequential(
+        [keras.Input((d,)), keras.layers.Dense(8, activation="relu"),
+         keras.layers.Dense(1, activation="sigmoid")]
+    )  # fmt: skip
+    model.compile(
+        optimizer=optimizer or keras.optimizers.Adam(1e-2), loss="binary_crossentropy",
+        metrics=["accuracy", keras.metrics.AUC(name="auc")],
+    )  # fmt: skip
+    return model
+
+
+def test_a_keras_notebook_runs_privately_after_one_line(tmp_path):
+    x, y = _data()
+    model = _binary()
+    kprivacy_nb.make_private(model, target_epsilon=3.0, delta=1e-4)
+    history = model.fit(
+        x, y, epochs=3, batch_size=50, validation_split=0.2, verbose=0,
+        callbacks=[
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=5),
+            keras.callbacks.ModelCheckpoint(str(tmp_path / "best.keras")),
+            keras.callbacks.CSVLogger(str(tmp_path / "log.csv")),
+            keras.callbacks.TensorBoard(str(tmp_path / "tb")),
+        ],
+    )  # fmt: skip
+    logs = history.history
+    assert len(logs["epsilon"]) == 3 and logs["epsilon"] == sorted(logs["epsilon"])
+    assert {"val_loss", "val_accuracy", "val_auc"} <= set(logs)
+    # Training-set metrics are computed without noise: not in the history (nor the CSV).
+    assert "loss" not in logs and "accuracy" not in logs and "dp_steps" not in logs
+    card = model.privacy
+    assert card.epsilon <= 3.0 + 1e-9 and card.epsilon == pytest.approx(logs["epsilon"][-1])
+    assert card.n == 480 and card.steps == 3 * accounting.steps_per_epoch(480, 50)
+    assert card.verified and card.delta == 1e-4
+    with open(tmp_path / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 and "epsilon" in rows[0] and "loss" not in rows[0]
+    assert (tmp_path / "best.keras").exists() and any((tmp_path / "tb").iterdir())
+    assert logs["val_auc"][-1] > 0.6  # it learns
+
+
+def _one_full_batch_update(model, x, y, **private):
+    """Weights after one σ = 0 step on the whole set (shuffle sampling, batch = n)."""
+    kprivacy_nb.make_private(model, noise_multiplier=0.0, sampling="shuffle", delta=1e-3,
+                             **private)  # fmt: skip
+    model.fit(x, y, epochs=1, batch_size=len(x), verbose=0)
+    return [w.copy() for w in model.get_weights()]
+
+
+def test_the_compiled_optimizer_is_the_one_that_trains():
+    # σ = 0 and a clip too large to bind: one private step must equal Keras' own Adam step on
+    # the mean gradient. SGD (what dp_fit once used regardless) gives different weights.
+    x, y = _data(n=64)
+    model = _binary()
+    reference = keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    reference.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+    reference.fit(x, y, epochs=1, batch_size=64, shuffle=False, verbose=0)
+    private = _one_full_batch_update(model, x, y, l2_norm_clip=1e6)
+    for a, b in zip(private, reference.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_huge_sample_weight_cannot_push_one_example_past_c():
+    x, y = _data(n=40)
+    clip = 0.01
+    heavy = np.ones(40, "float32")
+    heavy[3] = 1e6
+    absent = np.ones(40, "float32")
+    absent[3] = 0.0
+    start = _binary(optimizer=keras.optimizers.SGD(1.0))
+    weights = start.get_weights()
+    out = []
+    for sw in (heavy, absent):
+        model = _binary(optimizer=keras.optimizers.SGD(1.0))
+        model.set_weights(weights)
+        kprivacy_nb.make_private(model, noise_multiplier=0.0, sampling="shuffle", delta=1e-3,
+                                 l2_norm_clip=clip)  # fmt: skip
+        model.fit(x, y, epochs=1, batch_size=40, sample_weight=sw, verbose=0)
+        out.append(np.concatenate([w.ravel() for w in model.get_weights()]))
+    # SGD(1) with denominator 40: one example moves the update by at most C / 40.
+    assert np.linalg.norm(out[0] - out[1]) <= clip / 40 * (1 + 1e-3)
+    assert np.linalg.norm(out[0] - out[1]) > 0.5 * clip / 40  # and it does count
+
+
+def test_micro_batches_give_the_same_step():
+    x, y = _data(n=96)
+    a, b = _binary(optimizer=keras.optimizers.SGD(0.5)), None
+    b = keras.models.clone_model(a)
+    b.set_weights(a.get_weights())
+    b.compile(optimizer=keras.optimizers.SGD(0.5), loss="binary_crossentropy")
+    whole = _one_full_batch_update(a, x, y, l2_norm_clip=0.1)
+    split = _one_full_batch_update(b, x, y, l2_norm_clip=0.1, physical_batch_size=10)
+    for u, v in zip(whole, split, strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
+
+
+def test_fit_calls_compose_and_a_target_covers_them_all():
+    x, y = _data()
+    model = _binary()
+    kprivacy_nb.make_private(model, noise_multiplier=1.0, delta=1e-4)
+    model.fit(x, y, epochs=1, batch_size=60, verbose=0)
+    first = model.privacy.epsilon
+    model.fit(x, y, epochs=1, batch_size=60, verbose=0)
+    event = accounting.Mechanism(600, 60, 1.0).event(2 * 10)
+    assert model.privacy.epsilon == pytest.approx(
+        accounting.epsilon_of_event(event, 1e-4, "pld"), rel=1e-9
+    )
+    assert model.privacy.epsilon > first and model.privacy.steps == 20
+
+    targeted = _binary()
+    kprivacy_nb.make_private(targeted, target_epsilon=2.0, delta=1e-4)
+    targeted.fit(x, y, epochs=2, batch_size=60, verbose=0)
+    targeted.fit(x, y, epochs=2, batch_size=60, verbose=0)
+    assert targeted.privacy.epsilon <= 2.0 + 1e-9
+    assert targeted.privacy.steps == 40
+
+
+def test_early_stopping_and_the_ledger_charge_the_steps_that_ran(tmp_path):
+    x, y = _data()
+    ledger = Ledger(tmp_path / "ledger.db")
+    ledger.create("synth", epsilon=50.0, delta=1e-4)
+    model = _binary(optimizer=keras.optimizers.SGD(0.0))  # never improves: stops after 2
+    kprivacy_nb.make_private(model, noise_multiplier=1.0, delta=1e-4, ledger=("synth", ledger))
+    history = model.fit(
+        x, y, epochs=10, batch_size=60, validation_split=0.1, verbose=0,
+        callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=1)],
+    )  # fmt: skip
+    ran = len(history.history["epsilon"])
+    assert ran < 10 and model.privacy.steps == ran * accounting.steps_per_epoch(540, 60)
+    spent = ledger.budget("synth").committed_epsilon
+    assert spent == pytest.approx(model.privacy.epsilon, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make_x, match",
+    [
+        (lambda x, y: tf.data.Dataset.from_tensor_slices((x, y)).batch(10), "Poisson-sampled"),
+        (lambda x, y: (row for row in x), "Poisson-sampled"),
+    ],
+)
+def test_streams_that_cannot_be_poisson_sampled_are_refused(make_x, match):
+    x, y = _data(n=50)
+    model = kprivacy_nb.make_private(_binary(), noise_multiplier=1.0, delta=1e-3)
+    with pytest.raises(InvalidParameterError, match=match):
+        model.fit(make_x(x, y), y, epochs=1, batch_size=10, verbose=0)
+
+
+def test_clear_errors_for_keras_users():
+    x, y = _data(n=50)
+    raw = keras.Sequential([keras.Input((10,)), keras.layers.Dense(1)])
+    kprivacy_nb.make_private(raw, noise_multiplier=1.0)
+    with pytest.raises(TrainingError, match="compile the model first"):
+        raw.fit(x, y, epochs=1, batch_size=10)
+    model = kprivacy_nb.make_private(_binary(), noise_multiplier=1.0, delta=1e-3)
+    with pytest.raises(InvalidParameterError, match="steps_per_epoch"):
+        model.fit(x, y, epochs=1, batch_size=10, steps_per_epoch=3)
+    bad = x.copy()
+    bad[7, 2] = np.nan
+    with pytest.raises(InvalidParameterError, match=r"row 7, column \(2,\)"):
+        model.fit(bad, y, epochs=1, batch_size=10)
+    with pytest.raises(InvalidParameterError, match="exactly one"):
+        kprivacy_nb.make_private(_binary())
+
+
+def test_a_memmap_is_sampled_without_being_loaded(tmp_path):
+    n, d = 400_000, 256  # 410 MB of float32 on disk
+    path = tmp_path / "x.f32"
+    x = np.lib.format.open_memmap(path, mode="w+", dtype="float32", shape=(n, d))
+    rng = np.random.default_rng(1)
+    block = rng.normal(size=(20_000, d)).astype("float32")
+    for start in range(0, n, 20_000):
+        x[start : start + 20_000] = block + start
+    x.flush()
+    del x
+    x = np.load(path, mmap_mode="r")
+    y = (np.arange(n) % 2).astype("int64")
+    model = kprivacy_nb.make_private(_binary(d=d), noise_multiplier=1.0, delta=1e-6)
+    before = _anon_kib()
+    model.fit(x, y, epochs=1, batch_size=4096, verbose=0)
+    grown_mib = (_anon_kib() - before) / 1024
+    assert model.privacy.steps == round(n / 4096)
+    # Loading it would take 410 MB; TensorFlow's own warm-up (tracing, allocator) ~70 MiB.
+    assert grown_mib < 160, f"anonymous memory grew by {grown_mib:.0f} MiB for a 410 MB memmap"
+
+
+def _anon_kib() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    raise AssertionError("no RssAnon in /proc/self/status")
