@@ -264,11 +264,8 @@ def test_one_run_with_dp_stays_below_the_proven_epsilon():
         result = audit.one_run(make_model, x, y, target_epsilon=1.0, **RUN)
     assert result.epsilon <= 1.0 and result.delta == 1e-5
     assert result.epsilon_lower_bound <= result.epsilon, result
-    assert (
-        not result.contradicts
-        and "Consistent" in result.verdict
-        or "proves nothing" in (result.verdict)
-    )
+    assert not result.contradicts
+    assert "Consistent" in result.verdict or "proves nothing" in result.verdict
     assert result.run is not None and result.run.epsilon == result.epsilon
 
 
@@ -324,6 +321,8 @@ def test_dp_audit_magic(ip, overfit):
         ip.run_line_magic(
             "dp_audit", "one-run make_model x y --epochs 1 --batch-size 10 --no-dp --canaries 500"
         )
+    with pytest.raises(UsageError, match="--target-epsilon or --noise-multiplier .*--no-dp"):
+        ip.run_line_magic("dp_audit", "one-run make_model x y --epochs 1 --batch-size 10")
     with pytest.raises(UsageError, match="--epochs and --batch-size"):
         ip.run_line_magic("dp_audit", "one-run make_model x y")
     result = ip.run_line_magic(

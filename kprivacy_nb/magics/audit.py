@@ -114,6 +114,11 @@ class AuditMagics(Magics):
             raise UsageError(f"one-run needs --epochs and --batch-size: {_USAGE['one-run']}")
         if args.run or args.epsilon is not None or args.attack:
             raise UsageError("--run/--epsilon/--attack are for mia; one-run trains its own model")
+        if not args.no_dp and (args.target_epsilon is None) == (args.noise_multiplier is None):
+            raise UsageError(
+                "one-run needs exactly one of --target-epsilon or --noise-multiplier "
+                "(or --no-dp for the non-private baseline)"
+            )
         make_model, x, y = self._names(args, 3)
         settings = {
             key: value
