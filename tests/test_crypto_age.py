@@ -219,9 +219,9 @@ def test_wrong_header_mac_is_hmac_error(ident):
 def _stream_file(ident, chunks: list[tuple[bytes, bool]]) -> bytes:
     """An age file whose payload chunks are sealed exactly as given: (plaintext, last flag)."""
     file_key, nonce = os.urandom(age.FILE_KEY_LEN), os.urandom(age.NONCE_LEN)
-    head = age._encode_header(ident.recipient().wrap(file_key), file_key) + nonce
-    aead = age._payload_key(file_key, nonce)
-    sealed = [aead.encrypt(age._nonce(i, last), p, None) for i, (p, last) in enumerate(chunks)]
+    head = age.encode_header(ident.recipient().wrap(file_key), file_key) + nonce
+    aead = age.payload_key(file_key, nonce)
+    sealed = [aead.encrypt(age.nonce(i, last), p, None) for i, (p, last) in enumerate(chunks)]
     return head + b"".join(sealed)
 
 
