@@ -1,10 +1,9 @@
 """The C2SP age test kit (tests/data/age-testkit, provenance in tests/data/age-testkit.md).
 
-Every X25519, scrypt, armor, header, HMAC and STREAM vector must pass: success cases give the
-exact payload; failure cases raise the matching error, and the plaintext released before the
-failure hashes to the vector's ``payload`` (i.e. nothing unauthenticated was handed out).
-Skipped: the ``mlkem768x25519`` hybrid post-quantum vectors whose only identities are
-``AGE-SECRET-KEY-PQ-1…`` keys — that recipient type is not implemented here.
+Every vector must pass, none skipped — X25519, scrypt, the ``mlkem768x25519`` post-quantum
+hybrid, armor, header, HMAC and STREAM: success cases give the exact payload; failure cases raise
+the matching error, and the plaintext released before the failure hashes to the vector's
+``payload`` (i.e. nothing unauthenticated was handed out).
 """
 
 from __future__ import annotations
@@ -61,15 +60,8 @@ VECTORS = sorted(KIT.iterdir())
 
 
 def identities_of(vec: dict) -> list:
-    ids: list = [
-        age.X25519Identity.parse(i)
-        for i in vec["identity"]
-        if not i.startswith("AGE-SECRET-KEY-PQ")
-    ]
-    ids += [age.ScryptIdentity(p) for p in vec["passphrase"]]
-    if not ids and vec["identity"]:
-        pytest.skip("hybrid ML-KEM-768+X25519 (post-quantum) recipients are not implemented")
-    return ids
+    ids: list = [x for i in vec["identity"] for x in age.identities_from_text(i)]
+    return ids + [age.ScryptIdentity(p) for p in vec["passphrase"]]
 
 
 def test_kit_is_complete():
@@ -81,9 +73,12 @@ def test_kit_is_complete():
         and all(i.startswith("AGE-SECRET-KEY-PQ") for i in v["identity"])
         and not v["passphrase"]
     ]
-    # Exactly the hybrid vectors are skipped; every X25519/scrypt/armor/stream one runs.
+    # The post-quantum vectors run like every other (they were skipped before age 1.3 keys).
     assert all("hybrid" in n for n in hybrid_only)
     assert len(hybrid_only) == 18
+    assert any(
+        isinstance(i, age.HybridIdentity) for i in identities_of(load_vector(KIT / "hybrid"))
+    )
 
 
 @pytest.mark.parametrize("path", VECTORS, ids=[p.name for p in VECTORS])
@@ -118,18 +113,11 @@ def test_vector(path: Path, tmp_path: Path):
 
 
 def test_pass_rate():
-    """Summary: all non-hybrid vectors pass (reported as a number for the record)."""
+    """Summary: every vector passes (reported as a number for the record)."""
     passed = total = 0
     for path in VECTORS:
         vec = load_vector(path)
-        ids = [
-            age.X25519Identity.parse(i)
-            for i in vec["identity"]
-            if not i.startswith("AGE-SECRET-KEY-PQ")
-        ]
-        ids += [age.ScryptIdentity(p) for p in vec["passphrase"]]
-        if not ids and vec["identity"]:
-            continue
+        ids = identities_of(vec)
         total += 1
         h = hashlib.sha256()
         try:
@@ -142,4 +130,4 @@ def test_pass_rate():
             ok = EXPECT[vec["expect"]] is not None and isinstance(exc, EXPECT[vec["expect"]])
         ok = ok and ("payload" not in vec or h.hexdigest() == vec["payload"])
         passed += ok
-    assert (passed, total) == (125, 125)  # 143 vectors - 18 hybrid-only
+    assert (passed, total) == (143, 143)

@@ -32,7 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("name", nargs="?", help="key name (keys/NAME.key, 'NAME: age1…' registered)")
     p.add_argument("-o", "--output", help="write the key file here instead")
-    p.add_argument("--signing", action="store_true", help="an Ed25519 signing key instead")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--signing", action="store_true", help="an Ed25519 signing key instead")
+    kind.add_argument(
+        "--pq",
+        action="store_true",
+        help="a post-quantum hybrid identity (ML-KEM-768 + X25519; age1pq1…, as age-keygen -pq)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing key file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_keygen)
@@ -40,12 +46,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "encrypt",
         allow_abbrev=False,  # no --passphrase-e: a secret must not land in an abbreviation
-        help="encrypt to age recipients or a passphrase",
+        help="encrypt to age recipients (age1…, age1pq1…, ssh-ed25519, ssh-rsa) or a passphrase",
         description="Encrypt IN (default stdin) to OUT (default stdout) as an age v1 file. "
         "Example: kprivacy-nb encrypt -r alice -o data.age data.csv",
     )
     p.add_argument(
-        "-r", "--recipient", action="append", default=[], help="age1… key or a name (repeatable)"
+        "-r",
+        "--recipient",
+        action="append",
+        default=[],
+        help="public key (age1…, age1pq1…, 'ssh-ed25519 …', 'ssh-rsa …') or a name (repeatable)",
     )
     p.add_argument(
         "-R", "--recipients-file", action="append", default=[], help="recipients file (repeatable)"
@@ -185,8 +195,10 @@ def _identities(args: argparse.Namespace, types: list[str]) -> list:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    make = signing.generate_signing_key if args.signing else keys.generate_identity
-    res = make(args.name, output=args.output, force=args.force)
+    if args.signing:
+        res = signing.generate_signing_key(args.name, output=args.output, force=args.force)
+    else:
+        res = keys.generate_identity(args.name, output=args.output, force=args.force, pq=args.pq)
     print(f"# key file: {res.path} (mode 0600)", file=sys.stderr)
     print(
         json.dumps({"public_key": res.public, "path": str(res.path)}) if args.json else res.public

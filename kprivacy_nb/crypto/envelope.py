@@ -29,8 +29,8 @@ from .keys import default_identity_files, load_identities, resolve_recipients
 from .signing import VerifyKey
 from .trust import SignaturePolicy
 
-RecipientSpec = str | age.X25519Recipient
-IdentitySpec = str | os.PathLike | age.X25519Identity
+RecipientSpec = str | age.Recipient
+IdentitySpec = str | os.PathLike | age.Identity
 VerifySpec = str | os.PathLike | VerifyKey
 
 
@@ -39,8 +39,8 @@ def recipients_for(
     passphrase: str | Secret | None,
     work_factor: int = age.DEFAULT_SCRYPT_WORK_FACTOR,
 ) -> tuple[list[Any], tuple[str, ...]]:
-    """The age recipients for ``recipients`` (names, ``age1…``, files) or a passphrase, and how
-    to show them (public parts only)."""
+    """The age recipients for ``recipients`` (names, public keys of any age type, recipients
+    files) or a passphrase, and how to show them (public parts only)."""
     if recipients and passphrase is not None:
         raise InvalidParameterError("use either recipients or a passphrase, not both")
     if passphrase is not None:
@@ -50,9 +50,18 @@ def recipients_for(
             "say who can decrypt: recipients=['alice' or 'age1…'] (--to) or a passphrase "
             "(--passphrase)"
         )
-    specs = [recipients] if isinstance(recipients, (str, age.X25519Recipient)) else recipients
+    specs = (
+        [recipients] if isinstance(recipients, str) or hasattr(recipients, "wrap") else recipients
+    )
     resolved = resolve_recipients(list(specs))
-    return resolved, tuple(str(r) for r in resolved)
+    age.check_recipients(resolved)
+    return resolved, tuple(_shown(r) for r in resolved)
+
+
+def _shown(recipient: Any) -> str:
+    """A recipient as shown to people: long post-quantum keys shortened."""
+    text = str(recipient)
+    return text if len(text) <= 80 else f"{text[:20]}…{text[-10:]}"
 
 
 def identities_for(
@@ -68,7 +77,7 @@ def identities_for(
     if identities is not None:
         specs = (
             [identities]
-            if isinstance(identities, (str, os.PathLike, age.X25519Identity))
+            if isinstance(identities, (str, os.PathLike)) or hasattr(identities, "unwrap")
             else identities
         )
         out += load_identities(list(specs))

@@ -2,13 +2,15 @@
 
 Layout under :func:`kprivacy_nb.paths.home_dir`::
 
-    keys/NAME.key        age identity (AGE-SECRET-KEY-1…), 0600
+    keys/NAME.key        age identity (AGE-SECRET-KEY-1… or AGE-SECRET-KEY-PQ-1…), 0600
     keys/NAME.sign.key   Ed25519 signing key (KPRIVACY-SIGNING-KEY-1…), 0600
     keys/NAME.sign.pub   its public key (kppub1…)
     recipients.txt       "name: age1…" / "name: kppub1…" lines (public; # comments)
 
-A recipient can be named (``alice``), given literally (``age1…``) or as a recipients file;
-identities come from key files only (refused if group/other can read them).
+A recipient can be named (``alice``), given literally (any type the age registry knows:
+``age1…``, ``age1pq1…``, ``ssh-ed25519 …``, ``ssh-rsa …``) or as a recipients file (several
+keys of any type, ``#`` comments, blank lines, as age); identities come from key files only
+(refused if group/other can read them).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 from ..errors import InvalidParameterError, KeyFileError
 from ..paths import atomic_write, home_dir
 from ..secrets import read_key_file
-from .age import X25519Identity, X25519Recipient, identities_from_text
+from .age import HybridIdentity, X25519Identity, identities_from_text
+from .age.registry import PassphraseSource, parse_recipient, recipient_like
 
 IDENTITY_SUFFIX = ".key"
 SIGNING_SUFFIX = ".sign.key"
@@ -87,16 +90,22 @@ def write_key_file(path: Path, text: str, *, force: bool) -> None:
 
 
 def generate_identity(
-    name: str | None = None, *, output: str | os.PathLike | None = None, force: bool = False
+    name: str | None = None,
+    *,
+    output: str | os.PathLike | None = None,
+    force: bool = False,
+    pq: bool = False,
 ) -> KeygenResult:
-    """Create an age X25519 identity file (0600) and return its path and public recipient.
+    """Create an age identity file (0600) and return its path and public recipient.
 
-    With ``name`` it goes to ``keys/NAME.key`` and ``NAME: age1…`` is added to recipients.txt,
-    so ``--to NAME`` works. ``output`` writes it to that path instead.
+    X25519 (``age1…``) by default; with ``pq`` a post-quantum hybrid one (``age1pq1…``,
+    ML-KEM-768 + X25519, as ``age-keygen -pq``). With ``name`` it goes to ``keys/NAME.key`` and
+    ``NAME: age1…`` is added to recipients.txt, so ``--to NAME`` works. ``output`` writes it to
+    that path instead.
     """
     if name is not None:
         check_name(name)
-    ident = X25519Identity.generate()
+    ident = HybridIdentity.generate() if pq else X25519Identity.generate()
     public = str(ident.recipient())
     if output is not None:
         path = Path(output).expanduser()
@@ -106,7 +115,7 @@ def generate_identity(
     write_key_file(path, text, force=force)
     if name is not None:
         add_named(name, public, force=force)
-    return KeygenResult(path, public, "age", name)
+    return KeygenResult(path, public, "post-quantum age" if pq else "age", name)
 
 
 # --- named public keys ----------------------------------------------------------------------------
@@ -166,44 +175,45 @@ def lookup_named(name: str, kind: str) -> list[str]:
     return [v for n, v in read_named() if n == name and _kind(v) == kind]
 
 
-def _parse_recipient_values(values: list[str], origin: str) -> list[X25519Recipient]:
+def _parse_recipient_values(values: list[str], origin: str) -> list:
     out = []
     for v in values:
         if v.startswith("kppub1"):
             continue
-        if v.startswith(("ssh-ed25519", "ssh-rsa")):
-            raise InvalidParameterError(
-                f"{origin}: ssh recipients are not supported yet; use an age1… recipient"
-            )
-        out.append(X25519Recipient.parse(v))
+        try:
+            out.append(parse_recipient(v))
+        except InvalidParameterError as exc:
+            raise InvalidParameterError(f"{origin}: {exc}") from None
     return out
 
 
-def resolve_recipients(specs: list[str] | str) -> list[X25519Recipient]:
-    """Turn names, literal ``age1…`` keys and recipients files into recipients."""
-    if isinstance(specs, str):
+def resolve_recipients(specs: list | str) -> list:
+    """Turn names, literal public keys (``age1…``, ``age1pq1…``, ``ssh-ed25519 …``,
+    ``ssh-rsa …``), recipient objects and recipients files into recipients."""
+    if isinstance(specs, str) or hasattr(specs, "wrap"):
         specs = [specs]
-    out: list[X25519Recipient] = []
+    out: list = []
     for spec in specs:
-        if isinstance(spec, X25519Recipient):
+        if hasattr(spec, "wrap"):
             out.append(spec)
-        elif spec.startswith("age1"):
-            out.append(X25519Recipient.parse(spec))
+        elif recipient_like(spec):
+            out.append(parse_recipient(spec))
         elif _NAME_RE.fullmatch(spec) and lookup_named(spec, "age"):
             out += _parse_recipient_values(lookup_named(spec, "age"), f"recipient {spec!r}")
         elif Path(spec).expanduser().is_file():
             out += recipients_from_file(spec)
         else:
             raise InvalidParameterError(
-                f"unknown recipient {spec!r}: give an age1… public key, a name listed in "
-                f"{recipients_file()} (add one with `kprivacy-nb keygen NAME`), "
-                "or a recipients file"
+                f"unknown recipient {spec!r}: give a public key (age1…, age1pq1…, ssh-ed25519 …, "
+                f"ssh-rsa …), a name listed in {recipients_file()} (add one with "
+                "`kprivacy-nb keygen NAME`), or a recipients file"
             )
     return out
 
 
-def recipients_from_file(path: str | os.PathLike) -> list[X25519Recipient]:
-    """Read an age recipients file (``age1…`` lines; ``name: age1…`` lines also accepted)."""
+def recipients_from_file(path: str | os.PathLike) -> list:
+    """Read a recipients file as age does: one public key of any supported type per line,
+    ``#`` comments and blank lines (``name: key`` lines are accepted too)."""
     p = Path(path).expanduser()
     try:
         values = [v for _, v in read_named(p)]
@@ -230,17 +240,26 @@ def identity_path(spec: str | os.PathLike) -> Path:
     return p
 
 
-def load_identities(specs: list[str | os.PathLike] | str | os.PathLike) -> list[X25519Identity]:
-    """Load identities from key files (refusing group/other-readable ones) or key names."""
-    if isinstance(specs, (str, os.PathLike)):
+def load_identities(
+    specs: list | str | os.PathLike, *, passphrase: PassphraseSource | None = None
+) -> list:
+    """Load identities from key files (refusing group/other-readable ones) or key names.
+
+    A key file holds age identities (``AGE-SECRET-KEY-1…``, ``AGE-SECRET-KEY-PQ-1…``) or an
+    OpenSSH private key; ``passphrase(prompt)`` is asked only for an encrypted one (default: a
+    no-echo prompt).
+    """
+    if isinstance(specs, (str, os.PathLike)) or hasattr(specs, "unwrap"):
         specs = [specs]
-    out: list[X25519Identity] = []
+    out: list = []
     for spec in specs:
-        if isinstance(spec, X25519Identity):
+        if hasattr(spec, "unwrap"):
             out.append(spec)
             continue
         path = identity_path(spec)
-        out += identities_from_text(read_key_file(path), origin=f"identity file {path}")
+        out += identities_from_text(
+            read_key_file(path), origin=f"identity file {path}", passphrase=passphrase
+        )
     return out
 
 

@@ -188,6 +188,7 @@ class SecureMagics(Magics):
     @magic_arguments()
     @argument("name", nargs="?", help="key name (default: 'default')")
     @argument("--signing", action="store_true", help="an Ed25519 signing key instead of age")
+    @argument("--pq", action="store_true", help="post-quantum hybrid age identity (age1pq1…)")
     @argument("-o", "--output", metavar="FILE", help="write the key file here")
     @argument("--force", action="store_true", help="replace an existing key")
     @line_magic
@@ -199,12 +200,16 @@ class SecureMagics(Magics):
 
             %secure_keygen alice            # age identity; then: %secure_save x f.age --to alice
             %secure_keygen me --signing     # signing key; then: --sign-with me / --verify-with me
+            %secure_keygen carol --pq       # post-quantum (ML-KEM-768 + X25519): age1pq1…
         """
         args = parse_argstring(self.secure_keygen, line)
         from ..crypto import keys, signing
 
-        make = signing.generate_signing_key if args.signing else keys.generate_identity
-        return make(args.name, output=args.output, force=args.force)
+        if args.signing and args.pq:
+            raise UsageError("--signing and --pq are different keys: choose one")
+        if args.signing:
+            return signing.generate_signing_key(args.name, output=args.output, force=args.force)
+        return keys.generate_identity(args.name, output=args.output, force=args.force, pq=args.pq)
 
     @magic_arguments()
     @argument("signer", nargs="?", help="signer name or kppub1… key to trust")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from ...errors import CryptoError
 from ...secrets import Secret
-from . import registry, scrypt, x25519
+from . import hybrid, registry, scrypt, x25519
 from .api import (
     AgeFile,
     DecryptReader,
@@ -44,6 +44,7 @@ from .api import (
     stanza_types,
 )
 from .format import Header, Stanza, b64decode, b64encode, encode_header
+from .hybrid import HybridIdentity, HybridRecipient
 from .primitives import FILE_KEY_LEN, TAG
 from .registry import parse_recipient
 from .scrypt import DEFAULT_WORK_FACTOR as DEFAULT_SCRYPT_WORK_FACTOR
@@ -75,6 +76,8 @@ __all__ = [
     "DecryptReader",
     "EncryptWriter",
     "Header",
+    "HybridIdentity",
+    "HybridRecipient",
     "Identity",
     "Recipient",
     "ScryptIdentity",
@@ -91,6 +94,7 @@ __all__ = [
     "encode_header",
     "encrypt",
     "encrypt_stream",
+    "hybrid",
     "identities_from_text",
     "iter_decrypt",
     "nonce",
