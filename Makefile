@@ -26,7 +26,7 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -ra
 
 demo: $(STAMP)
-	$(BIN)/python -m kprivacy_nb.demo
+	@$(BIN)/python -m kprivacy_nb.demo
 
 mutate: $(STAMP)
 	$(BIN)/python tools/mutate.py

@@ -28,6 +28,7 @@ _LAZY = {
     "secure_save": "kprivacy_nb.crypto.store",
     "secure_load": "kprivacy_nb.crypto.store",
     "redact": "kprivacy_nb.secrets",
+    "quiet": "kprivacy_nb.quiet",  # the package is callable: kprivacy_nb.quiet()
     "errors": "kprivacy_nb.errors",
 }
 

@@ -8,9 +8,11 @@ Each area contributes its subcommands through a ``register(subparsers)`` functio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from .errors import KPrivacyError
@@ -40,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_for(args: argparse.Namespace) -> Any:
+    """Subcommands that set ``quiet_output=True`` (they import TensorFlow or dp-accounting) run
+    under :func:`kprivacy_nb.quiet`: their library log noise stays off the terminal."""
+    if getattr(args, "quiet_output", False):
+        from .quiet import quiet
+
+        return quiet()
+    return contextlib.nullcontext()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -47,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with _quiet_for(args):
+            return int(args.func(args) or 0)
     except KPrivacyError as exc:
         print(f"kprivacy-nb: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code

@@ -5,6 +5,11 @@ as its working folder, keeps the executed notebook there next to the ε plot, th
 and ``summary.json`` (all written by the notebook), then prints their paths and the final ε and
 accuracies. The notebook's keys live in ``demo-output/kprivacy-home/`` (never the user's own).
 
+The terminal shows only the demo's own progress (one line per section of the notebook) and
+summary. What the kernel process itself prints (TensorFlow's C++ log lines reach it, not the
+cells) goes to ``demo-output/kernel.log``; only lines quiet mode would not hold back (real errors)
+are also shown, prefixed ``kernel:``. The kernel listens on local IPC sockets, not TCP.
+
     python -m kprivacy_nb.demo [--out DIR] [--small]
 """
 
@@ -13,13 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from .quiet.fdfilter import filtered_pipe
+from .quiet.filter import HeldBack, LineFilter
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "example_notebooks" / "01_quickstart.ipynb"
 EXECUTED_NAME = "01_quickstart.executed.ipynb"
+KERNEL_LOG_NAME = "kernel.log"
 
 
 def kernel_env(small: bool) -> dict[str, str]:
@@ -29,6 +42,48 @@ def kernel_env(small: bool) -> dict[str, str]:
     if small:
         env["KPRIVACY_NB_CI"] = "1"
     return env
+
+
+def section_titles(nb: Any) -> dict[int, str]:
+    """Code cell index → the ``##`` heading it is the first code cell under."""
+    titles: dict[int, str] = {}
+    heading = None
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown":
+            m = re.search(r"^##\s+(.+)$", cell.source, re.MULTILINE)
+            if m:
+                heading = re.sub(r"[`*]", "", m.group(1)).strip()
+        elif cell.cell_type == "code" and heading:
+            titles[index], heading = heading, None
+    return titles
+
+
+def progress_hook(nb: Any) -> Callable[..., None]:
+    """nbclient's ``on_cell_start``: one ``[i/n] heading`` line per section of the notebook."""
+    titles = section_titles(nb)
+    order = {index: n for n, index in enumerate(sorted(titles), start=1)}
+
+    def on_cell_start(cell: Any = None, cell_index: int = -1, **_: Any) -> None:
+        if cell_index in titles:
+            print(f"  [{order[cell_index]}/{len(titles)}] {titles[cell_index]}", flush=True)
+
+    return on_cell_start
+
+
+def kernel_output(log: Any, held: HeldBack) -> tuple[int, Callable[[], None]]:
+    """A pipe for the kernel's stdout/stderr: everything to ``log``; lines quiet mode keeps (real
+    errors) also to our stderr, prefixed ``kernel:``."""
+    at_line_start = True
+
+    def to_terminal(text: str) -> None:
+        nonlocal at_line_start
+        for piece in text.splitlines(keepends=True):
+            sys.stderr.write(("  kernel: " if at_line_start else "") + piece)
+            at_line_start = piece.endswith("\n")
+        sys.stderr.flush()
+
+    held.start_cell("kernel")
+    return filtered_pipe(LineFilter("kernel", to_terminal, held, lambda: True), log=log)
 
 
 def report(out_dir: Path, executed: Path) -> list[str]:
@@ -71,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         import nbformat
         from nbclient import NotebookClient
         from nbclient.exceptions import CellExecutionError
+        from traitlets.config import Config
     except ImportError:
         print("the demo needs nbclient and ipykernel: pip install -e '.[dev]'", file=sys.stderr)
         return 2
@@ -82,23 +138,42 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     executed = out_dir / EXECUTED_NAME
+    kernel_log = out_dir / KERNEL_LOG_NAME
     size = "CI size" if args.small else "full size"
     print(f"Running {NOTEBOOK.relative_to(ROOT)} ({size}) in a Jupyter kernel, in {out_dir} …")
     start = time.perf_counter()
-    client = NotebookClient(
-        nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(out_dir)}}
-    )
-    try:
-        client.execute(env=kernel_env(args.small))
-    except CellExecutionError as exc:
-        nbformat.write(nb, executed)
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        print(f"demo failed: {first}\n  partial notebook: {executed}", file=sys.stderr)
-        return 1
+    held = HeldBack(max_cells=1)
+    with (
+        tempfile.TemporaryDirectory(prefix="kp-demo-") as sockets,
+        open(kernel_log, "wb") as log,
+    ):
+        config = Config({"KernelManager": {"transport": "ipc", "ip": str(Path(sockets) / "k")}})
+        client = NotebookClient(
+            nb,
+            timeout=1800,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(out_dir)}},
+            on_cell_start=progress_hook(nb),
+            config=config,
+        )
+        pipe, close_pipe = kernel_output(log, held)
+        try:
+            client.execute(env=kernel_env(args.small), stdout=pipe, stderr=pipe)
+        except CellExecutionError as exc:
+            close_pipe()
+            nbformat.write(nb, executed)
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            print(
+                f"demo failed: {first}\n  partial notebook: {executed}\n  kernel log: {kernel_log}",
+                file=sys.stderr,
+            )
+            return 1
+        close_pipe()
     nbformat.write(nb, executed)
     print(f"Done in {time.perf_counter() - start:.0f} s.")
     for line in report(out_dir, executed):
         print(line)
+    print(f"  kernel log:        {kernel_log} ({held.count()} line(s) of library noise)")
     return 0
 
 

@@ -155,3 +155,53 @@ def test_held_back_buffer_is_bounded():
     text = held.render()
     assert "cell [4]" in text and "cell [3]" in text and "cell [2]" not in text
     assert "and 7 more" in text
+
+
+def test_redraw_after_a_released_partial_line_overwrites_it():
+    # A tqdm-style bar: each state flushed without a newline, redrawn with \r.
+    f, out, _ = make_filter()
+    f.write(" 50%|#####     |")
+    f.flush()
+    f.write("\r 60%|######    |")
+    f.flush()
+    f.write("\r100%|##########|\n")
+    assert "".join(out) == " 50%|#####     |\r 60%|######    |\r100%|##########|\n"
+
+
+def test_rdp_non_convergence_lines_are_noise_in_any_format():
+    message = (
+        "_compute_log_a_frac failed to converge after 1000 iterations with q=0.125000, "
+        "sigma=0.600000, alpha=1.500000. Excluding this order from the epsilon computation."
+    )
+    for line in (message, f"WARNING:absl:{message}", f"W0000 00:00:1.2 77 rdp.py:1] {message}"):
+        assert classify(line) == "noise", line
+
+
+def test_rdp_non_convergence_is_held_back_at_the_logging_level():
+    import io
+    import logging
+
+    from absl import logging as absl_logging
+
+    from kprivacy_nb.quiet.filter import LogNoiseFilter
+
+    held = HeldBack()
+    sink = io.StringIO()
+    handler = logging.StreamHandler(sink)
+    handler.setFormatter(logging.Formatter("%(message)s"))  # no prefix the line filter knows
+    logger = logging.getLogger("absl")
+    logger.addHandler(handler)
+    log_filter = LogNoiseFilter(held, lambda: True)
+    log_filter.attach()
+    try:
+        absl_logging.warning(
+            "_compute_log_a_frac failed to converge after %d iterations with q=%f, sigma=%f, "
+            "alpha=%f. Excluding this order from the epsilon computation.",
+            1000, 0.125, 0.6, 1.5,
+        )  # fmt: skip
+        absl_logging.warning("a real absl warning")
+    finally:
+        log_filter.detach()
+        logger.removeHandler(handler)
+    assert sink.getvalue() == "a real absl warning\n"
+    assert "WARNING:absl:_compute_log_a_frac failed to converge" in held.render()

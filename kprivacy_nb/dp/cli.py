@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(p, sigma=True, epochs_required=False)
     p.add_argument("--steps", type=int, default=None, help="steps actually run (overrides epochs)")
     p.add_argument("--allow-no-noise", action="store_true", help="accept σ = 0 (no privacy: ε = ∞)")
-    p.set_defaults(func=cmd_epsilon)
+    p.set_defaults(func=cmd_epsilon, quiet_output=True)
 
     p = subparsers.add_parser(
         "calibrate",
@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--target-epsilon", type=float, required=True)
     _common(p, sigma=False)
-    p.set_defaults(func=cmd_calibrate)
+    p.set_defaults(func=cmd_calibrate, quiet_output=True)
 
     p = subparsers.add_parser(
         "curve",
@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--epochs 30 --noise-multiplier 1.1 --delta 1e-5",
     )
     _common(p, sigma=True)
-    p.set_defaults(func=cmd_curve)
+    p.set_defaults(func=cmd_curve, quiet_output=True)
 
 
 def _emit(args: argparse.Namespace, doc: dict[str, Any], text: str) -> int:

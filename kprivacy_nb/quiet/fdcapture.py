@@ -21,12 +21,13 @@ import os
 import select
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 DEFAULT_LIMIT = 64 << 20  # bytes kept per descriptor; more is counted and dropped
 
 
-def _flush_all() -> None:
+def flush_all() -> None:
     """Flush Python's and the C library's buffers so earlier output goes where it was meant."""
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         with contextlib.suppress(Exception):
@@ -36,30 +37,63 @@ def _flush_all() -> None:
         ctypes.CDLL(None).fflush(None)
 
 
-class _PipeReader(threading.Thread):
-    """Reads one pipe into memory until EOF, or until stopped and drained."""
+class PipeReader(threading.Thread):
+    """Reads pipes until EOF, or until stopped and drained, in the order their data arrives.
 
-    def __init__(self, fd: int, limit: int) -> None:
-        super().__init__(name=f"kprivacy-fdcapture-{fd}", daemon=True)
-        self.fd = fd
-        self.limit = limit
-        self.data = bytearray()
-        self.dropped = 0
+    ``handlers`` maps each pipe's read end to the callable that gets its chunks; ``on_idle`` (if
+    given) is called with a pipe's fd once it has been quiet for a moment after data came.
+    """
+
+    def __init__(
+        self,
+        handlers: dict[int, Callable[[bytes], object]],
+        on_idle: Callable[[int], object] | None = None,
+    ) -> None:
+        super().__init__(name="kprivacy-pipes", daemon=True)
+        self.handlers = handlers
+        self.on_idle = on_idle
         self.stop = threading.Event()
 
     def run(self) -> None:
-        while True:
-            ready, _, _ = select.select([self.fd], [], [], 0.05)
+        open_fds = set(self.handlers)
+        pending: set[int] = set()
+        while open_fds:
+            ready, _, _ = select.select(sorted(open_fds), [], [], 0.05)
+            for fd in pending - set(ready) if self.on_idle is not None else ():
+                self.on_idle(fd)
+            pending &= set(ready)
             if not ready:
                 if self.stop.is_set():
                     return  # writers left open by background processes: stop anyway
                 continue
-            chunk = os.read(self.fd, 1 << 16)
-            if not chunk:
-                return
-            room = self.limit - len(self.data)
-            self.data += chunk[: max(room, 0)]
-            self.dropped += max(len(chunk) - max(room, 0), 0)
+            for fd in ready:
+                chunk = os.read(fd, 1 << 16)
+                if chunk:
+                    self.handlers[fd](chunk)
+                    pending.add(fd)
+                else:
+                    open_fds.discard(fd)
+
+    def close(self) -> None:
+        """Stop once drained, wait, and close the read ends."""
+        self.stop.set()
+        self.join()
+        for fd in self.handlers:
+            os.close(fd)
+
+
+class _Buffer:
+    """Keeps up to ``limit`` bytes; counts the rest."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = bytearray()
+        self.dropped = 0
+
+    def add(self, chunk: bytes) -> None:
+        room = max(self.limit - len(self.data), 0)
+        self.data += chunk[:room]
+        self.dropped += max(len(chunk) - room, 0)
 
 
 class FdCapture:
@@ -74,24 +108,29 @@ class FdCapture:
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
         self.limit = limit
         self._saved: dict[int, int] = {}
-        self._readers: dict[int, _PipeReader] = {}
+        self._buffers: dict[int, _Buffer] = {}
+        self._reader: PipeReader | None = None
         self.stdout = ""
         self.stderr = ""
         self.dropped = 0
 
     def __enter__(self) -> FdCapture:
-        _flush_all()
+        flush_all()
+        handlers = {}
         try:
             for fd in self.FDS:
                 saved = os.dup(fd)
                 self._saved[fd] = saved
                 r, w = os.pipe()
-                reader = _PipeReader(r, self.limit)
-                self._readers[fd] = reader
+                self._buffers[fd] = _Buffer(self.limit)
+                handlers[r] = self._buffers[fd].add
                 os.dup2(w, fd)
                 os.close(w)
-                reader.start()
+            self._reader = PipeReader(handlers)
+            self._reader.start()
         except BaseException:
+            for r in handlers:
+                os.close(r)
             self._restore()
             raise
         return self
@@ -100,19 +139,18 @@ class FdCapture:
         self._restore()
 
     def _restore(self) -> None:
-        _flush_all()
+        flush_all()
         for fd, saved in self._saved.items():
             os.dup2(saved, fd)  # our pipe's write end is released here
             os.close(saved)
         self._saved.clear()
-        texts = {}
-        for fd, reader in self._readers.items():
-            if reader.is_alive():
-                reader.stop.set()
-                reader.join()
-            os.close(reader.fd)
-            texts[fd] = bytes(reader.data).decode("utf-8", errors="replace")
-            self.dropped += reader.dropped
-        self._readers.clear()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        texts = {
+            fd: bytes(b.data).decode("utf-8", errors="replace") for fd, b in self._buffers.items()
+        }
+        self.dropped = sum(b.dropped for b in self._buffers.values())
+        self._buffers.clear()
         self.stdout = texts.get(1, "")
         self.stderr = texts.get(2, "")

@@ -15,6 +15,7 @@ No IPython imports here: :mod:`kprivacy_nb.quiet.install` wires this to the kern
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections import deque
@@ -67,9 +68,14 @@ _BENIGN = re.compile(
             r"kernel driver does not appear to be running on this host",
             r"retrieving CUDA diagnostic information for host",
             r"hostname: \S+$",
+            # dp-accounting's RDP accountant drops an order it can't evaluate (conservative).
+            r"_compute_log_a_frac failed to converge .* Excluding this order",
         ]
     )
 )
+# Python log records known to be harmless, held back before any handler formats them:
+# (logger name, message pattern).
+_LOG_NOISE = (("absl", re.compile(r"_compute_log_a_frac failed to converge")),)
 _PROGRESS_RE = re.compile(r"^\s*(\d+)/(\d+) ━+\s*(.*)$")
 _EPOCH_RE = re.compile(r"^Epoch \d+/\d+$")
 
@@ -160,12 +166,14 @@ class HeldBack:
 
 
 class _ThreadState:
-    __slots__ = ("buffer", "skip_source_line", "epoch")
+    __slots__ = ("buffer", "skip_source_line", "epoch", "open_line", "redraw")
 
     def __init__(self) -> None:
         self.buffer = ""
         self.skip_source_line = False
         self.epoch: str | None = None
+        self.open_line = False  # part of the current line was already released by flush()
+        self.redraw = False  # the current line was redrawn (\r) since then
 
 
 class LineFilter:
@@ -206,11 +214,16 @@ class LineFilter:
                 if nl < 0:
                     break
                 line, st.buffer = st.buffer[:nl], st.buffer[nl + 1 :]
+                redrawn = st.redraw or "\r" in line.rstrip("\r")
+                if st.open_line and redrawn:
+                    out.append("\r")  # what flush() released is on screen: overwrite it
+                st.open_line = st.redraw = False
                 self._line(st, _visible(line), out, newline=True)
             # A progress bar redraws with \r: only the text after the last \r still matters.
             cr = st.buffer.rfind("\r")
             if 0 <= cr < len(st.buffer) - 1:
                 st.buffer = st.buffer[cr + 1 :]
+                st.redraw = st.redraw or st.open_line
             if out:
                 self._emit("".join(out))
         return len(text)
@@ -223,9 +236,11 @@ class LineFilter:
             if st.buffer:
                 partial = _visible(st.buffer)
                 if not self._enabled() or classify(partial) == "keep":
-                    st.buffer = ""
+                    raw, st.buffer = st.buffer, ""
                     out.append(self._pending_epoch(st))
-                    out.append(redact(partial))
+                    redrawn = st.redraw or "\r" in raw.rstrip("\r")
+                    out.append(("\r" if redrawn else "") + redact(partial))
+                    st.open_line, st.redraw = True, raw.endswith("\r")
             if any(out):
                 self._emit("".join(out))
 
@@ -287,3 +302,31 @@ def _visible(line: str) -> str:
     if "\r" in line:
         line = line[line.rfind("\r") + 1 :]
     return line.replace("\b", "")
+
+
+class LogNoiseFilter(logging.Filter):
+    """A ``logging.Filter`` for the loggers of :data:`_LOG_NOISE`: known-harmless records go to
+    the held-back buffer instead of a handler (whatever format or stream that handler uses)."""
+
+    def __init__(self, held: HeldBack, enabled: Callable[[], bool]) -> None:
+        super().__init__()
+        self._held = held
+        self._enabled = enabled
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self._enabled():
+            return True
+        message = record.getMessage()
+        for name, pattern in _LOG_NOISE:
+            if record.name == name and pattern.search(message):
+                self._held.add("logging", f"{record.levelname}:{record.name}:{message}")
+                return False
+        return True
+
+    def attach(self) -> None:
+        for name in {name for name, _ in _LOG_NOISE}:
+            logging.getLogger(name).addFilter(self)
+
+    def detach(self) -> None:
+        for name in {name for name, _ in _LOG_NOISE}:
+            logging.getLogger(name).removeFilter(self)

@@ -5,7 +5,9 @@ everything written to file descriptors 1 and 2 (TensorFlow's C++ logging include
 ``write`` method from a watcher thread. Patching ``write`` on those instances therefore filters
 both Python-level and fd-level output before it becomes a cell output. Elsewhere (terminal
 IPython, plain Python) the stream object is wrapped instead; C++ lines then go straight to the
-terminal, which is not a cell.
+terminal, which is not a cell — :meth:`QuietController.install_fds` filters the descriptors
+themselves for that case (scripts, the CLI: :func:`kprivacy_nb.quiet.quiet`).
+Known-harmless Python log records are held back at the logging level in both cases.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .filter import HeldBack, LineFilter
+from .fdfilter import FdFilter
+from .filter import HeldBack, LineFilter, LogNoiseFilter
 
 TF_LOG_ENV = "TF_CPP_MIN_LOG_LEVEL"
 
@@ -119,14 +122,32 @@ class QuietController:
         self._patches: list[tuple[str, Any, LineFilter, bool]] = []
         self._env_set_by_us: str | None = None
         self._cell_depth = 0
+        self._log_filter = LogNoiseFilter(self.held, self._on)
+        self._fd_filter: FdFilter | None = None
 
     # -- streams ---------------------------------------------------------------------------
     @property
     def installed(self) -> bool:
-        return bool(self._patches)
+        return bool(self._patches) or self._fd_filter is not None
+
+    def install_fds(self) -> None:
+        """Filter file descriptors 1 and 2 (outside a kernel: a script, a CLI command)."""
+        self._log_filter.attach()
+        if self._fd_filter is None:
+            self._fd_filter = FdFilter(self.held, self._on)
+            self._fd_filter.start()
+
+    def write_terminal(self, text: str) -> None:
+        """Write to the real stderr, past the fd filter (if any)."""
+        if self._fd_filter is not None:
+            self._fd_filter.write_terminal(text)
+        else:
+            sys.stderr.write(text)
+            sys.stderr.flush()
 
     def install(self) -> None:
         """Filter ``sys.stdout``/``sys.stderr``; call again to cover streams swapped in since."""
+        self._log_filter.attach()
         for name in ("stdout", "stderr"):
             stream = getattr(sys, name)
             if (
@@ -153,6 +174,10 @@ class QuietController:
             self._patches.append((name, stream, line_filter, swappable))
 
     def uninstall(self) -> None:
+        self._log_filter.detach()
+        if self._fd_filter is not None:
+            self._fd_filter.stop()
+            self._fd_filter = None
         for name, stream, line_filter, swapped in reversed(self._patches):
             line_filter.finish()
             if swapped:
