@@ -44,6 +44,25 @@ CELLS = [
     "X_share = np.arange(10)\n%secure_export -o exported.age",
 ]
 
+# Draw 🔒 with the page's fallback fonts: a colour emoji has coloured pixels, a missing glyph's
+# box is drawn in the (black) text colour.
+EMOJI_IS_COLOURED = """() => {
+  const canvas = document.createElement("canvas");
+  canvas.width = canvas.height = 48;
+  const g = canvas.getContext("2d");
+  g.font = "32px sans-serif";
+  g.textBaseline = "top";
+  g.fillStyle = "#000";
+  g.fillText("\\u{1F512}", 4, 4);
+  const d = g.getImageData(0, 0, 48, 48).data;
+  for (let i = 0; i < d.length; i += 4) {
+    if (d[i + 3] > 128 && Math.max(d[i], d[i + 1], d[i + 2]) - Math.min(d[i], d[i + 1], d[i + 2]) > 60) {
+      return true;
+    }
+  }
+  return false;
+}"""
+
 
 def write_notebook(path: Path) -> None:
     import nbformat
@@ -108,6 +127,9 @@ def test_widgets_render_and_work_in_jupyterlab(tmp_path, monkeypatch):
                 time.sleep(0.2)
             assert out.exists() and out.stat().st_mode & 0o777 == 0o600
             assert out.read_bytes().startswith(b"age-encryption.org/v1\n")
+
+            # The panel's 🔒 is drawn as a colour emoji, not an empty box (needs an emoji font).
+            assert page.evaluate(EMOJI_IS_COLOURED), "🔒 rendered as a box: no emoji font"
 
             text = page.locator(".jp-Notebook").inner_text()
             assert "Error displaying widget" not in text
