@@ -13,6 +13,7 @@ This module imports neither IPython nor TensorFlow.
 
 from __future__ import annotations
 
+import base64
 import getpass
 import math
 import os
@@ -147,6 +148,9 @@ _ENV_FLAG_RE = re.compile(
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Public things that look random but are not secrets.
 _PUBLIC_PREFIXES = ("age1", "ssh-ed25519", "ssh-rsa", "kpsig1", "kppub1")
+# The base64 of an SSH public key after "ssh-ed25519 " / "ssh-rsa " (its wire format starts with
+# the type name): public, not a token.
+_SSH_PUBLIC_B64_RE = re.compile(r"(?:^|\s|['\"])(?:ssh-ed25519|ssh-rsa)\s+(AAAA[A-Za-z0-9+/]+=*)")
 
 
 def _entropy_bits_per_char(token: str) -> float:
@@ -165,6 +169,14 @@ def _is_high_entropy(token: str) -> bool:
         return any(len(p) >= 20 and _is_high_entropy(p) for p in token.split("/"))
     mixed = all(re.search(p, token) for p in (r"[a-z]", r"[A-Z]", r"[0-9]"))
     return bool(mixed) and _entropy_bits_per_char(token) >= 4.0
+
+
+def _is_ssh_public_blob(token: str) -> bool:
+    try:
+        blob = base64.b64decode(token + "=" * (-len(token) % 4))
+    except ValueError:
+        return False
+    return blob.startswith((b"\x00\x00\x00\x0bssh-ed25519\x00", b"\x00\x00\x00\x07ssh-rsa\x00"))
 
 
 def looks_like_env_name(value: str) -> bool:
@@ -201,8 +213,9 @@ def find_secret(line: str) -> str | None:
                 f"what looks like a passphrase after {flag} (it takes the NAME of an environment "
                 "variable holding the passphrase)"
             )
+    public = {t for t in _SSH_PUBLIC_B64_RE.findall(line) if _is_ssh_public_blob(t)}
     for token in _TOKEN_RE.findall(line):
-        if _is_high_entropy(token):
+        if token not in public and _is_high_entropy(token):
             return "a long high-entropy token (an API key or password?)"
     if REGISTRY.contains_secret(line):
         return "a secret this session has already handled"

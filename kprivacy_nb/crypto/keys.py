@@ -196,7 +196,10 @@ def resolve_recipients(specs: list | str) -> list:
     for spec in specs:
         if hasattr(spec, "wrap"):
             out.append(spec)
-        elif recipient_like(spec):
+            continue
+        if len(spec) > 1 and spec[0] == spec[-1] and spec[0] in "'\"":
+            spec = spec[1:-1]  # a quoted key from a magic line ("ssh-ed25519 AAAA… me@host")
+        if recipient_like(spec):
             out.append(parse_recipient(spec))
         elif _NAME_RE.fullmatch(spec) and lookup_named(spec, "age"):
             out += _parse_recipient_values(lookup_named(spec, "age"), f"recipient {spec!r}")

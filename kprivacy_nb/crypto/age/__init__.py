@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from ...errors import CryptoError
 from ...secrets import Secret
-from . import hybrid, registry, scrypt, x25519
+from . import hybrid, registry, scrypt, ssh_ed25519, ssh_rsa, sshkeys, x25519
 from .api import (
     AgeFile,
     DecryptReader,
@@ -51,6 +51,8 @@ from .scrypt import DEFAULT_WORK_FACTOR as DEFAULT_SCRYPT_WORK_FACTOR
 from .scrypt import MAX_WORK_FACTOR as MAX_SCRYPT_WORK_FACTOR
 from .scrypt import MIN_WORK_FACTOR as MIN_SCRYPT_WORK_FACTOR
 from .scrypt import ScryptIdentity, ScryptRecipient
+from .ssh_ed25519 import SSHEd25519Identity, SSHEd25519Recipient
+from .ssh_rsa import SSHRSAIdentity, SSHRSARecipient
 from .stream import CHUNK, ENC_CHUNK, NONCE_LEN, nonce, payload_key
 from .x25519 import X25519Identity, X25519Recipient
 
@@ -81,6 +83,10 @@ __all__ = [
     "Identity",
     "Recipient",
     "ScryptIdentity",
+    "SSHEd25519Identity",
+    "SSHEd25519Recipient",
+    "SSHRSAIdentity",
+    "SSHRSARecipient",
     "ScryptRecipient",
     "Stanza",
     "X25519Identity",
@@ -104,6 +110,9 @@ __all__ = [
     "recover_file_key",
     "registry",
     "scrypt",
+    "ssh_ed25519",
+    "ssh_rsa",
+    "sshkeys",
     "stanza_types",
     "x25519",
 ]

@@ -1,0 +1,169 @@
+"""SSH keys as age recipients and identities (ssh-ed25519, ssh-rsa), with keys made by the real
+``ssh-keygen`` and files checked both ways against the reference ``age`` CLI; recipient files of
+mixed types with comments; passphrase-protected keys prompt on the terminal, never on the line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_crypto_cli import run
+
+from kprivacy_nb import errors, secure_load, secure_save
+from kprivacy_nb.crypto import age, keys
+from kprivacy_nb.secrets import Secret, find_secret
+
+from ci_support import require_tool
+
+
+@pytest.fixture(scope="module")
+def tools() -> dict[str, str]:
+    return {
+        "age": require_tool("age", "apt-get install age"),
+        "ssh-keygen": require_tool("ssh-keygen", "apt-get install openssh-client"),
+    }
+
+
+@pytest.fixture(scope="module")
+def sshkeys(tools, tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("ssh")
+    made = {"ed": ["-t", "ed25519"], "rsa": ["-t", "rsa", "-b", "3072"]}
+    for name, kind in made.items():
+        subprocess.run(
+            [tools["ssh-keygen"], "-q", *kind, "-N", "", "-C", f"{name}@host", "-f", d / name],
+            check=True,
+        )
+    subprocess.run(
+        [tools["ssh-keygen"], "-q", "-t", "ed25519", "-N", "open sesame", "-f", d / "locked"],
+        check=True,
+    )
+    return {p.name: p for p in d.iterdir()}
+
+
+def age_cli(tools, *args: str, stdin: bytes) -> subprocess.CompletedProcess:
+    return subprocess.run([tools["age"], *args], input=stdin, capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("kind", ["ed", "rsa"])
+def test_ours_to_age_and_back(tools, sshkeys, tmp_path, kind):
+    pub = sshkeys[f"{kind}.pub"].read_text().strip()  # with its comment, as -r takes it
+    (tmp_path / "plain").write_bytes(b"x" * 70_000)
+    r = run("encrypt", "-r", pub, "-o", str(tmp_path / "c.age"), str(tmp_path / "plain"))
+    assert r.returncode == 0, r.stderr
+    stanza = "ssh-ed25519" if kind == "ed" else "ssh-rsa"
+    assert age.stanza_types(open(tmp_path / "c.age", "rb")) == [stanza]
+    out = age_cli(tools, "-d", "-i", str(sshkeys[kind]), stdin=(tmp_path / "c.age").read_bytes())
+    assert out.returncode == 0 and out.stdout == b"x" * 70_000, out.stderr
+    # age encrypts to the .pub file; our CLI decrypts with the OpenSSH private key
+    theirs = age_cli(tools, "-R", str(sshkeys[f"{kind}.pub"]), stdin=b"from age")
+    (tmp_path / "t.age").write_bytes(theirs.stdout)
+    r = run("decrypt", "-i", str(sshkeys[kind]), str(tmp_path / "t.age"))
+    assert (r.returncode, r.stdout) == (0, b"from age"), r.stderr
+
+
+def test_recipients_file_of_mixed_types(tools, sshkeys, tmp_path):
+    mine = age.X25519Identity.generate()
+    rfile = tmp_path / "team.txt"
+    rfile.write_text(
+        "# the team — one key per line, as age reads it\n\n"
+        f"{mine.recipient()}\n"
+        f"# alice's laptop\n{sshkeys['ed.pub'].read_text().strip()}\n\n"
+        f"{sshkeys['rsa.pub'].read_text()}"
+    )
+    (tmp_path / "p").write_bytes(b"for everyone")
+    r = run("encrypt", "-R", str(rfile), "-o", str(tmp_path / "c.age"), str(tmp_path / "p"))
+    assert r.returncode == 0, r.stderr
+    blob = (tmp_path / "c.age").read_bytes()
+    assert sorted(age.stanza_types(open(tmp_path / "c.age", "rb"))) == [
+        "X25519",
+        "ssh-ed25519",
+        "ssh-rsa",
+    ]
+    for k in ("ed", "rsa"):
+        assert age_cli(tools, "-d", "-i", str(sshkeys[k]), stdin=blob).stdout == b"for everyone"
+    assert age.decrypt(blob, [mine]) == b"for everyone"
+    # the same file read by age: what it encrypts, we open with either SSH key
+    theirs = age_cli(tools, "-R", str(rfile), stdin=b"same file").stdout
+    for k in ("ed", "rsa"):
+        assert age.decrypt(theirs, keys.load_identities(str(sshkeys[k]))) == b"same file"
+
+
+def test_named_ssh_recipient_and_store(sshkeys, kp_home, tmp_path, ip):
+    keys.add_named("bob", sshkeys["rsa.pub"].read_text().strip())
+    pub = sshkeys["ed.pub"].read_text().strip()
+    assert find_secret(f'x f.age --to "{pub}"') is None  # a public key is not a secret
+    ip.user_ns["x"] = b"shared"
+    ip.run_line_magic("secure_save", f'x {tmp_path}/s.age --to bob --to "{pub}"')
+    for k in ("rsa", "ed"):
+        with pytest.warns(Warning):
+            assert secure_load(tmp_path / "s.age", identities=[str(sshkeys[k])]) == b"shared"
+    secure_save(b"y", tmp_path / "only_bob.age", recipients=["bob"])
+    with pytest.raises(errors.NoIdentityMatchError):
+        secure_load(tmp_path / "only_bob.age", identities=[str(sshkeys["ed"])])
+
+
+def test_encrypted_key_asks_only_when_needed(tools, sshkeys):
+    pub = sshkeys["locked.pub"].read_text().strip()
+    blob = age_cli(tools, "-r", pub, stdin=b"locked away").stdout
+    asked: list[str] = []
+
+    def prompt(text: str) -> Secret:
+        asked.append(text)
+        return Secret("open sesame")
+
+    ids = keys.load_identities(str(sshkeys["locked"]), passphrase=prompt)
+    other = age.encrypt(b"not for it", [age.X25519Identity.generate().recipient()])
+    with pytest.raises(errors.NoIdentityMatchError):
+        age.decrypt(other, ids)
+    assert asked == []  # not our stanza: no prompt
+    assert age.decrypt(blob, ids) == b"locked away" and len(asked) == 1
+    wrong = keys.load_identities(str(sshkeys["locked"]), passphrase=lambda _: Secret("nope"))
+    with pytest.raises(errors.KeyFileError, match="wrong passphrase"):
+        age.decrypt(blob, wrong)
+
+
+def test_cli_prompts_for_ssh_key_passphrase_on_the_terminal(tools, sshkeys, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    pub = sshkeys["locked.pub"].read_text().strip()
+    (tmp_path / "c.age").write_bytes(age_cli(tools, "-r", pub, stdin=b"via tty").stdout)
+    out = tmp_path / "out"
+    argv = ["-m", "kprivacy_nb", "decrypt", "-i", str(sshkeys["locked"]), "-o", str(out)]
+    child = pexpect.spawn(sys.executable, [*argv, str(tmp_path / "c.age")], timeout=60)
+    child.expect("Passphrase for .*locked")
+    child.sendline("open sesame")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and out.read_bytes() == b"via tty"
+    assert b"open sesame" not in child.before.replace(b"\r", b"")  # not echoed
+    child = pexpect.spawn(sys.executable, [*argv + ["--force"], str(tmp_path / "c.age")])
+    child.expect("Passphrase")
+    child.sendline("wrong one")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1 and b"wrong passphrase" in child.before
+
+
+def test_bad_ssh_inputs(sshkeys, tools, tmp_path):
+    with pytest.raises(errors.InvalidParameterError):
+        age.parse_recipient("ssh-ed25519 AAAAnotakey")
+    with pytest.raises(errors.InvalidParameterError):
+        age.parse_recipient("ssh-dss AAAAB3NzaC1kc3MAAACBAP")
+    subprocess.run(
+        [tools["ssh-keygen"], "-q", "-t", "rsa", "-b", "1024", "-N", "", "-f", tmp_path / "weak"],
+        check=True,
+    )
+    with pytest.raises(errors.InvalidParameterError, match="2048"):
+        age.parse_recipient((tmp_path / "weak.pub").read_text())
+    broken = tmp_path / "broken"
+    broken.write_text(
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+    )
+    broken.chmod(0o600)
+    with pytest.raises(errors.KeyFileError):
+        keys.load_identities(str(broken))
+    # an identity that is not the stanza's key: no match, never a crash
+    blob = age.encrypt(b"z", [age.parse_recipient(sshkeys["rsa.pub"].read_text())])
+    with pytest.raises(errors.NoIdentityMatchError):
+        age.decrypt(blob, keys.load_identities(str(sshkeys["ed"])))
