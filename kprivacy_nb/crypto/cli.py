@@ -125,6 +125,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_inspect)
 
     p = subparsers.add_parser(
+        "import-fernet",
+        allow_abbrev=False,
+        help="re-encrypt a Fernet-encrypted file (the seed recipes) as an age file",
+        description="Decrypt a file written by Fernet(key).encrypt(...) in memory and write it as "
+        "an age file for the recipients (0600, atomically; no plaintext on disk). The Fernet key "
+        "comes from --key FILE, or for the asymmetric recipe from --wrapped-key FILE (RSA-OAEP "
+        "encrypted) opened with --rsa-key PEM. Example: kprivacy-nb import-fernet --key key.txt "
+        "encrypted_model.h5 -r alice -o model.age",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--key", metavar="FILE", help="Fernet key file (mode 0600)")
+    src.add_argument("--wrapped-key", metavar="FILE", help="the Fernet key, RSA-OAEP encrypted")
+    p.add_argument("--rsa-key", metavar="PEM", help="RSA private key for --wrapped-key (0600)")
+    p.add_argument("-r", "--recipient", action="append", default=[], help="recipient (repeat)")
+    p.add_argument("-R", "--recipients-file", action="append", default=[], help="recipients file")
+    p.add_argument("-a", "--armor", action="store_true", help="ASCII-armored output")
+    p.add_argument("-o", "--output", required=True, help="the age file to write")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("input", help="the Fernet-encrypted file")
+    p.set_defaults(func=cmd_import_fernet)
+
+    p = subparsers.add_parser(
         "trust",
         help="manage trusted signers (their signatures are verified automatically)",
         description="add/list/remove signers in the trusted_signers file of the home folder. "
@@ -213,13 +235,37 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
     if use_pass:
         recips: list = [age.ScryptRecipient(resolve_passphrase(args.passphrase_env, confirm=True))]
     else:
-        recips = keys.resolve_recipients(args.recipient)
-        for f in args.recipients_file:
-            recips += keys.recipients_from_file(f)
-        if not recips:
-            raise InvalidParameterError("give at least one -r RECIPIENT / -R FILE, or --passphrase")
+        recips = _recipients(args)
     with _input(args.input) as src, _output(args.output, args.force, binary=not args.armor) as dst:
         age.encrypt_stream(src, dst, recips, armor=args.armor)
+    return 0
+
+
+def _recipients(args: argparse.Namespace) -> list:
+    recips = keys.resolve_recipients(args.recipient)
+    for f in args.recipients_file:
+        recips += keys.recipients_from_file(f)
+    if not recips:
+        raise InvalidParameterError("give at least one -r RECIPIENT / -R FILE")
+    return recips
+
+
+def cmd_import_fernet(args: argparse.Namespace) -> int:
+    from . import fernet_import
+
+    recips = _recipients(args)
+    if args.key:
+        fernet = fernet_import.fernet_key_from_file(args.key)
+    elif not args.rsa_key:
+        raise InvalidParameterError("--wrapped-key needs --rsa-key PEM (the RSA private key)")
+    else:
+        fernet = fernet_import.fernet_key_unwrapped(args.wrapped_key, args.rsa_key)
+    res = fernet_import.import_fernet(
+        args.input, fernet, recips, args.output, armor=args.armor, force=args.force
+    )
+    if res.warning:
+        print(f"kprivacy-nb: warning: {res.warning}", file=sys.stderr)
+    print(f"imported {args.input} -> {res.path} ({res.size:,} bytes, age, mode 0600)")
     return 0
 
 
