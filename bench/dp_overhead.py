@@ -32,6 +32,9 @@ import numpy as np  # noqa: E402
 from kprivacy_nb.dp.trainer import dp_fit  # noqa: E402
 
 BATCH = 256
+SEQ, VOCAB = 64, 5000  # the sequence cases (transformer, lstm): T = 64, batch 64
+SEQUENCE_BATCH = 64
+SEQUENCE_CASES = ("transformer", "lstm")
 
 
 def build(case: str) -> tuple[keras.Model, np.ndarray]:
@@ -49,9 +52,27 @@ def build(case: str) -> tuple[keras.Model, np.ndarray]:
         layers = [keras.Input((100,), dtype="int32"), k.Embedding(10000, 32),
                   k.GlobalAveragePooling1D(), k.Dense(10)]  # fmt: skip
         shape, kind = (100,), "int"
+    elif case == "transformer":
+        return transformer(), ((SEQ,), "int")
+    elif case == "lstm":
+        layers = [keras.Input((SEQ,), dtype="int32"), k.Embedding(VOCAB, 64), k.LSTM(64),
+                  k.Dense(2)]  # fmt: skip
+        shape, kind = (SEQ,), "int"
     else:
         raise SystemExit(f"unknown case {case!r}")
     return keras.Sequential(layers), (shape, kind)
+
+
+def transformer() -> keras.Model:
+    """One encoder block: Embedding 5000×64, MultiHeadAttention(4 heads, key_dim 16), residual +
+    LayerNormalization, FFN Dense 128 → 64, residual + LayerNormalization, mean pooling, Dense 2."""
+    k = keras.layers
+    ids = keras.Input((SEQ,), dtype="int32")
+    h = k.Embedding(VOCAB, 64)(ids)
+    h = k.LayerNormalization()(h + k.MultiHeadAttention(4, 16)(h, h))
+    ffn = k.Dense(64)(k.Dense(128, activation="relu")(h))
+    h = k.LayerNormalization()(h + ffn)
+    return keras.Model(ids, k.Dense(2)(k.GlobalAveragePooling1D()(h)))
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -75,34 +96,47 @@ class Interleaved:
         self.plain.append(self.plain_epoch())
 
 
-def run_case(case: str, epochs: int, steps: int) -> dict:
+def batch_size(case: str) -> int:
+    return SEQUENCE_BATCH if case in SEQUENCE_CASES else BATCH
+
+
+def setup(case: str, steps: int) -> tuple:
+    """The plain model (compiled), its data and loss, and a function running one timed plain
+    epoch."""
     rng = np.random.default_rng(0)
-    n = BATCH * steps
+    batch = batch_size(case)
+    n = batch * steps
     model, (shape, kind) = build(case)
-    x = (rng.integers(0, 10000, (n, *shape)).astype("int32") if kind == "int"
+    vocab, classes = (VOCAB, 2) if case in SEQUENCE_CASES else (10000, 10)
+    x = (rng.integers(0, vocab, (n, *shape)).astype("int32") if kind == "int"
          else rng.normal(size=(n, *shape)).astype("float32"))  # fmt: skip
-    y = rng.integers(0, 10, n)
+    y = rng.integers(0, classes, n)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
 
     def plain_epoch() -> float:
         timer = EpochTimer()  # the epoch itself, not fit()'s per-call set-up
-        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[timer])
+        model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[timer])
         return timer.seconds
 
+    return model, x, y, loss, batch, plain_epoch
+
+
+def run_case(case: str, epochs: int, steps: int) -> dict:
+    _, x, y, loss, batch, plain_epoch = setup(case, steps)
     plain_epoch()  # trace and warm up outside the measurements
     dp_model, _ = build(case)
     timer = Interleaved(plain_epoch)
     run = dp_fit(
-        dp_model, x, y, epochs=epochs, batch_size=BATCH, noise_multiplier=1.0, l2_norm_clip=1.0,
+        dp_model, x, y, epochs=epochs, batch_size=batch, noise_multiplier=1.0, l2_norm_clip=1.0,
         optimizer=keras.optimizers.SGD(0.01), loss=loss, verbose=0, callbacks=[timer],
     )  # fmt: skip
-    # Poisson batches vary in size; per epoch they average BATCH over n / BATCH steps, as plain.
+    # Poisson batches vary in size; per epoch they average `batch` over n / batch steps, as plain.
     dp_steps = run.planned_curve.steps[0]
     dp = [t / dp_steps for t in timer.dp[1:]]
     plain = [t / steps for t in timer.plain[1:]]
     return {
-        "case": case, "batch_size": BATCH, "epochs": epochs, "steps_per_epoch": steps,
+        "case": case, "batch_size": batch, "epochs": epochs, "steps_per_epoch": steps,
         "plain_step_ms": round(statistics.median(plain) * 1e3, 3),
         "dp_step_ms": round(statistics.median(dp) * 1e3, 3),
         "ratio": round(statistics.median(d / p for d, p in zip(dp, plain, strict=True)), 3),
@@ -136,32 +170,19 @@ def run_case_fit(case: str, epochs: int, steps: int) -> dict:
     """The same comparison through ``make_private(model)`` + Keras' ``model.fit``."""
     from kprivacy_nb import make_private
 
-    rng = np.random.default_rng(0)
-    n = BATCH * steps
-    model, (shape, kind) = build(case)
-    x = (rng.integers(0, 10000, (n, *shape)).astype("int32") if kind == "int"
-         else rng.normal(size=(n, *shape)).astype("float32"))  # fmt: skip
-    y = rng.integers(0, 10, n)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
-
-    def plain_epoch() -> float:
-        timer = EpochTimer()
-        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[timer])
-        return timer.seconds
-
+    _, x, y, loss, batch, plain_epoch = setup(case, steps)
     plain_epoch()
     dp_model, _ = build(case)
     dp_model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
     make_private(dp_model, noise_multiplier=1.0, l2_norm_clip=1.0, delta=1e-5)
     timer = KerasInterleaved(plain_epoch)
-    dp_model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0, callbacks=[timer])
+    dp_model.fit(x, y, batch_size=batch, epochs=epochs, verbose=0, callbacks=[timer])
     card = dp_model.privacy
     dp_steps = card.steps // epochs
     dp = [t / dp_steps for t in timer.dp[1:]]
     plain = [t / steps for t in timer.plain[1:]]
     return {
-        "case": case, "path": "make_private + model.fit", "batch_size": BATCH, "epochs": epochs,
+        "case": case, "path": "make_private + model.fit", "batch_size": batch, "epochs": epochs,
         "steps_per_epoch": steps,
         "plain_step_ms": round(statistics.median(plain) * 1e3, 3),
         "dp_step_ms": round(statistics.median(dp) * 1e3, 3),

@@ -1,0 +1,283 @@
+"""Fast per-example norms for sequence models: EinsumDense / MultiHeadAttention, LSTM, GRU,
+SimpleRNN, RMSNormalization, and Dense / Conv1D / LayerNormalization on sequences.
+
+Every rule is held to the definition: each layer's per-example squared gradient norm equals the
+one from a GradientTape per example (tighter than the self-check's 1e-3, which a misaligned
+recurrence once passed at 3e-4), the layer runs on its fast path (not the fallback), and with
+σ = 0 one example moves the traced step by at most C.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kprivacy_nb import dp_fit  # noqa: E402
+from kprivacy_nb.dp.clipping import FALLBACK, FastClipper, per_example_loss_fn  # noqa: E402
+from kprivacy_nb.dp.engine import DPSGDEngine  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:noise_multiplier=0"),
+    pytest.mark.filterwarnings("ignore:ε is huge"),
+    pytest.mark.filterwarnings("ignore:.*does not support masking"),
+]
+
+k = keras.layers
+VOCAB, T = 9, 6
+
+
+def _ids(rng, n=6, length=T, pad=False):
+    x = rng.integers(1 if pad else 0, VOCAB, (n, length)).astype("int32")
+    if pad:  # ragged sequences, padded with 0 at the end
+        for i, n_real in enumerate(rng.integers(1, length + 1, n)):
+            x[i, n_real:] = 0
+    return x
+
+
+def _per_layer_tapes(clipper, x, y):
+    """Exact per-example squared norms per layer (as the clipper names them): one tape each."""
+    out = {}
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            pred = clipper.model(x[i : i + 1], training=False)
+            loss = tf.reduce_sum(clipper.loss_fn(y[i : i + 1], pred))
+        grads = tape.gradient(loss, clipper.variables)
+        for v, g in zip(clipper.variables, grads, strict=True):
+            sq = float(np.sum(np.square(tf.convert_to_tensor(g).numpy(), dtype=np.float64)))
+            out.setdefault(clipper.owner_name(v), np.zeros(len(x)))[i] += sq
+    return out
+
+
+def _per_layer_fast(clipper, x, y):
+    parts = clipper.parts(tf.constant(x), tf.constant(y), tf.ones([len(x)]), training=False)
+    out = {}
+    for part in parts.layers:
+        out[part.layer] = out.get(part.layer, 0) + np.asarray(part.sq, np.float64)
+    return out, parts
+
+
+def _check_fast_and_exact(layers, x, rtol=1e-4):
+    """Build ``Sequential(layers)``, assert every weighted layer is on a fast path and that its
+    per-example norms equal the tapes'; returns the clipper's report and the model."""
+    rng = np.random.default_rng(len(layers))
+    model = keras.Sequential([keras.Input(x.shape[1:], dtype=x.dtype), *layers])
+    y = rng.normal(size=(len(x), 2)).astype("float32")
+    clipper = FastClipper(model, per_example_loss_fn("mse"), l2_norm_clip=1.0, sample_x=x)
+    fast, parts = _per_layer_fast(clipper, x, y)
+    np.testing.assert_allclose(parts.predictions, model(x, training=False), rtol=1e-5, atol=1e-6)
+    report = clipper.report
+    assert not [name for name, path in report.items() if "fallback" in path], report
+    ref = _per_layer_tapes(clipper, x, y)
+    assert set(fast) == set(ref)
+    for name, sq in ref.items():
+        scale = 1e-6 * float(np.max(sq)) + 1e-20
+        np.testing.assert_allclose(fast[name], sq, rtol=rtol, atol=scale, err_msg=name)
+    return report, model
+
+
+# --------------------------------------------------------------------------- EinsumDense
+
+
+@pytest.mark.parametrize(
+    ("equation", "output_shape", "bias_axes", "shape"),
+    [
+        ("abc,cd->abd", (T, 5), "d", (T, 4)),  # Dense on a sequence
+        ("abc,cde->abde", (T, 2, 3), "de", (T, 4)),  # MHA's query/key/value projection
+        ("abcd,cde->abe", (T, 5), "e", (T, 2, 3)),  # MHA's output projection
+        ("abc,cd->adb", (5, T), "d", (T, 4)),  # the output transposed, bias on a middle axis
+        ("...b,bc->...c", 5, "c", (3, T, 4)),  # an ellipsis of two position axes
+        ("ab,bc->ac", 7, None, (4,)),  # vectors, no bias
+        ("abc,bcd->abd", (T, 3), "d", (T, 4)),  # a kernel per position: einsum per example
+        ("abc,dc->abd", (T, 64), "d", (T, 40)),  # ghost norm (p·o > T·(p + o))
+    ],
+)
+def test_einsum_dense_norms_equal_per_example_tapes(equation, output_shape, bias_axes, shape):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, *shape)).astype("float32")
+    layer = k.EinsumDense(equation, output_shape, bias_axes=bias_axes, activation="tanh")
+    report, _ = _check_fast_and_exact([layer, k.Flatten(), k.Dense(2)], x)
+    assert report[layer.name].startswith("EinsumDense: ")
+    if equation == "abc,dc->abd":
+        assert "ghost norm" in report[layer.name]
+
+
+def test_multi_head_attention_projections_take_the_einsum_path():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, T, 8)).astype("float32")
+    inputs = keras.Input((T, 8))
+    attention = k.MultiHeadAttention(2, 3, value_dim=4)
+    out = k.Dense(2)(k.GlobalAveragePooling1D()(attention(inputs, inputs)))
+    model = keras.Model(inputs, out)
+    report, _ = _check_fast_and_exact([model], x)
+    for sub in ("query", "key", "value", "attention_output"):
+        assert report[sub].startswith("EinsumDense: "), report
+
+
+# --------------------------------------------------------------------------- recurrences
+
+
+RECURRENT = {
+    "lstm": lambda: k.LSTM(4),
+    "lstm_sequences_backwards": lambda: k.LSTM(3, return_sequences=True, go_backwards=True),
+    "lstm_no_bias_state": lambda: k.LSTM(3, use_bias=False, return_state=True),
+    "gru": lambda: k.GRU(3),
+    "gru_backwards_no_bias": lambda: k.GRU(3, use_bias=False, go_backwards=True),
+    "gru_sequences": lambda: k.GRU(4, return_sequences=True),
+    "simple_rnn": lambda: k.SimpleRNN(3),
+    "simple_rnn_backwards": lambda: k.SimpleRNN(3, go_backwards=True, return_sequences=True),
+}
+
+
+def _recurrent_model(make, mask_zero=False):
+    layer = make()
+    inputs = keras.Input((T,), dtype="int32")
+    h = layer(k.Embedding(VOCAB, 3, mask_zero=mask_zero)(inputs))
+    if layer.return_state:
+        h = k.Concatenate()(list(h))
+    if layer.return_sequences:
+        h = k.Flatten()(h)
+    return layer, keras.Model(inputs, k.Dense(2)(h))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
+@pytest.mark.parametrize("case", sorted(RECURRENT))
+def test_recurrent_norms_equal_per_example_tapes(case, masked):
+    rng = np.random.default_rng(2)
+    layer, model = _recurrent_model(RECURRENT[case], mask_zero=masked)
+    x = _ids(rng, pad=masked)
+    report, _ = _check_fast_and_exact([model], x)
+    assert "through time" in report[layer.name], report
+
+
+def test_explicit_initial_state_takes_the_fallback_and_stays_exact():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, T, 3)).astype("float32")
+    inputs = keras.Input((T, 3))
+    state = k.Dense(4)(k.GlobalAveragePooling1D()(inputs))
+    lstm = k.LSTM(4)
+    model = keras.Model(inputs, k.Dense(2)(lstm(inputs, initial_state=[state, state])))
+    y = rng.normal(size=(6, 2)).astype("float32")
+    clipper = FastClipper(model, per_example_loss_fn("mse"), l2_norm_clip=1.0, sample_x=x)
+    assert "not on its fast path" in clipper.report[lstm.cell.name]
+    clipper.verify(x, y)
+    assert FALLBACK in clipper.report[lstm.cell.name]
+    assert "verified" in clipper.report[lstm.cell.name]
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+@pytest.mark.parametrize("layer", ["rms", "rms_two_axes", "layernorm", "dense", "conv1d"])
+def test_sequence_layers_norms_equal_per_example_tapes(layer):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(6, T, 4)).astype("float32") * 3.0
+    made = {
+        "rms": lambda: k.RMSNormalization(),
+        "rms_two_axes": lambda: k.RMSNormalization(axis=[1, 2]),
+        "layernorm": lambda: k.LayerNormalization(),
+        "dense": lambda: k.Dense(5, activation="relu"),
+        "conv1d": lambda: k.Conv1D(5, 3, padding="causal"),
+    }[layer]()
+    report, _ = _check_fast_and_exact([k.Dense(4), made, k.Flatten(), k.Dense(2)], x)
+    assert "fallback" not in report[made.name]
+
+
+# --------------------------------------------------------------------------- the transformer
+
+
+def transformer_block(vocab=50, length=12, width=16):
+    """Embedding, MultiHeadAttention, residual + LayerNormalization, FFN, residual +
+    LayerNormalization, mean pooling, Dense 2 (the bench's shape, small)."""
+    ids = keras.Input((length,), dtype="int32")
+    h = k.Embedding(vocab, width)(ids)
+    h = k.LayerNormalization()(h + k.MultiHeadAttention(2, width // 2)(h, h))
+    h = k.LayerNormalization()(h + k.Dense(width)(k.Dense(2 * width, activation="relu")(h)))
+    return keras.Model(ids, k.Dense(2)(k.GlobalAveragePooling1D()(h)))
+
+
+def _engine(model, x, y, clip):
+    model.compile(loss="mse")
+    return DPSGDEngine(
+        model, per_example_loss_fn("mse"), keras.optimizers.SGD(1.0), l2_norm_clip=clip,
+        noise_multiplier=0.0, X=tf.constant(x), Y=tf.constant(y),
+    )  # fmt: skip
+
+
+def test_transformer_block_traced_sensitivity_is_at_most_c():
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 50, (64, 12)).astype("int32")
+    y = rng.normal(size=(64, 2)).astype("float32") * 10
+    model = transformer_block()
+    clip = 1e-3
+    engine = _engine(model, x, y, clip)
+    assert all("verified" in path and "fallback" not in path for path in engine.report.values())
+    worst = engine.check_sensitivity(tf.constant(x), tf.constant(y), 32)
+    assert 0.5 < worst <= 1.0 + 1e-3  # a tiny C clips every example to exactly C
+    _check_fast_and_exact([model], x[:6])
+
+
+def test_dp_fit_runs_every_transformer_layer_on_a_fast_path():
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 50, (128, 12)).astype("int32")
+    y = rng.integers(0, 2, 128)
+    model = transformer_block()
+    run = dp_fit(
+        model, x, y, epochs=1, batch_size=32, noise_multiplier=1.0, delta=1e-5, verbose=0,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )  # fmt: skip
+    weighted = {layer.name for layer in model._flatten_layers() if layer._trainable_variables}
+    assert weighted <= set(run.clipping), run.clipping
+    for name, path in run.clipping.items():
+        assert "fallback" not in path and "verified" in path, (name, path)
+    projections = [run.clipping[n] for n in ("query", "key", "value", "attention_output")]
+    assert all(p.startswith("EinsumDense: ") for p in projections)
+
+
+# --------------------------------------------------------------------------- property test
+
+
+@st.composite
+def _sequence_models(draw):
+    family = draw(st.sampled_from(["attention", "einsum", "lstm", "gru", "simple_rnn", "rms"]))
+    length, width = draw(st.integers(1, 5)), draw(st.integers(1, 4))
+    if family == "attention":
+        heads, key_dim = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+        inputs = keras.Input((length, width))
+        out = k.MultiHeadAttention(heads, key_dim)(inputs, inputs)
+        body = [keras.Model(inputs, out), k.LayerNormalization()]
+    elif family == "einsum":
+        units = draw(st.integers(1, 40))
+        body = [k.EinsumDense("abc,cd->abd", (length, units), bias_axes="d"), k.RMSNormalization()]
+    elif family == "rms":
+        body = [k.Dense(draw(st.integers(2, 6))), k.RMSNormalization()]
+    else:
+        layer = {"lstm": k.LSTM, "gru": k.GRU, "simple_rnn": k.SimpleRNN}[family]
+        body = [
+            layer(
+                draw(st.integers(1, 5)),
+                return_sequences=draw(st.booleans()),
+                go_backwards=draw(st.booleans()),
+                use_bias=draw(st.booleans()),
+            )
+        ]
+    return body + [k.Flatten(), k.Dense(2)], (length, width), draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(_sequence_models())
+def test_fast_sequence_norms_equal_per_example_tapes_on_random_models(spec):
+    layers, shape, seed = spec
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(6, *shape)).astype("float32") * rng.choice([0.1, 1.0, 30.0])
+    model = _check_fast_and_exact(layers, x, rtol=1e-3)[1]
+    y = rng.normal(size=(6, 2)).astype("float32")
+    engine = _engine(model, x, y, clip=1e-2)
+    assert engine.check_sensitivity(tf.constant(x), tf.constant(y), 6) <= 1.0 + 1e-3
