@@ -5,14 +5,16 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint format bench mutate clean
 
+# Installing says one line; pip's own output shows only on errors (-qq).
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -qq --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[dev,browser]'
-	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (kprivacy_nb)" >/dev/null
-	touch $(STAMP)
+	@echo "Installing kprivacy_nb and its dependencies into $(VENV) (a few minutes, first run only) …"
+	@$(BIN)/python -m pip install -qq -e '.[dev,browser]'
+	@$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (kprivacy_nb)" >/dev/null
+	@touch $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
