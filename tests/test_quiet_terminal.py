@@ -126,3 +126,19 @@ def test_demo_terminal_output_is_only_the_demo(tmp_path):
     log = out / "kernel.log"
     assert f"kernel log:        {log}" in proc.stdout
     assert any(m in log.read_text() for m in ("oneDNN", "cuda", "absl::InitializeLog"))
+
+
+def test_demo_kernel_output_goes_to_its_log_and_only_real_errors_to_the_terminal(tmp_path, capsys):
+    from kprivacy_nb import demo
+    from kprivacy_nb.quiet import HeldBack
+
+    held = HeldBack()
+    crash = "Fatal Python error: Segmentation fault"
+    with open(tmp_path / "kernel.log", "wb") as log:
+        pipe, close = demo.kernel_output(log, held)
+        os.write(pipe, f"{FAKE_NOISE}\n{FAKE_ERROR}\n{crash}\n".encode())
+        close()
+    assert capsys.readouterr().err == f"  kernel: {FAKE_ERROR}\n  kernel: {crash}\n"
+    logged = (tmp_path / "kernel.log").read_text()
+    assert all(line in logged for line in (FAKE_NOISE, FAKE_ERROR, crash))
+    assert held.count() == 1
