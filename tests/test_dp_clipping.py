@@ -399,8 +399,6 @@ def test_noise_per_variable_per_step_and_on_a_short_last_batch(monkeypatch):
     # All gradients are exactly zero (zero inputs, targets and initial weights), so each update
     # is pure noise. Three variables of different sizes, shuffled batches of 8, 8 and 4 (the
     # short last one is divided by 4, not 8), one learning-rate-1 SGD step each.
-    from kprivacy_nb.dp.engine import DPSGDEngine
-
     sigma, clip = 1.5, 2.0
     x, y = np.zeros((20, 300), "float32"), np.zeros((20, 3), "float32")
     k = keras.layers
@@ -408,18 +406,19 @@ def test_noise_per_variable_per_step_and_on_a_short_last_batch(monkeypatch):
     for v in model.trainable_variables:
         v.assign(np.zeros(v.shape, "float32"))
     steps = []
-    real_step = DPSGDEngine.step
 
-    def step(self, *args, **kwargs):
-        before = [v.numpy().copy() for v in self.variables]
-        out = real_step(self, *args, **kwargs)
-        steps.append([b - v.numpy() for b, v in zip(before, self.variables, strict=True)])
-        return out
+    class EveryStep(keras.callbacks.Callback):  # dp_fit passes Keras callbacks to Keras' fit
+        def on_train_batch_begin(self, batch, logs=None):
+            self.before = [v.numpy().copy() for v in model.trainable_variables]
 
-    monkeypatch.setattr(DPSGDEngine, "step", step)
+        def on_train_batch_end(self, batch, logs=None):
+            after = [v.numpy() for v in model.trainable_variables]
+            steps.append([b - a for b, a in zip(self.before, after, strict=True)])
+
     dp_fit(
         model, x, y, epochs=1, batch_size=8, sampling="shuffle", noise_multiplier=sigma,
         l2_norm_clip=clip, delta=1e-3, optimizer=keras.optimizers.SGD(1.0), loss="mse", verbose=0,
+        callbacks=[EveryStep()],
     )  # fmt: skip
     assert len(steps) == 3
     for grads, batch in zip(steps, [8, 8, 4], strict=True):

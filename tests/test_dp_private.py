@@ -222,3 +222,48 @@ def _anon_kib() -> int:
             if line.startswith("RssAnon:"):
                 return int(line.split()[1])
     raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def test_every_other_way_into_the_training_step_is_refused():
+    # Found by an attacker: after make_private, train_on_batch (and keras.Model.fit called
+    # unbound) trained without clipping, noise or accounting.
+    x, y = _data(n=40)
+    model = kprivacy_nb.make_private(_binary(), noise_multiplier=1.0, delta=1e-3)
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(TrainingError, match="made private"):
+        model.train_on_batch(x, y)
+    with pytest.raises(TrainingError, match="made private"):
+        keras.Model.fit(model, x, y, epochs=1, verbose=0)
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    model.fit(x, y, epochs=1, batch_size=10, verbose=0)  # the private path still works
+    with pytest.raises(TrainingError, match="made private"):
+        model.train_on_batch(x, y)  # and the door stays shut after it
+
+
+def test_mixed_precision_does_not_shrink_the_private_update():
+    x, y = _data(n=40)
+    updates = []
+    for policy in ("float32", "mixed_float16"):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            keras.utils.set_random_seed(0)
+            model = _binary(optimizer=keras.optimizers.SGD(1.0))
+            start = np.concatenate([w.ravel() for w in model.get_weights()])
+            kprivacy_nb.make_private(model, noise_multiplier=0.0, sampling="shuffle",
+                                     delta=1e-3)  # fmt: skip
+            model.fit(x, y, epochs=1, batch_size=40, verbose=0)
+            after = np.concatenate([w.ravel() for w in model.get_weights()])
+            updates.append(np.linalg.norm(after - start))
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+    assert updates[1] == pytest.approx(updates[0], rel=0.05)
+
+
+def test_a_validation_split_of_private_rows_is_named_on_the_card():
+    x, y = _data(n=100)
+    model = kprivacy_nb.make_private(_binary(), noise_multiplier=1.0, delta=1e-3)
+    model.fit(x, y, epochs=1, batch_size=10, validation_split=0.2, verbose=0)
+    assert "NOT covered by ε" in model.privacy.summary()["validation_metrics"]
+    model.fit(x, y, epochs=1, batch_size=10, validation_data=(x[:10], y[:10]), verbose=0)
+    assert "NOT" not in model.privacy.summary()["validation_metrics"]

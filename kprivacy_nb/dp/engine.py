@@ -15,8 +15,10 @@ found on the host (:func:`.clipping.repeats`). Both are plain inputs of the trac
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -28,7 +30,25 @@ from .clipping import FastClipper, RepeatedTokens, repeats
 from .clipping.selfcheck import EXAMPLES as SELF_CHECK_EXAMPLES
 from .noise import PATIENCE, GaussianNoise, lower_priority, ready_within
 
-__all__ = ["DPSGDEngine", "StepStats", "accuracy_fn"]
+__all__ = ["DPSGDEngine", "PRIVATE_UPDATE", "StepStats", "accuracy_fn", "private_update"]
+
+
+#: True while the DP step hands its noisy gradients to the optimizer; optimizers that must never
+#: see other gradients (:mod:`kprivacy_nb.compat.tensorflow_privacy`'s DP optimizers) check it
+#: (when the step is traced).
+PRIVATE_UPDATE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "kprivacy_private_update", default=False
+)
+
+
+@contextlib.contextmanager
+def private_update() -> Iterator[None]:
+    """Mark the optimizer call of a DP step (see :data:`PRIVATE_UPDATE`)."""
+    token = PRIVATE_UPDATE.set(True)
+    try:
+        yield
+    finally:
+        PRIVATE_UPDATE.reset(token)
 
 
 class StepStats(NamedTuple):
@@ -84,10 +104,13 @@ def _batch_spec(data: Any) -> Any:
 
 
 class DPSGDEngine:
-    """DP-SGD training step for one model (see module docstring).
+    """DP-SGD for one model: the self-check, then one traced step per batch (module docstring).
 
-    Data are passed as whole-dataset tensors ``X``, ``Y`` (nested structures allowed for ``X``)
-    plus batch indices; ``step`` returns a :class:`StepStats`.
+    ``X``, ``Y``: training rows to plan and check on (the whole set, or its first few hundred
+    rows; nested structures allowed for ``X``). :meth:`update` is the step itself, callable inside
+    any ``tf.function`` (``make_private``'s Keras ``train_step`` calls it); :meth:`step` runs it
+    on rows ``idx`` of ``X, Y`` (``dp_fit``'s tests drive it directly). ``optimizer=None`` uses
+    the model's compiled optimizer at each step.
     """
 
     def __init__(
@@ -103,6 +126,7 @@ class DPSGDEngine:
         seed: int | None = None,
         accuracy: Callable[[Any, Any], tf.Tensor] | None = None,
         host_x: np.ndarray | None = None,
+        physical_batch_size: int | None = None,
     ) -> None:
         sample_x = tf.nest.map_structure(lambda t: t[:2], X)
         self.clipper = FastClipper(model, loss_fn, l2_norm_clip=l2_norm_clip, sample_x=sample_x)
@@ -111,40 +135,58 @@ class DPSGDEngine:
         # The self-check (exact reference norms, no mixing of examples) before anything runs.
         check_x = tf.nest.map_structure(lambda t: t[:SELF_CHECK_EXAMPLES], X)
         self.clipper.verify(check_x, Y[:SELF_CHECK_EXAMPLES])
-        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.model, self.loss_fn, self._optimizer = model, loss_fn, optimizer
         self.variables = self.clipper.variables
+        self.physical_batch_size = physical_batch_size
         self.noise_std = float(noise_multiplier) * float(l2_norm_clip)
         self.accuracy = accuracy
-        sizes = [int(np.prod(v.shape)) for v in self.variables]
-        self.noise = None
-        if self.noise_std > 0:
-            self.noise = GaussianNoise(sizes, seed, prefetch=True)
+        self.sizes = [int(np.prod(v.shape)) for v in self.variables]
+        self.offsets = list(GaussianNoise(self.sizes, 0).offsets)
+        self.seed = seed
+        self.noise: GaussianNoise | None = None  # made by ``step`` when first needed
         self._no_noise = tf.zeros([0], tf.float32)
-        self.optimizer.build(self.variables)
-        signature = [
-            _spec(X), _spec(Y), tf.TensorSpec([None], tf.int32),
-            tf.TensorSpec([2], tf.float32), tf.TensorSpec([None], tf.float32),
-        ]  # fmt: skip
         # Embeddings that read the input ids directly get their repeated tokens found on the
-        # host (``host_x`` is the same data as ``X``, as a NumPy array).
-        self._host_x, self._host_vocab, self._host_dtype = host_x, [], None
-        if host_x is not None and self.clipper.host_embeddings:
+        # host (the ids as the model sees them: converted to its input's integer dtype).
+        self._host_vocab, self._host_dtype = [], None
+        if self.clipper.host_embeddings:
             self._host_vocab = [layer.input_dim for layer in self.clipper.host_embeddings]
-            # The ids as the model sees them: converted to its input's integer dtype.
             self._host_dtype = np.dtype(str(model.inputs[0].dtype))
-        if self._host_vocab:
-            vector = tf.TensorSpec([None], tf.int32)
-            spec = RepeatedTokens(tf.TensorSpec([None, None], tf.bool), vector, vector, vector)
-            signature.extend(spec for _ in self._host_vocab)
-        self._step = tf.function(self._step_impl, input_signature=signature)
+        vector = tf.TensorSpec([None], tf.int32)
+        self.repeated_spec = [
+            RepeatedTokens(tf.TensorSpec([None, None], tf.bool), vector, vector, vector)
+            for _ in self._host_vocab
+        ]
+        signature = [
+            _batch_spec(X), _batch_spec(Y), tf.TensorSpec([None], tf.float32),
+            tf.TensorSpec([2], tf.float32), tf.TensorSpec([None], tf.float32),
+            *self.repeated_spec,
+        ]  # fmt: skip
+        self._step = tf.function(self.update, input_signature=signature)
         probe_signature = [_batch_spec(X), _batch_spec(Y), tf.TensorSpec([None], tf.float32)]
-        probe_signature.extend(signature[5:])
+        probe_signature.extend(self.repeated_spec)
         self._probe = tf.function(self._probe_impl, input_signature=probe_signature)
         self.sensitivity_checked: float | None = None  # largest removal effect / C found
-        self._eval = tf.function(self._eval_impl, input_signature=[_batch_spec(X), _batch_spec(Y)])
         self._concrete: Any = None
         self._pool: ThreadPoolExecutor | None = None  # host inputs of the next step
         self._ahead: tuple[np.ndarray, Future[list[RepeatedTokens]]] | None = None
+
+    @property
+    def optimizer(self) -> Any:
+        opt = self._optimizer if self._optimizer is not None else self.model.optimizer
+        # Mixed precision wraps the optimizer in a LossScaleOptimizer, which divides every
+        # update by its loss scale — meant for a scaled loss, which the DP step never uses.
+        inner = getattr(opt, "inner_optimizer", None)
+        if inner is not None and type(opt).__name__ == "LossScaleOptimizer":
+            opt = inner
+        if getattr(opt, "loss_scale_factor", None) not in (None, 1, 1.0):
+            from ..errors import InvalidParameterError
+
+            raise InvalidParameterError(
+                f"the optimizer has loss_scale_factor={opt.loss_scale_factor}: the DP step "
+                "does not scale the loss, so every update would shrink by that factor. "
+                "Leave loss_scale_factor unset"
+            )
+        return opt
 
     @property
     def report(self) -> dict[str, str]:
@@ -152,12 +194,15 @@ class DPSGDEngine:
 
     def _check_ids(self, host_x: np.ndarray) -> None:
         """Token ids out of an input-reading Embedding's range, found before any step runs."""
+        if host_x.size == 0:
+            return
+        self.check_id_range(int(host_x.min()), int(host_x.max()))
+
+    def check_id_range(self, low: int, high: int) -> None:
+        """Refuse ids in ``[low, high]`` that an input-reading Embedding does not have."""
         from ..errors import InvalidParameterError
 
         for layer in self.clipper.host_embeddings:
-            if host_x.size == 0:
-                return
-            low, high = int(host_x.min()), int(host_x.max())
             if high >= layer.input_dim or low < -layer.input_dim:
                 bad = high if high >= layer.input_dim else low
                 raise InvalidParameterError(
@@ -173,57 +218,81 @@ class DPSGDEngine:
         """Trace the step now (errors in the model surface before any update is applied)."""
         self._concrete = self._step.get_concrete_function()
 
-    def _stats(self, y: Any, preds: Any, losses: tf.Tensor, weights: tf.Tensor) -> list[tf.Tensor]:
-        correct = tf.constant(0.0)
-        if self.accuracy is not None:
-            correct = tf.reduce_sum(self.accuracy(y, preds) * weights)
-        return [tf.reduce_sum(losses), tf.reduce_sum(weights), correct]
-
     def _noise(self, flat: tf.Tensor) -> list[tf.Tensor]:
         """The per-variable views of the step's flat noise vector (see :class:`.GaussianNoise`)."""
         return [
             tf.cast(tf.reshape(flat[o : o + n], v.shape), v.dtype)
-            for o, n, v in zip(self.noise.offsets, self.noise.sizes, self.variables, strict=True)
+            for o, n, v in zip(self.offsets, self.sizes, self.variables, strict=True)
         ]
 
-    def _step_impl(
-        self,
-        X: Any,
-        Y: Any,
-        idx: tf.Tensor,
-        meta: tf.Tensor,
-        noise: tf.Tensor,
+    def _clipped(self, x: Any, y: Any, weights: tf.Tensor, scale: Any, repeated: Any) -> Any:
+        """Clipped sum (× ``scale``) and batch statistics, in micro-batches when asked."""
+        physical = self.physical_batch_size
+
+        def stats(out: Any, yb: Any, wb: tf.Tensor) -> list[tf.Tensor]:
+            kept = tf.cast(wb > 0, tf.float32) * tf.cast(out.kept, tf.float32)
+            correct = tf.constant(0.0)
+            if self.accuracy is not None:
+                correct = tf.reduce_sum(self.accuracy(yb, out.predictions) * kept)
+            return [
+                tf.reduce_sum(out.losses), tf.reduce_sum(kept), correct,
+                tf.cast(out.nonfinite, tf.float32),
+            ]  # fmt: skip
+
+        if physical is None or repeated:
+            out = self.clipper.clipped_sum(x, y, weights, scale=scale, repeated=repeated)
+            return out.grads, stats(out, y, weights), out.regularization_grads
+        batch = tf.shape(weights)[0]
+        chunks = (batch + physical - 1) // physical
+
+        def body(i: Any, sums: list[Any], totals: list[Any]) -> Any:
+            lo = i * physical
+            hi = tf.minimum(lo + physical, batch)
+            xb = tf.nest.map_structure(lambda t: t[lo:hi], x)
+            out = self.clipper.clipped_sum(xb, y[lo:hi], weights[lo:hi], scale=scale)
+            sums = [s + g for s, g in zip(sums, out.grads, strict=True)]
+            part = stats(out, y[lo:hi], weights[lo:hi])
+            return i + 1, sums, [t + p for t, p in zip(totals, part, strict=True)]
+
+        start = (
+            tf.constant(0), [tf.zeros(v.shape, v.dtype) for v in self.variables],
+            [tf.constant(0.0)] * 4,
+        )  # fmt: skip
+        _, sums, totals = tf.while_loop(lambda i, *_: i < chunks, body, start)
+        reg = self.clipper.regularization_grads()
+        return sums, totals, reg
+
+    def update(
+        self, x: Any, y: Any, weights: tf.Tensor, meta: tf.Tensor, noise: tf.Tensor,
         *repeated: RepeatedTokens,
-    ) -> tf.Tensor:
+    ) -> tf.Tensor:  # fmt: skip
+        """One DP-SGD step on a batch (call inside a ``tf.function``); applies the optimizer.
+
+        ``weights``: per-row sample weights (0 masks a row); ``meta = [denominator, _]``;
+        ``noise``: the flat N(0, σ²C²/denominator²) vector of :class:`.GaussianNoise` (empty
+        for σ = 0). Returns ``[loss_sum, count, correct_sum, applied, nonfinite]``.
+        """
         # (No parameter with a default here: TensorFlow then takes a much slower call path.)
-        # meta = [denominator, row weight]; the weight is 0 only for an empty batch's dummy row.
-        weights = tf.fill(tf.shape(idx), meta[1])
-        # (Σ clipped + N(0, σ²C²)) / denom: 1/denom is folded into the clip factors here and into
-        # the noise's standard deviation by ``step``.
+        # (Σ clipped + N(0, σ²C²)) / denom: 1/denom is folded into the clip factors here and
+        # into the noise's standard deviation by whoever draws it.
         scale = 1.0 / meta[0]
-        x = tf.nest.map_structure(lambda t: tf.gather(t, idx), X)
-        y = tf.gather(Y, idx)
-        out = self.clipper.clipped_sum(x, y, weights, scale=scale, repeated=repeated)
-        noisy = out.grads
-        if self.noise is not None:
+        grads, stats, reg_grads = self._clipped(x, y, weights, scale, repeated)
+        noisy = grads
+        if self.noise_std > 0:
             noisy = [g + n for g, n in zip(noisy, self._noise(noise), strict=True)]
-        if out.regularization_grads is not None:
-            noisy = [
-                g + tf.cast(r, g.dtype)
-                for g, r in zip(noisy, out.regularization_grads, strict=False)
-            ]
+        if reg_grads is not None:
+            noisy = [g + tf.cast(r, g.dtype) for g, r in zip(noisy, reg_grads, strict=False)]
 
         def apply() -> tf.Tensor:
-            self.optimizer.apply(noisy, self.variables)
+            with private_update():
+                self.optimizer.apply(noisy, self.variables)
             return tf.constant(1.0)
 
         # Every example's contribution is finite and bounded (non-finite ones are dropped), so
         # this decision is made on the noisy update alone: post-processing, covered by ε.
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in noisy])
         applied = tf.cond(finite, apply, lambda: tf.constant(0.0))
-        kept = weights * tf.cast(out.kept, tf.float32)
-        stats = self._stats(y, out.predictions, out.losses, kept)
-        return tf.stack([*stats, applied, tf.cast(out.nonfinite, tf.float32)])
+        return tf.stack([stats[0], stats[1], stats[2], applied, stats[3]])
 
     def _probe_impl(self, x: Any, y: Any, weights: tf.Tensor, *repeated: RepeatedTokens) -> Any:
         out = self.clipper.clipped_sum(x, y, weights, repeated=repeated)
@@ -237,17 +306,11 @@ class DPSGDEngine:
 
         n = int(tf.nest.flatten(X)[0].shape[0])
         rows = min(n, max(16, min(int(batch_size), 512)))
-        x = tf.nest.map_structure(lambda t: t[:rows], X)
-        y = Y[:rows]
+        x = tf.nest.map_structure(lambda t: tf.convert_to_tensor(t[:rows]), X)
+        y = tf.convert_to_tensor(Y[:rows])
 
         def run(xs: Any, ys: Any, weights: tf.Tensor) -> Any:
-            extra = []
-            if self._host_vocab:
-                ids = np.asarray(tf.nest.flatten(xs)[0]).astype(self._host_dtype, copy=False)
-                extra = [
-                    RepeatedTokens(*map(tf.constant, repeats(ids, v))) for v in self._host_vocab
-                ]
-            return self._probe(xs, ys, weights, *extra)
+            return self._probe(xs, ys, weights, *self.host_repeats(xs))
 
         started = time.perf_counter()
         self.sensitivity_checked = probe_sensitivity(
@@ -257,6 +320,22 @@ class DPSGDEngine:
         self.clipper.self_check_seconds = (self.clipper.self_check_seconds or 0.0) + seconds
         return self.sensitivity_checked
 
+    def host_repeats(self, x: Any) -> list[RepeatedTokens]:
+        """The repeated tokens of a batch's ids, found on the host (empty when no Embedding
+        reads the model input directly)."""
+        if not self._host_vocab:
+            return []
+        return [RepeatedTokens(*map(tf.constant, r)) for r in self.host_repeat_arrays(x)]
+
+    def host_repeat_arrays(self, x: Any) -> list[tuple[np.ndarray, ...]]:
+        ids = np.asarray(tf.nest.flatten(x)[0]).astype(self._host_dtype, copy=False)
+        try:
+            return [repeats(ids, vocabulary) for vocabulary in self._host_vocab]
+        except ValueError as exc:
+            from ..errors import InvalidParameterError
+
+            raise InvalidParameterError(f"x: {exc}") from None
+
     def step(
         self,
         X: Any,
@@ -265,50 +344,47 @@ class DPSGDEngine:
         denominator: float,
         upcoming: np.ndarray | None = None,
     ) -> StepStats:
-        """Run one DP-SGD step on rows ``idx``; an empty batch still adds (and applies) noise.
-
-        ``upcoming``, the rows of the next step if known, lets the host-side work for it start
-        in the background now.
-        """
+        """Run one DP-SGD step on rows ``idx`` of ``X, Y``; an empty batch still adds (and
+        applies) noise. ``upcoming``, the rows of the next step if known, lets the host-side
+        work for it start in the background now."""
         weight = 1.0
         if len(idx) == 0:  # one masked dummy row keeps every shape non-empty
             idx, weight = np.zeros(1, np.int32), 0.0
         noise = self._no_noise
-        if self.noise is not None:
+        if self.noise_std > 0:
+            if self.noise is None:
+                self.noise = GaussianNoise(self.sizes, self.seed, prefetch=True)
             noise = tf.constant(self.noise.next(self.noise_std / denominator))
-        meta = np.array([denominator, weight], np.float32)
-        args = [X, Y, tf.constant(idx, tf.int32), tf.constant(meta), noise]
+        rows = tf.constant(idx, tf.int32)
+        x = tf.nest.map_structure(lambda t: tf.gather(t, rows), X)
+        y = tf.gather(Y, rows)
+        weights = tf.fill([len(idx)], weight)
+        meta = tf.constant(np.array([denominator, weight], np.float32))
+        args = [x, y, weights, meta, noise]
         if self._host_vocab:
-            args.extend(self._host_inputs_for(idx, upcoming))
+            args.extend(self._host_inputs_for(X, idx, upcoming))
         if self._concrete is None:
             self.trace()
         # The concrete function skips the signature matching of a tf.function call (~0.2 ms).
         out = self._concrete(*args).numpy()
         return StepStats(float(out[0]), float(out[1]), float(out[2]), out[3] > 0.5, int(out[4]))
 
-    def _host_inputs(self, idx: np.ndarray) -> list[RepeatedTokens]:
-        ids = self._host_x[idx].astype(self._host_dtype, copy=False)
-        try:
-            found = [repeats(ids, vocabulary) for vocabulary in self._host_vocab]
-        except ValueError as exc:
-            from ..errors import InvalidParameterError
+    def _host_inputs_for(self, X: Any, idx: np.ndarray, upcoming: np.ndarray | None) -> list:
+        def work(rows: np.ndarray) -> list[RepeatedTokens]:
+            return self.host_repeats(tf.nest.map_structure(lambda t: np.asarray(t)[rows], X))
 
-            raise InvalidParameterError(f"x: {exc}") from None
-        return [RepeatedTokens(*map(tf.constant, r)) for r in found]
-
-    def _host_inputs_for(self, idx: np.ndarray, upcoming: np.ndarray | None) -> list[Any]:
         ahead, self._ahead = self._ahead, None
         if upcoming is not None and len(upcoming):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, "kprivacy-nb-host", initializer=lower_priority)
-            self._ahead = (upcoming, self._pool.submit(self._host_inputs, upcoming))
+            self._ahead = (upcoming, self._pool.submit(work, upcoming))
         if ahead is not None and ahead[0] is idx:
             ready = ready_within(ahead[1], PATIENCE)
             if ready is not None:
                 return ready
         if ahead is not None:  # not ready soon: never wait long for the low-priority thread
             ahead[1].cancel()
-        return self._host_inputs(idx)
+        return work(idx)
 
     def close(self) -> None:
         """Stop the background threads (training is over)."""
@@ -317,25 +393,6 @@ class DPSGDEngine:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool, self._ahead = None, None
-
-    def _eval_impl(self, x: Any, y: Any) -> tf.Tensor:
-        preds = self.model(x, training=False)
-        losses = tf.cast(self.loss_fn(y, preds), tf.float32)
-        return tf.stack(self._stats(y, preds, losses, tf.ones_like(losses)))
-
-    def evaluate(self, X: Any, Y: Any, batch_size: int = 1024) -> dict[str, float]:
-        """Mean loss (and accuracy) of the model on ``X, Y`` — no privacy cost (not training data
-        updates), but note validation data must not be private data you account for."""
-        n = int(tf.nest.flatten(X)[0].shape[0])
-        total = np.zeros(3)
-        for start in range(0, n, batch_size):
-            rows = slice(start, start + batch_size)
-            xb = tf.nest.map_structure(lambda t, rows=rows: t[rows], X)
-            total += self._eval(xb, Y[rows]).numpy()
-        logs = {"loss": total[0] / max(total[1], 1)}
-        if self.accuracy is not None:
-            logs["accuracy"] = total[2] / max(total[1], 1)
-        return logs
 
 
 def resolve_optimizer(optimizer: Any, learning_rate: float | None) -> Any:

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..errors import InvalidParameterError, TrainingError
 from . import accounting
+from .engine import PRIVATE_UPDATE, private_update  # noqa: F401  (re-exported for compat)
 
 __all__ = ["PrivacyState", "make_private"]
 
@@ -108,6 +109,19 @@ def make_private(
 
     if not isinstance(model, keras.Model):
         raise InvalidParameterError(f"model must be a keras.Model, got {type(model).__name__}")
+    carried = getattr(getattr(model, "optimizer", None), "dp_settings", None)
+    if carried is not None:  # compiled with a kprivacy_nb.compat.tensorflow_privacy DP optimizer
+        if (
+            target_epsilon is not None
+            or noise_multiplier not in (None, carried.noise_multiplier)
+            or l2_norm_clip not in (1.0, carried.l2_norm_clip)
+        ):
+            raise InvalidParameterError(
+                f"{type(model.optimizer).__name__} already sets l2_norm_clip="
+                f"{carried.l2_norm_clip:g} and noise_multiplier={carried.noise_multiplier:g}: "
+                "omit them here (or compile with a plain Keras optimizer to use target_epsilon)"
+            )
+        l2_norm_clip, noise_multiplier = carried.l2_norm_clip, carried.noise_multiplier
     if (noise_multiplier is None) == (target_epsilon is None):
         raise InvalidParameterError(
             "give exactly one of noise_multiplier (σ) or target_epsilon (σ is then calibrated)"
@@ -150,7 +164,28 @@ def make_private(
             )
     _STATES[model] = state
     object.__setattr__(model, "fit", types.MethodType(_private_fit, model))
+    # Every other way into Keras' training step would train without clipping or noise, and
+    # without being counted: refused (the DP step is put in place by ``fit`` only).
+    object.__setattr__(model, "train_step", _refusing_step)
+    object.__setattr__(model, "train_on_batch", types.MethodType(_refuse_train_on_batch, model))
+    model.train_function = None
     return model
+
+
+def _refusal() -> TrainingError:
+    return TrainingError(
+        "this model was made private: train it with model.fit(x, y, ...) — train_on_batch, "
+        "a custom loop over train_step or keras.Model.fit(model, ...) would skip clipping, noise "
+        "and accounting"
+    )
+
+
+def _refusing_step(data: Any) -> Any:
+    raise _refusal()
+
+
+def _refuse_train_on_batch(model: Any, *args: Any, **kwargs: Any) -> Any:
+    raise _refusal()
 
 
 def _positive(name: str, value: Any) -> float:
@@ -309,146 +344,274 @@ def _sample_weights(
     return None if w is None else w.astype(np.float32)
 
 
-# --------------------------------------------------------------------------- the DP step
+# --------------------------------------------------------------------------- plan
 
 
-class _Engine:
-    """The clipper, the traced DP ``train_step`` and the step counter of one model."""
+@dataclass
+class FitPlan:
+    """Everything decided before the first step of one ``fit`` call."""
 
-    def __init__(self, model: Any, state: PrivacyState, loss_obj: Any) -> None:
-        import tensorflow as tf
+    model: Any
+    state: PrivacyState
+    x: Any
+    y: Any
+    weights: np.ndarray | None
+    validation_data: Any
+    epochs: int
+    initial_epoch: int
+    delta: float
+    mechanism: accounting.Mechanism
+    engine: Any  # DPSGDEngine (self-checked)
+    validation_split: float = 0.0
+    reservation: Any = None
+    ledger_name: str | None = None
+    ledger_cap: float | None = None
+    ledger_spent: float | None = None
 
-        from .clipping import FastClipper, per_example_loss_fn
+    @property
+    def run_epochs(self) -> int:
+        return self.epochs - self.initial_epoch
 
-        self.model, self.state = model, state
-        self.loss_obj = loss_obj
-        self.loss_fn = per_example_loss_fn(loss_obj)
-        self.clipper: Any = None
-        self.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="kp_dp_steps")
-        self.bad = tf.Variable(0, dtype=tf.int64, trainable=False, name="kp_dp_not_finite")
-        self.nonfinite = tf.Variable(0, dtype=tf.int64, trainable=False, name="kp_dp_dropped")
-        self._clipper_cls = FastClipper
+    def epsilon_after(self, steps: int) -> float:
+        """ε of everything this model was trained on, if this call runs ``steps`` steps."""
+        event = self.state.event((self.mechanism, steps))
+        if event is None:
+            return 0.0
+        return accounting.epsilon_of_event(event, self.delta, self.state.accountant)
 
-    def plan(self, x_rows: Any, y_rows: Any, batch_size: int) -> None:
-        """Build the clipper and run the whole self-check on real rows."""
-        import tensorflow as tf
 
-        from .clipping.selfcheck import probe_sensitivity
+def plan_fit(
+    model: Any,
+    x: Any,
+    y: Any,
+    *,
+    batch_size: int | None,
+    epochs: int,
+    validation_split: float = 0.0,
+    validation_data: Any = None,
+    class_weight: dict | None = None,
+    sample_weight: Any = None,
+    initial_epoch: int = 0,
+    accuracy: Any = None,
+) -> FitPlan:
+    """Check the data, fix δ and σ, build the engine and run its self-check (nothing spent)."""
+    from .clipping import per_example_loss_fn
+    from .engine import DPSGDEngine
 
-        x8 = _map(lambda a: tf.constant(a[:8]), x_rows)
-        y8 = tf.constant(y_rows[:8])
-        self.clipper = self._clipper_cls(
-            self.model, self.loss_fn, l2_norm_clip=self.state.l2_norm_clip,
-            sample_x=_map(lambda a: a[:2], x8),
-        )  # fmt: skip
-        self.clipper.verify(x8, y8)
-        # Keras reads every compiled metric at the end of an epoch: they must be built. One
-        # update builds them; the values are thrown away at once (the DP step never updates them).
-        self.model.compute_metrics(x8, y8, self.model(x8, training=False), sample_weight=None)
-        self.model.reset_metrics()
-        spec = _map(lambda a: tf.TensorSpec([None, *a.shape[1:]], tf.as_dtype(a.dtype)), x_rows)
-        y_spec = tf.TensorSpec([None, *y_rows.shape[1:]], tf.as_dtype(y_rows.dtype))
-        probe = tf.function(
-            lambda x, y, w: tf.concat(
-                [tf.reshape(tf.cast(g, tf.float32), [-1]) for g in self._clipped(x, y, w, 1.0)[0]],
-                0,
-            ),
-            input_signature=[spec, y_spec, tf.TensorSpec([None], tf.float32)],
+    state = _STATES[model]
+    if getattr(model, "optimizer", None) is None or getattr(model, "loss", None) is None:
+        raise TrainingError(
+            "compile the model first (model.compile(optimizer=..., loss=..., metrics=...)): "
+            "make_private uses the compiled optimizer, loss and metrics"
         )
-        rows = min(len(y_rows), max(16, min(int(batch_size), 512)))
-        started = time.perf_counter()
-        probe_sensitivity(
-            probe, _map(lambda a: tf.constant(a[:rows]), x_rows), tf.constant(y_rows[:rows]),
-            self.model.non_trainable_variables, self.state.l2_norm_clip,
-        )  # fmt: skip
-        self.clipper.self_check_seconds += time.perf_counter() - started
-        self.sizes = [int(np.prod(v.shape)) for v in self.clipper.variables]
-
-    def _clipped(self, x: Any, y: Any, w: Any, scale: Any) -> tuple[list[Any], Any, Any]:
-        """Clipped sum (× scale), summed losses and dropped count, in micro-batches if asked."""
-        import tensorflow as tf
-
-        physical = self.state.physical_batch_size
-        if physical is None:
-            out = self.clipper.clipped_sum(x, y, w, scale=scale)
-            return out.grads, tf.reduce_sum(out.losses), out.nonfinite
-        batch = tf.shape(w)[0]
-        chunks = (batch + physical - 1) // physical
-
-        def body(i: Any, sums: list[Any], loss: Any, dropped: Any) -> Any:
-            lo = i * physical
-            hi = tf.minimum(lo + physical, batch)
-            part = self.clipper.clipped_sum(
-                tf.nest.map_structure(lambda t: t[lo:hi], x), y[lo:hi], w[lo:hi], scale=scale
+    if x is None or y is None:
+        raise InvalidParameterError("fit needs x and y (unsupervised losses are not supported)")
+    _refuse_streams(x)
+    x, y = _as_columns(x, "x"), _as_columns(y, "y")
+    if isinstance(y, (dict, list, tuple)):
+        raise InvalidParameterError("models with several outputs/losses are not supported yet")
+    n_all = _rows(x, "x")
+    if _rows(y, "y") != n_all:
+        raise InvalidParameterError(f"x has {n_all} rows but y has {len(y)}: they must match")
+    weights = _sample_weights(n_all, y, sample_weight, class_weight)
+    if validation_data is None and validation_split:
+        if not 0 < float(validation_split) < 1:
+            raise InvalidParameterError(
+                f"validation_split must be in (0, 1), got {validation_split}"
             )
-            sums = [s + g for s, g in zip(sums, part.grads, strict=True)]
-            return i + 1, sums, loss + tf.reduce_sum(part.losses), dropped + part.nonfinite
-
-        start = (
-            tf.constant(0), [tf.zeros(v.shape, v.dtype) for v in self.clipper.variables],
-            tf.constant(0.0), tf.constant(0),
+        cut = int(n_all * (1.0 - float(validation_split)))  # the last rows, as Keras does
+        validation_data = (_map(lambda a: np.asarray(a[cut:]), x), np.asarray(y[cut:]))
+        x, y = _split(x, 0, cut), y[:cut]
+        weights = None if weights is None else weights[:cut]
+    n = _rows(x, "x")
+    batch_size = 32 if batch_size is None else accounting._check_int("batch_size", batch_size)
+    epochs = accounting._check_int("epochs", epochs)
+    initial_epoch = int(initial_epoch)
+    if not 0 <= initial_epoch < epochs:
+        raise InvalidParameterError(f"initial_epoch must be in [0, epochs), got {initial_epoch}")
+    _scan_finite(x, "x")
+    _scan_finite(y, "y")
+    delta = state.delta if state.delta is not None else accounting.default_delta(n)
+    no_noise = state.noise_multiplier == 0
+    accounting.validate(
+        n, batch_size, epochs=epochs - initial_epoch, noise_multiplier=state.noise_multiplier,
+        delta=delta, sampling=state.sampling, accountant=state.accountant,
+        allow_no_noise=no_noise,
+    )  # fmt: skip
+    if state.target_epsilon is not None:
+        sigma = accounting.calibrate_noise(
+            state.target_epsilon, n, batch_size, epochs - initial_epoch, delta,
+            sampling=state.sampling, accountant=state.accountant, prior=state.event(),
         )  # fmt: skip
-        _, sums, loss, dropped = tf.while_loop(lambda i, *_: i < chunks, body, start)
-        return sums, loss, dropped
+    else:
+        sigma = float(state.noise_multiplier)
+    rows = np.arange(min(n, max(16, min(batch_size, 512))))
+    import tensorflow as tf
 
-    def train_step(self, data: Any) -> dict[str, Any]:
+    X = tf.nest.map_structure(tf.constant, _take(x, rows))
+    Y = tf.constant(_take(y, rows))
+    engine = DPSGDEngine(
+        model, per_example_loss_fn(model.loss), None, l2_norm_clip=state.l2_norm_clip,
+        noise_multiplier=sigma, X=X, Y=Y, accuracy=accuracy,
+        physical_batch_size=state.physical_batch_size,
+        host_x=x if isinstance(x, np.ndarray) and x.dtype.kind in "iu" else None,
+    )  # fmt: skip
+    engine.check_sensitivity(X, Y, batch_size)
+    # Keras reads every compiled metric at the end of an epoch: they must be built. One update
+    # builds them; the values are thrown away at once (the DP step never updates them).
+    x8 = tf.nest.map_structure(lambda t: t[:8], X)
+    model.compute_metrics(x8, Y[:8], model(x8, training=False), sample_weight=None)
+    model.reset_metrics()
+    return FitPlan(
+        model=model, state=state, x=x, y=y, weights=weights, validation_data=validation_data,
+        epochs=epochs, initial_epoch=initial_epoch, delta=delta,
+        mechanism=accounting.Mechanism(n, batch_size, sigma, state.sampling), engine=engine,
+        validation_split=float(validation_split) if validation_split else 0.0,
+    )  # fmt: skip
+
+
+def reserve(plan: FitPlan, description: str) -> None:
+    """Reserve the planned spend in the ledger (refused up front if it would overspend)."""
+    state = plan.state
+    if state.ledger is None:
+        return
+    from .ledger import resolve_ledger
+
+    target = resolve_ledger(state.ledger)
+    if target is None:
+        return
+    budget = target.budget()
+    plan.ledger_name = target.name
+    plan.ledger_cap, plan.ledger_spent = budget.epsilon_cap, budget.committed_epsilon
+    steps = plan.run_epochs * plan.mechanism.steps_per_epoch
+    plan.reservation = target.reserve(
+        plan.mechanism.event(steps), accountant=state.accountant, description=description
+    )
+
+
+# --------------------------------------------------------------------------- run
+
+
+class _Counters:
+    """Step counter and per-epoch sums, updated inside the traced step (all public except the
+    sums, which never leave the notebook unless ``include_training_metrics``)."""
+
+    def __init__(self) -> None:
         import tensorflow as tf
 
+        def var(dtype: Any) -> Any:
+            return tf.Variable(tf.zeros([], dtype), trainable=False)
+
+        self.traces = 0
+        self.steps = var(tf.int64)
+        self.not_applied = var(tf.float32)
+        self.sums = tf.Variable(tf.zeros([4]), trainable=False)  # loss, count, correct, dropped
+
+    def reset_epoch(self) -> None:
+        self.sums.assign([0.0, 0.0, 0.0, 0.0])
+
+
+def _train_step(engine: Any, counters: _Counters) -> Any:
+    def train_step(data: Any) -> dict[str, Any]:
+        counters.traces += 1  # this Python body runs once per trace
         inputs, y, w = data
-        x, noise, meta = inputs["x"], inputs["noise"], inputs["meta"]
-        self.steps.assign_add(1)  # counted before anything else: every step that ran counts
-        grads, loss_sum, dropped = self._clipped(x, y, w, 1.0 / meta[0])
-        variables = self.clipper.variables
-        if self.add_noise:  # set by each fit before Keras traces this step
-            offsets = self.offsets
-            grads = [
-                g + tf.cast(tf.reshape(noise[o : o + n], v.shape), g.dtype)
-                for g, v, o, n in zip(grads, variables, offsets, self.sizes, strict=True)
-            ]
-        regularized = [v for v in variables if getattr(v, "regularizer", None)]
-        if regularized:
-            with tf.GradientTape() as tape:
-                reg = tf.add_n([tf.cast(v.regularizer(v), tf.float32) for v in regularized])
-            found = dict(zip(map(id, regularized), tape.gradient(reg, regularized), strict=True))
-            grads = [
-                g + tf.cast(found[id(v)], g.dtype) if id(v) in found and found[id(v)] is not None
-                else g
-                for g, v in zip(grads, variables, strict=True)
-            ]  # fmt: skip
-        self.nonfinite.assign_add(tf.cast(dropped, tf.int64))
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-
-        def apply() -> Any:
-            self.model.optimizer.apply(grads, variables)
-            return tf.constant(0, tf.int64)
-
-        self.bad.assign_add(tf.cond(finite, apply, lambda: tf.constant(1, tf.int64)))
-        if self.state.include_training_metrics:
-            count = tf.maximum(tf.reduce_sum(tf.cast(w > 0, tf.float32)), 1.0)
-            return {"loss": loss_sum / count}
+        counters.steps.assign_add(1)  # counted before anything else: every step that ran counts
+        repeated = inputs.get("repeated", ())
+        out = engine.update(inputs["x"], y, w, inputs["meta"], inputs["noise"], *repeated)
+        counters.sums.assign_add([out[0], out[1], out[2], out[4]])
+        counters.not_applied.assign_add(1.0 - out[3])
         # Keras needs at least one value per step; the step count is public.
-        return {"dp_steps": self.steps.value()}
+        return {"dp_steps": counters.steps.value()}
+
+    return train_step
 
 
-# --------------------------------------------------------------------------- fit
-
-
-def _callback(engine: _Engine, account: Any) -> Any:
-    """A Keras callback: ε into each epoch's logs (before History records them); stops ``fit``
-    when a noisy update was not finite."""
+def _epoch_callback(plan: FitPlan, counters: _Counters, on_epoch: Any = None) -> Any:
+    """A Keras callback: ε (and, only if asked, training metrics) into each epoch's logs before
+    History records them; stops ``fit`` when a noisy update was not finite."""
     import keras
 
-    class EpsilonLogger(keras.callbacks.Callback):
+    class EpochLogger(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            counters.reset_epoch()
+            self._started = time.perf_counter()
+
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            if int(engine.bad.numpy()):
+            if float(counters.not_applied.numpy()) > 0:
                 self.model.stop_training = True
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            if logs is not None:
-                logs.pop("dp_steps", None)
-                logs["epsilon"] = account(int(engine.steps.numpy()))
+            logs = logs if logs is not None else {}
+            logs.pop("dp_steps", None)
+            loss, count, correct, dropped = (float(v) for v in counters.sums.numpy())
+            train = {"loss": loss / max(count, 1.0)}
+            if plan.engine.accuracy is not None:
+                train["accuracy"] = correct / max(count, 1.0)
+            if plan.state.include_training_metrics:
+                logs.update(train)
+            steps = int(counters.steps.numpy())
+            logs["epsilon"] = plan.epsilon_after(steps)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, train, dict(logs), steps, time.perf_counter() - self._started,
+                         int(dropped))  # fmt: skip
 
-    return EpsilonLogger()
+    return EpochLogger()
+
+
+def run_fit(
+    plan: FitPlan,
+    *,
+    callbacks: Any = None,
+    verbose: Any = "auto",
+    on_epoch: Any = None,
+    validation_steps: int | None = None,
+    validation_batch_size: int | None = None,
+    validation_freq: int = 1,
+) -> Any:
+    """Keras' ``fit`` over the Poisson pipeline with the DP step; the card and the ledger are
+    written when it ends, however it ends. Returns Keras' ``History``."""
+    model, state, engine = plan.model, plan.state, plan.engine
+    counters = _Counters()
+    dataset, noise = _pipeline(plan)
+    original_step = model.__dict__.get("train_step")
+    saved_jit = getattr(model, "jit_compile", False)
+    history, interrupted, started, steps, traces = None, False, time.perf_counter(), 0, 0
+    try:
+        object.__setattr__(model, "train_step", _train_step(engine, counters))
+        model.jit_compile = False
+        model.train_function = None  # Keras traces the DP step on this fit
+        history = state.original_fit(
+            model, dataset, epochs=plan.epochs, verbose=verbose,
+            callbacks=[_epoch_callback(plan, counters, on_epoch), *(callbacks or [])],
+            validation_data=plan.validation_data, initial_epoch=plan.initial_epoch,
+            validation_steps=validation_steps, validation_batch_size=validation_batch_size,
+            validation_freq=validation_freq, shuffle=False,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        noise.close()
+        traces = counters.traces
+        object.__setattr__(model, "train_step", original_step or _refusing_step)
+        model.train_function = None
+        model.jit_compile = saved_jit
+        steps = int(counters.steps.numpy())
+        if plan.reservation is not None:
+            if steps > 0:
+                plan.reservation.settle(plan.mechanism.event(steps))
+            else:
+                plan.reservation.cancel()
+        state.runs.append((plan.mechanism, steps))
+        state.delta = plan.delta
+        _set_card(plan, steps, history, started, interrupted, int(traces))
+    if float(counters.not_applied.numpy()) > 0:
+        raise TrainingError(
+            f"the noisy update at step {steps} is not finite: the weights or the optimizer "
+            "diverged. Training stopped and the weights from before that step were kept "
+            f"({steps} steps charged). Lower the learning rate"
+        )
+    return history
 
 
 def _private_fit(
@@ -470,157 +633,40 @@ def _private_fit(
     validation_batch_size: int | None = None,
     validation_freq: int = 1,
 ) -> Any:
-    """Keras ``fit`` with DP-SGD (see :func:`make_private`); returns Keras' ``History``."""
+    """Keras ``fit`` with DP-SGD (see :func:`make_private`); returns Keras' ``History``.
 
-    state = _STATES[model]
+    ``shuffle`` is ignored (batches are Poisson-sampled); ``steps_per_epoch`` is refused (fixed
+    by the sampling: n / batch_size)."""
+    del shuffle
     if steps_per_epoch is not None:
         raise InvalidParameterError(
             "steps_per_epoch is fixed by DP-SGD's sampling (n / batch_size); leave it out"
         )
-    if getattr(model, "optimizer", None) is None or getattr(model, "loss", None) is None:
-        raise TrainingError(
-            "compile the model first (model.compile(optimizer=..., loss=..., metrics=...)): "
-            "make_private uses the compiled optimizer, loss and metrics"
-        )
-    if x is None or y is None:
-        raise InvalidParameterError("fit needs x and y (unsupervised losses are not supported)")
-    _refuse_streams(x)
-    x, y = _as_columns(x, "x"), _as_columns(y, "y")
-    if isinstance(y, (dict, list, tuple)):
-        raise InvalidParameterError("models with several outputs/losses are not supported yet")
-    n_all = _rows(x, "x")
-    if _rows(y, "y") != n_all:
-        raise InvalidParameterError(f"x has {n_all} rows but y has {len(y)}: they must match")
-    weights = _sample_weights(n_all, y, sample_weight, class_weight)
-    if validation_data is None and validation_split:
-        if not 0 < float(validation_split) < 1:
-            raise InvalidParameterError(
-                f"validation_split must be in (0, 1), got {validation_split}"
-            )
-        cut = int(n_all * (1.0 - float(validation_split)))
-        validation_data = (
-            _map(lambda a: np.asarray(a[cut:]), x), np.asarray(y[cut:]),
-        )  # fmt: skip
-        x, y = _split(x, 0, cut), y[:cut]
-        weights = None if weights is None else weights[:cut]
-    n = _rows(x, "x")
-    batch_size = 32 if batch_size is None else accounting._check_int("batch_size", batch_size)
-    epochs = accounting._check_int("epochs", epochs)
-    initial_epoch = int(initial_epoch)
-    if not 0 <= initial_epoch < epochs:
-        raise InvalidParameterError(f"initial_epoch must be in [0, epochs), got {initial_epoch}")
-    run_epochs = epochs - initial_epoch
-    _scan_finite(x, "x")
-    _scan_finite(y, "y")
-    delta = state.delta
-    if delta is None:
-        delta = accounting.default_delta(n)
-    no_noise = state.noise_multiplier == 0
-    accounting.validate(
-        n, batch_size, epochs=run_epochs, noise_multiplier=state.noise_multiplier, delta=delta,
-        sampling=state.sampling, accountant=state.accountant, allow_no_noise=no_noise,
+    plan = plan_fit(
+        model, x, y, batch_size=batch_size, epochs=epochs, validation_split=validation_split,
+        validation_data=validation_data, class_weight=class_weight, sample_weight=sample_weight,
+        initial_epoch=initial_epoch,
     )  # fmt: skip
-    prior = state.event()
-    if state.target_epsilon is not None:
-        sigma = accounting.calibrate_noise(
-            state.target_epsilon, n, batch_size, run_epochs, delta, sampling=state.sampling,
-            accountant=state.accountant, prior=prior,
-        )  # fmt: skip
-    else:
-        sigma = float(state.noise_multiplier)
-    mechanism = accounting.Mechanism(n, batch_size, sigma, state.sampling)
-    spe = mechanism.steps_per_epoch
-
-    # The engine (clipper + traced step) is rebuilt when the loss or the data's shapes change.
-    probe_rows = _take(x, np.arange(min(n, max(16, min(batch_size, 512)))))
-    probe_y = _take(y, np.arange(min(n, max(16, min(batch_size, 512)))))
-    engine = state.engine
-    if engine is None or engine.loss_obj is not model.loss:
-        engine = _Engine(model, state, model.loss)
-    engine.plan(probe_rows, probe_y, batch_size)  # the self-check, every fit
-    state.engine = engine
-
-    def account(steps: int) -> float:
-        event = state.event((mechanism, steps))
-        return 0.0 if event is None else accounting.epsilon_of_event(event, delta, state.accountant)
-
-    reservation = None
-    ledger_name = None
-    if state.ledger is not None:
-        from .ledger import resolve_ledger
-
-        target = resolve_ledger(state.ledger)
-        if target is not None:
-            ledger_name = target.name
-            reservation = target.reserve(
-                mechanism.event(run_epochs * spe), accountant=state.accountant,
-                description=f"fit {getattr(model, 'name', 'model')}: {run_epochs} epochs, "
-                f"batch {batch_size}, σ={sigma:.4g}, C={state.l2_norm_clip:g}",
-            )  # fmt: skip
-
-    dataset, noise = _pipeline(model, state, engine, x, y, weights, mechanism, sigma)
-    engine.offsets = list(noise.offsets)
-    engine.add_noise = sigma > 0
-    bad_before = int(engine.bad.numpy())
-    user_callbacks = list(callbacks or [])
-    original_step = model.__dict__.get("train_step")
-    saved_jit = getattr(model, "jit_compile", False)
-    history = None
-    started = time.perf_counter()
-    interrupted = False
-    engine.steps.assign(0)
-    try:
-        object.__setattr__(model, "train_step", engine.train_step)
-        model.jit_compile = False
-        model.train_function = None  # Keras traces the DP step on this fit
-        history = state.original_fit(
-            model, dataset, epochs=epochs, verbose=verbose,
-            callbacks=[_callback(engine, account), *user_callbacks],
-            validation_data=validation_data, initial_epoch=initial_epoch,
-            validation_steps=validation_steps, validation_batch_size=validation_batch_size,
-            validation_freq=validation_freq, shuffle=False,
-        )  # fmt: skip
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
-    finally:
-        noise.close()
-        if original_step is None:
-            model.__dict__.pop("train_step", None)
-        else:
-            object.__setattr__(model, "train_step", original_step)
-        model.train_function = None
-        model.jit_compile = saved_jit
-        steps = int(engine.steps.numpy())
-        if reservation is not None:
-            if steps > 0:
-                reservation.settle(mechanism.event(steps))
-            else:
-                reservation.cancel()
-        state.runs.append((mechanism, steps))
-        state.delta = delta
-        _set_card(model, state, engine, mechanism, delta, steps, history, started, interrupted,
-                  ledger_name, getattr(reservation, "id", None))  # fmt: skip
-    if int(engine.bad.numpy()) > bad_before:
-        raise TrainingError(
-            "a noisy update was not finite: the weights or the optimizer diverged. Training "
-            f"stopped after {steps} steps (charged) with the weights from before that update. "
-            "Lower the learning rate"
-        )
-    return history
+    m = plan.mechanism
+    reserve(plan, f"fit {getattr(model, 'name', 'model')}: {plan.run_epochs} epochs, batch "
+                  f"{m.batch_size}, σ={m.noise_multiplier:.4g}, C={plan.state.l2_norm_clip:g}")  # fmt: skip
+    return run_fit(
+        plan, callbacks=callbacks, verbose=verbose, validation_steps=validation_steps,
+        validation_batch_size=validation_batch_size, validation_freq=validation_freq,
+    )  # fmt: skip
 
 
-def _pipeline(
-    model: Any, state: PrivacyState, engine: _Engine, x: Any, y: Any, weights: Any,
-    mechanism: accounting.Mechanism, sigma: float,
-) -> tuple[Any, Any]:  # fmt: skip
-    """The ``tf.data`` pipeline of Poisson batches: rows gathered on the host, with noise."""
+def _pipeline(plan: FitPlan) -> tuple[Any, Any]:
+    """The ``tf.data`` pipeline of Poisson batches: rows gathered on the host, with the step's
+    noise (and an input-reading Embedding's repeated tokens)."""
     import tensorflow as tf
 
     from .noise import GaussianNoise
     from .sampling import make_rng, make_sampler
 
-    noise_std = sigma * state.l2_norm_clip
+    state, engine, mechanism = plan.state, plan.engine, plan.mechanism
+    x, y, weights = plan.x, plan.y, plan.weights
+    noise_std = engine.noise_std
     # A seed (tests only) gives each fit call of the model its own stream.
     seed = None if state.seed is None else int(state.seed) + 7919 * len(state.runs)
     noise = GaussianNoise(engine.sizes, seed, prefetch=noise_std > 0)
@@ -630,9 +676,11 @@ def _pipeline(
     x_spec = _map(lambda a: tf.TensorSpec([None, *a.shape[1:]], _dtype(a)), x)
     y_spec = tf.TensorSpec([None, *np.shape(y)[1:]], _dtype(y))
     leaf_specs = tf.nest.flatten(x_spec)
+    repeat_structure = tuple(engine.repeated_spec)  # (tf.data takes tuples, not lists)
+    repeat_specs = tf.nest.flatten(repeat_structure)
     specs = [
         *leaf_specs, tf.TensorSpec([None], tf.float32), tf.TensorSpec([2], tf.float32), y_spec,
-        tf.TensorSpec([None], tf.float32),
+        tf.TensorSpec([None], tf.float32), *repeat_specs,
     ]  # fmt: skip
 
     def batch(i: Any) -> list[np.ndarray]:
@@ -650,16 +698,20 @@ def _pipeline(
             w = weights[idx].astype(np.float32)
         flat = noise.next(noise_std / denominator) if noise_std > 0 else empty
         meta = np.array([denominator, weight], np.float32)
-        rows = tf.nest.flatten(_take(x, idx))
-        return [*rows, flat, meta, _take(y, idx), w]
+        rows = _take(x, idx)
+        found = [a for r in engine.host_repeat_arrays(rows) for a in r] if repeat_specs else []
+        return [*tf.nest.flatten(rows), flat, meta, _take(y, idx), w, *found]
 
     def fetch(i: Any) -> Any:
         out = tf.numpy_function(batch, [i], [s.dtype for s in specs], stateful=True)
         for t, spec in zip(out, specs, strict=True):
             t.set_shape(spec.shape)
         k = len(leaf_specs)
-        x_part = tf.nest.pack_sequence_as(x_spec, out[:k])
-        return {"x": x_part, "noise": out[k], "meta": out[k + 1]}, out[k + 2], out[k + 3]
+        inputs = {"x": tf.nest.pack_sequence_as(x_spec, out[:k]), "noise": out[k],
+                  "meta": out[k + 1]}  # fmt: skip
+        if repeat_specs:
+            inputs["repeated"] = tf.nest.pack_sequence_as(repeat_structure, out[k + 4 :])
+        return inputs, out[k + 2], out[k + 3]
 
     # (numpy_function costs half of what Dataset.from_generator does per batch.)
     dataset = tf.data.Dataset.range(mechanism.steps_per_epoch).map(fetch)
@@ -677,35 +729,38 @@ def _dtype(a: Any) -> Any:
 
 
 def _set_card(
-    model: Any, state: PrivacyState, engine: _Engine, mechanism: accounting.Mechanism,
-    delta: float, steps: int, history: Any, started: float, interrupted: bool,
-    ledger_name: str | None, reservation_id: Any,
-) -> None:  # fmt: skip
+    plan: FitPlan, steps: int, history: Any, started: float, interrupted: bool, traces: int
+) -> None:
     from .trainer import DPFitResult
 
+    state, engine, mechanism, delta = plan.state, plan.engine, plan.mechanism, plan.delta
     event = state.event()
     eps, used = (0.0, state.accountant)
     if event is not None:
         eps, used = accounting.account(event, delta, state.accountant)
     spe = mechanism.steps_per_epoch
     planned = accounting.epsilon_curve(
-        mechanism.n, mechanism.batch_size, max(1, -(-steps // spe)), mechanism.noise_multiplier,
-        delta, sampling=mechanism.sampling, accountant=state.accountant,
-    ) if steps else accounting.EpsilonCurve(
-        epochs=[], epsilon=[], steps=[], delta=delta, accountant=state.accountant,
-        sampling=mechanism.sampling, noise_multiplier=mechanism.noise_multiplier,
-        n=mechanism.n, batch_size=mechanism.batch_size,
+        mechanism.n, mechanism.batch_size, plan.run_epochs, mechanism.noise_multiplier, delta,
+        sampling=mechanism.sampling, accountant=state.accountant,
     )  # fmt: skip
-    hist = dict(getattr(history, "history", {}) or {})
+    done = steps // spe
+    curve = accounting.EpsilonCurve(
+        epochs=planned.epochs[:done], epsilon=planned.epsilon[:done], steps=planned.steps[:done],
+        delta=delta, accountant=planned.accountant, sampling=mechanism.sampling,
+        noise_multiplier=mechanism.noise_multiplier, n=mechanism.n,
+        batch_size=mechanism.batch_size,
+    )  # fmt: skip
     card = DPFitResult(
-        model=model, history=hist, epsilon=float(eps), epsilon_curve=planned,
-        noise_multiplier=mechanism.noise_multiplier, delta=delta,
-        steps=sum(s for _, s in state.runs), clipping=engine.clipper.report if engine.clipper else {},
+        model=plan.model, history=dict(getattr(history, "history", {}) or {}),
+        epsilon=float(eps), epsilon_curve=curve, noise_multiplier=mechanism.noise_multiplier,
+        delta=delta, steps=sum(s for _, s in state.runs), clipping=engine.report,
         l2_norm_clip=state.l2_norm_clip, batch_size=mechanism.batch_size, n=mechanism.n,
-        sampling=mechanism.sampling, accountant=used, epochs_completed=steps // spe,
+        sampling=mechanism.sampling, accountant=used, epochs_completed=done,
         planned_curve=planned, target_epsilon=state.target_epsilon, interrupted=interrupted,
-        ledger_name=ledger_name, reservation_id=reservation_id,
-        seconds=time.perf_counter() - started, training_metrics=state.include_training_metrics,
-        self_check_seconds=(engine.clipper.self_check_seconds or 0.0) if engine.clipper else 0.0,
+        ledger_name=plan.ledger_name, reservation_id=getattr(plan.reservation, "id", None),
+        seconds=time.perf_counter() - started, trace_count=traces,
+        training_metrics=state.include_training_metrics,
+        self_check_seconds=engine.clipper.self_check_seconds or 0.0,
+        validation_split=plan.validation_split,
     )  # fmt: skip
-    object.__setattr__(model, "privacy", card)
+    object.__setattr__(plan.model, "privacy", card)

@@ -13,6 +13,7 @@ goes to callback objects (see :class:`TrainingCallback`); the notebook monitor l
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import math
 import time
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidParameterError, TrainingError
+from ..errors import InvalidParameterError
 from . import accounting
 from .reporting import LogReporter, TrainingCallback, _call, _default_reporter, _fmt
 
@@ -80,6 +81,7 @@ class DPFitResult:
     trace_count: int = 0
     training_metrics: bool = False  # history holds training-set metrics (not covered by ε)
     self_check_seconds: float = 0.0
+    validation_split: float = 0.0  # validation rows split off the training data passed in
 
     def summary(self) -> dict[str, Any]:
         """The privacy card: what the ε covers (this is what saved files carry)."""
@@ -90,6 +92,11 @@ class DPFitResult:
             "batch_size": self.batch_size, "n": self.n, "interrupted": self.interrupted,
             "ledger": self.ledger_name, "clipping_verified": self.verified,
             "training_metrics": TRAINING_METRICS_NOTE if self.training_metrics else "not included",
+            "validation_metrics": (
+                f"computed on the last {self.validation_split:.0%} of the data passed in "
+                "(validation_split): if those rows are private, the val_* values are NOT "
+                "covered by ε" if self.validation_split else "on the validation data given"
+            ),
         }  # fmt: skip
 
     @property
@@ -204,18 +211,25 @@ def dp_fit(
     loss: Any = None,
     callbacks: Sequence[Any] | None = None,
     include_training_metrics: bool = False,
+    physical_batch_size: int | None = None,
 ) -> DPFitResult:
     """Train ``model`` on ``(x, y)`` with DP-SGD; return a :class:`DPFitResult`.
 
-    Give either ``noise_multiplier`` (σ) or ``target_epsilon`` (σ is then calibrated so the
-    planned run ends at ε ≤ target). ``delta`` defaults to 1/n rounded down to a power of ten.
-    ``ledger`` (a budget name, or ``(name, Ledger)``) reserves the planned spend before training
-    and records the actual spend afterwards (refused up front if it would overspend). Ctrl-C stops
-    cleanly: the model keeps its weights and the result (and ledger) record the steps run.
-    ``seed`` makes sampling and noise reproducible (tests only: real runs use OS entropy).
-    ``history`` holds ε and validation metrics; the training-set loss/accuracy (computed from the
-    private data without noise, so not covered by ε) are shown live to ``callbacks`` and kept in
-    the result only with ``include_training_metrics=True`` — the card then says so.
+    A thin layer over :func:`kprivacy_nb.make_private` and Keras' ``model.fit`` (one engine, one
+    accounting): the model is compiled with ``optimizer`` (``None``: the one it was compiled
+    with) and ``loss`` (default: the compiled loss), made private and fitted. Give either
+    ``noise_multiplier`` (σ) or ``target_epsilon`` (σ is then calibrated so that everything the
+    model was trained on privately ends at ε ≤ target). ``delta`` defaults to 1/n rounded down
+    to a power of ten. ``ledger`` (a budget name, or ``(name, Ledger)``) reserves the planned
+    spend before training and records the actual spend afterwards (refused up front if it
+    would overspend). Ctrl-C stops cleanly: the model keeps its weights and the result (and
+    ledger) record the steps run. ``seed`` makes sampling and noise reproducible (tests only).
+    ``callbacks``: Keras callbacks, or objects with ``on_train_begin(plan)`` /
+    ``on_epoch_end(epoch, logs)`` / ``on_train_end(result)``. ``history`` holds ε and
+    validation metrics; training-set loss/accuracy (computed from the private data without
+    noise, so not covered by ε) are shown live and kept only with
+    ``include_training_metrics=True`` — the card then says so. Training the same model again
+    composes: the result's ε covers every private run of that model.
 
     >>> run = dp_fit(model, x_train, y_train, epochs=10, batch_size=256,
     ...              target_epsilon=3.0, delta=1e-5)                       # doctest: +SKIP
@@ -255,17 +269,14 @@ def dp_fit(
 
     import keras
 
-    from . import clipping, engine
-    from .sampling import make_rng, make_sampler
+    from . import clipping, engine, private
 
     if not isinstance(model, keras.Model):
         raise InvalidParameterError(f"model must be a keras.Model, got {type(model).__name__}")
     clipping.check_model(model)
     loss_obj = loss if loss is not None else getattr(model, "loss", None)
     loss_fn = clipping.per_example_loss_fn(loss_obj)
-    X, Y = _to_tensors(x, "x"), _to_tensors(y, "y")
-    _check_fits(model, loss_fn, X, Y)
-    val = None
+    _check_fits(model, loss_fn, _head(x, "x"), _head(y, "y"))
     if validation_data is not None:
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
             raise InvalidParameterError("validation_data must be a pair (x_val, y_val)")
@@ -273,156 +284,111 @@ def dp_fit(
             validation_data[1], "validation y"
         ):
             raise InvalidParameterError("validation x and y have different numbers of rows")
-        val = (
-            _to_tensors(validation_data[0], "validation x"),
-            _to_tensors(validation_data[1], "validation y"),
+        validation_data = (
+            _finite(validation_data[0], "validation x"),
+            _finite(validation_data[1], "validation y"),
         )
-
-    if target_epsilon is not None:
-        sigma = accounting.calibrate_noise(
-            float(target_epsilon), n, batch_size, epochs, delta, sampling=sampling,
-            accountant=accountant,
-        )  # fmt: skip
+    if optimizer is None:
+        opt = getattr(model, "optimizer", None) or engine.resolve_optimizer("sgd", learning_rate)
+        if learning_rate is not None:
+            opt = engine.resolve_optimizer(opt, learning_rate)
     else:
-        sigma = float(noise_multiplier)
-    opt = engine.resolve_optimizer(optimizer, learning_rate)
-    eng = engine.DPSGDEngine(
-        model, loss_fn, opt, l2_norm_clip=float(l2_norm_clip),
-        noise_multiplier=sigma, X=X, Y=Y, seed=seed,
-        accuracy=engine.accuracy_fn(loss_obj),
-        host_x=x if isinstance(x, np.ndarray) and x.dtype.kind in "iu" else None,
+        opt = engine.resolve_optimizer(optimizer, learning_rate)
+    accuracy = engine.accuracy_fn(loss_obj)
+    model.compile(optimizer=opt, loss=loss_obj, metrics=["accuracy"] if accuracy else None)
+    private.make_private(
+        model, l2_norm_clip=float(l2_norm_clip), noise_multiplier=noise_multiplier,
+        target_epsilon=target_epsilon, delta=delta, sampling=sampling, accountant=accountant,
+        ledger=ledger, seed=seed, include_training_metrics=include_training_metrics,
+        physical_batch_size=physical_batch_size,
     )  # fmt: skip
-    eng.trace()
-    eng.check_sensitivity(X, Y, batch_size)
-    spe = accounting.steps_per_epoch(n, batch_size, sampling)
-    planned = accounting.epsilon_curve(
-        n, batch_size, epochs, sigma, delta, sampling=sampling, accountant=accountant
-    )
-
-    def event(steps: int) -> Any:
-        return accounting.dpsgd_event(
-            n=n, batch_size=batch_size, noise_multiplier=sigma, steps=steps, sampling=sampling
-        )
-
-    reservation, ledger_name, cap, spent = None, None, None, None
-    if ledger is not None:
-        from .ledger import resolve_ledger
-
-        target = resolve_ledger(ledger)
-        if target is not None:
-            ledger_name = target.name
-            budget = target.budget()
-            cap, spent = budget.epsilon_cap, budget.committed_epsilon
-            reservation = target.reserve(
-                event(int(epochs) * spe), accountant=accountant,
-                description=f"dp_fit {getattr(model, 'name', 'model')}: {epochs} epochs, "
-                f"batch {batch_size}, σ={sigma:.4g}, C={l2_norm_clip:g}",
-            )  # fmt: skip
-
-    plan = TrainingPlan(
+    plan = private.plan_fit(
+        model, x, y, batch_size=batch_size, epochs=epochs, validation_data=validation_data,
+        accuracy=accuracy,
+    )  # fmt: skip
+    sigma = plan.mechanism.noise_multiplier
+    private.reserve(
+        plan, f"dp_fit {getattr(model, 'name', 'model')}: {epochs} epochs, batch {batch_size}, "
+        f"σ={sigma:.4g}, C={l2_norm_clip:g}",
+    )  # fmt: skip
+    spe = plan.mechanism.steps_per_epoch
+    training_plan = TrainingPlan(
         n=n, batch_size=int(batch_size), epochs=int(epochs), steps_per_epoch=spe,
-        noise_multiplier=sigma, l2_norm_clip=float(l2_norm_clip), delta=delta, sampling=sampling,
-        accountant=accountant, planned_curve=planned,
+        noise_multiplier=sigma, l2_norm_clip=float(l2_norm_clip), delta=plan.delta,
+        sampling=sampling, accountant=accountant,
+        planned_curve=accounting.epsilon_curve(
+            n, batch_size, epochs, sigma, plan.delta, sampling=sampling, accountant=accountant
+        ),
         target_epsilon=None if target_epsilon is None else float(target_epsilon),
-        ledger_name=ledger_name, ledger_cap=cap, ledger_spent=spent, clipping=eng.report,
+        ledger_name=plan.ledger_name, ledger_cap=plan.ledger_cap,
+        ledger_spent=plan.ledger_spent, clipping=plan.engine.report,
     )  # fmt: skip
-    cbs = list(callbacks or [])
+    keras_callbacks = [cb for cb in callbacks or [] if isinstance(cb, keras.callbacks.Callback)]
+    ours = [cb for cb in callbacks or [] if not isinstance(cb, keras.callbacks.Callback)]
     if verbose:
-        cbs.insert(0, _default_reporter())
+        ours.insert(0, _default_reporter())
 
-    history: dict[str, list[float]] = {}
-    started_steps = 0  # counted by the trainer, before each step runs (never by the optimizer)
-    epochs_done, interrupted = 0, False
-    sampler = make_sampler(sampling, n, batch_size, make_rng(seed))
-
-    def applied_steps() -> int:
-        # Every step that started counts, applied or not, interrupted or not: conservative, and
-        # independent of anything the optimizer or a callback does to its iteration counter.
-        return started_steps
-
-    def finish_ledger(steps: int) -> None:
-        if reservation is None:
-            return
-        if steps > 0:
-            reservation.settle(event(steps))
-        else:
-            reservation.cancel()
+    def on_epoch(epoch: int, train: dict, logs: dict, steps: int, seconds: float, dropped: int):
+        val = {k: v for k, v in logs.items() if k.startswith("val_")}
+        _call(ours, "on_epoch_end", epoch, {
+            **train, **val, "epsilon": logs["epsilon"], "delta": plan.delta,
+            "epochs": int(epochs), "steps": steps, "seconds": seconds,
+            "nonfinite_examples": dropped,
+        })  # fmt: skip
 
     try:
-        _call(cbs, "on_train_begin", plan)
-        for epoch in range(1, int(epochs) + 1):
-            t0 = time.perf_counter()
-            totals, dropped = np.zeros(3), 0
-            batches = sampler.epoch()
-            upcoming = next(batches, None)
-            while upcoming is not None:  # one batch ahead, so its host-side work can start early
-                idx, upcoming = upcoming, next(batches, None)
-                started_steps += 1
-                out = eng.step(X, Y, idx, sampler.denominator(idx), upcoming)
-                if not out.applied:
-                    # Decided on the noisy update (post-processing of a DP release), never on a
-                    # single record: a record with a non-finite gradient is dropped from its step.
-                    raise TrainingError(
-                        f"the noisy update at step {applied_steps()} (epoch {epoch}) is not "
-                        "finite: the weights or the optimizer diverged. Training stopped and the "
-                        "weights from before that step were kept. Lower the learning rate"
-                    )
-                totals += (out.loss_sum, out.count, out.correct_sum)
-                dropped += out.nonfinite
-            epochs_done = epoch
-            train_logs = {"loss": totals[0] / max(totals[1], 1)}
-            if eng.accuracy is not None:
-                train_logs["accuracy"] = totals[2] / max(totals[1], 1)
-            logs = dict(train_logs)
-            if val is not None:
-                logs.update({f"val_{k}": v for k, v in eng.evaluate(*val).items()})
-            for key, value in logs.items():
-                # Training-set metrics are computed from the private data without noise: they
-                # stay out of the result (and so out of saved files) unless asked for.
-                if key in train_logs and not include_training_metrics:
-                    continue
-                history.setdefault(key, []).append(float(value))
-            eps_now = planned.epsilon[epoch - 1] if applied_steps() == epoch * spe else (
-                accounting.epsilon_of_event(event(applied_steps()), delta, accountant)
-            )  # fmt: skip
-            history.setdefault("epsilon", []).append(float(eps_now))
-            _call(cbs, "on_epoch_end", epoch, {
-                **logs, "epsilon": eps_now, "delta": delta, "epochs": int(epochs),
-                "steps": applied_steps(), "seconds": time.perf_counter() - t0,
-                "nonfinite_examples": dropped,
-            })  # fmt: skip
-    except KeyboardInterrupt:
-        interrupted = True
+        _call(ours, "on_train_begin", training_plan)
     except BaseException:
-        finish_ledger(applied_steps())
+        if plan.reservation is not None:
+            plan.reservation.cancel()
         raise
-    finally:
-        eng.close()
-    steps = applied_steps()
-    finish_ledger(steps)
-    eps, used = 0.0, accountant
-    if steps:  # the accountant that produced the number (RDP if PLD was out of reach)
-        eps, used = accounting.account(event(steps), delta, accountant)
-    curve = accounting.EpsilonCurve(
-        epochs=planned.epochs[:epochs_done], epsilon=planned.epsilon[:epochs_done],
-        steps=planned.steps[:epochs_done], delta=delta, accountant=planned.accountant,
-        sampling=sampling,
-        noise_multiplier=sigma, n=n, batch_size=int(batch_size),
-    )  # fmt: skip
-    result = DPFitResult(
-        model=model, history=history, epsilon=float(eps), epsilon_curve=curve,
-        noise_multiplier=sigma, delta=delta, steps=steps, clipping=eng.report,
-        l2_norm_clip=float(l2_norm_clip), batch_size=int(batch_size), n=n, sampling=sampling,
-        accountant=used, epochs_completed=epochs_done, planned_curve=planned,
-        target_epsilon=None if target_epsilon is None else float(target_epsilon),
-        interrupted=interrupted, ledger_name=ledger_name,
-        reservation_id=getattr(reservation, "id", None),
-        seconds=time.perf_counter() - started, trace_count=eng.trace_count,
-        training_metrics=include_training_metrics,
-        self_check_seconds=eng.clipper.self_check_seconds or 0.0,
-    )  # fmt: skip
-    _call(cbs, "on_train_end", result)
+    try:
+        private.run_fit(plan, callbacks=keras_callbacks, verbose=0, on_epoch=on_epoch)
+    except KeyboardInterrupt:
+        pass  # the card says "interrupted"; the ledger was charged for the steps that ran
+    result = dataclasses.replace(model.privacy, seconds=time.perf_counter() - started)
+    object.__setattr__(model, "privacy", result)
+    _call(ours, "on_train_end", result)
     return result
+
+
+def _head(data: Any, what: str) -> Any:
+    """The first two rows of ``data`` as tensors (for a clear shape error before anything)."""
+    import tensorflow as tf
+
+    def two(a: Any) -> Any:
+        arr = np.asarray(a[:2])
+        if arr.dtype.kind == "O":
+            raise InvalidParameterError(f"{what} must be numeric (got an object array)")
+        if arr.dtype.kind in "fb" and arr.dtype != np.float32:
+            arr = arr.astype(np.float32)
+        return tf.constant(arr)
+
+    if hasattr(data, "iloc"):
+        data = data.to_numpy()
+    return tf.nest.map_structure(two, data)
+
+
+def _finite(data: Any, what: str) -> Any:
+    """``data`` as float32/integer arrays with NaN/inf refused, naming the place."""
+
+    def convert(a: Any) -> Any:
+        arr = np.asarray(a)
+        if arr.dtype == object:
+            raise InvalidParameterError(f"{what} must be numeric (got an object array)")
+        if arr.dtype.kind in "fb" and arr.dtype != np.float32:
+            arr = arr.astype(np.float32)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            where = [int(i) for i in np.argwhere(~np.isfinite(arr))[0]]
+            at = f"row {where[0]}" + (f", column {tuple(where[1:])}" if len(where) > 1 else "")
+            raise InvalidParameterError(
+                f"{what} has a non-finite value (NaN or inf, or too large for float32) at {at}"
+            )
+        return arr
+
+    import tensorflow as tf
+
+    return tf.nest.map_structure(convert, data)
 
 
 def _check_fits(model: Any, loss_fn: Callable, X: Any, Y: Any) -> None:

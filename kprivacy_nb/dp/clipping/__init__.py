@@ -5,9 +5,9 @@ weights, scaled by ``min(1, C / ‖g_i‖)``, and then only the *sum* of the sca
 Materialising every ``g_i`` is what makes naive DP-SGD 40–95× slower than normal training.
 
 * :mod:`.registry` — per-layer rules, registered by layer type (one module per family:
-  :mod:`.dense`, :mod:`.conv`, :mod:`.embedding`, :mod:`.normalization`, :mod:`.einsum_dense`
-  (so MultiHeadAttention), :mod:`.rms_normalization`, :mod:`.rnn` (LSTM, GRU, SimpleRNN); shared
-  linear algebra in :mod:`.linear`);
+  :mod:`.dense`, :mod:`.conv`, :mod:`.embedding` (and :mod:`.position_embedding`),
+  :mod:`.normalization`, :mod:`.einsum_dense` (so MultiHeadAttention), :mod:`.rms_normalization`,
+  :mod:`.rnn` (LSTM, GRU, SimpleRNN); shared linear algebra in :mod:`.linear`);
 * :mod:`.clipper` — :class:`FastClipper` runs the model with taps, assembles norms and clipped
   sums, and falls back to per-example gradients for everything else;
 * :mod:`.selfcheck` — before training, every path is checked against an exact reference on real
@@ -26,6 +26,7 @@ from . import (  # noqa: F401
     einsum_dense,
     embedding,
     normalization,
+    position_embedding,
     rms_normalization,
     rnn,
 )

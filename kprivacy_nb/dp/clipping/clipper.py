@@ -235,6 +235,19 @@ class FastClipper:
         """The layer name a variable's norm is reported (and self-checked) under."""
         return self._owner.get(id(variable), self.model.name)
 
+    def regularization_grads(self) -> list[tf.Tensor] | None:
+        """Gradients of the weight regularizers (they don't depend on the data), or None."""
+        regularized = [v for v in self.variables if getattr(v, "regularizer", None)]
+        if not regularized:
+            return None
+        with tf.GradientTape() as tape:
+            reg = tf.add_n([tf.cast(v.regularizer(v), tf.float32) for v in regularized])
+        found = dict(zip(map(id, regularized), tape.gradient(reg, regularized), strict=True))
+        return [
+            tf.zeros(v.shape, v.dtype) if found.get(id(v)) is None else found[id(v)]
+            for v in self.variables
+        ]
+
     @property
     def uses_fallback(self) -> bool:
         return bool(self.fallback_variables)
