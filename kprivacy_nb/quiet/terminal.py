@@ -6,7 +6,7 @@ progress-bar redraws are held back; errors and anything unrecognised still show.
 
 >>> import kprivacy_nb
 >>> kprivacy_nb.quiet()               # doctest: +SKIP
->>> import tensorflow as tf           # nothing from TensorFlow on the terminal
+>>> import tensorflow as tf           # nothing from TensorFlow on the terminal  # doctest: +SKIP
 >>> with kprivacy_nb.quiet():         # or just for a block  # doctest: +SKIP
 ...     model.fit(x, y)
 >>> kprivacy_nb.quiet(show=True)      # lists what was held back, on stderr  # doctest: +SKIP
