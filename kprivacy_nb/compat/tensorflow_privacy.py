@@ -44,8 +44,6 @@ import contextvars
 import enum
 import functools
 import math
-import os
-import sys
 import textwrap
 import warnings
 from dataclasses import dataclass
@@ -199,26 +197,9 @@ def in_private_step() -> bool:
     It is read when the step is traced (the DP optimizers check it in ``apply``), so a compiled
     plain ``fit`` fails at its first step, before any update.
     """
-    from ..dp import private
+    from ..dp.engine import PRIVATE_UPDATE
 
-    flag = getattr(private, "PRIVATE_UPDATE", None)
-    if isinstance(flag, contextvars.ContextVar):
-        return bool(flag.get())
-    # Until private.py publishes PRIVATE_UPDATE: its train_step is on the Python stack (Keras
-    # traces it eagerly in this thread, and does not autograph-convert it).
-    target = _real(private.__file__)
-    frame = sys._getframe(1)
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name == "train_step" and _real(code.co_filename) == target:
-            return True
-        frame = frame.f_back
-    return False
-
-
-@functools.lru_cache(maxsize=64)
-def _real(path: str) -> str:
-    return os.path.realpath(path)
+    return bool(PRIVATE_UPDATE.get())
 
 
 # --------------------------------------------------------------------------- Keras classes
