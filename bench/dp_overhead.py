@@ -1,16 +1,22 @@
 """DP-SGD overhead: DP step time ÷ the same model's plain ``model.fit`` step time.
 
 Cases (batch 256, measured in one run on this machine): MLP 784-256-256-10, a small CNN
-(2 conv + 2 dense on 28×28×1) and Embedding(10000, 32) + pooling + dense. Each case trains a
+(2 conv + 2 dense on 28×28×1) and Embedding(10000, 32) + pooling + dense; and, at batch 64 and
+T = 64, ``transformer`` (one encoder block, see :func:`transformer`) and ``lstm`` (Embedding
+5000×64 → LSTM 64 → Dense 2). Each case trains a
 fresh model with ``dp_fit`` (Poisson sampling, σ=1, C=1) and, interleaved with it, an identical
 model with plain ``model.fit`` on the same synthetic data: after every DP epoch one plain epoch
 runs (from a ``dp_fit`` callback, outside the DP epoch's timing). Interleaving matters on shared
 machines, whose speed drifts by tens of percent within a minute; both sides see the same drift.
 Per-step times are medians over the epochs after the first (tracing and warm-up excluded); the
 ratio is the median of the per-epoch DP/plain ratios. The engine's self-check (once per run,
-before the first step) is reported separately as ``self_check_s``. Prints one JSON line per case.
+before the first step) is reported separately as ``self_check_s``. With ``--memory``, each case
+also trains for two epochs in fresh child processes, plain and DP, and reports their peak RSS
+growth over the process after data and model were made (``memory_ratio`` = DP ÷ plain). Prints
+one JSON line per case.
 
-    python bench/dp_overhead.py [mlp cnn embedding] [--epochs 12] [--steps 30] [--path fit]
+    python bench/dp_overhead.py [mlp cnn embedding transformer lstm] [--epochs 12] [--steps 30]
+        [--path fit] [--memory]
 
 ``--path fit`` measures ``make_private(model)`` + Keras' ``model.fit`` against plain ``fit``
 (``dp_fit`` by default measures both).
@@ -22,6 +28,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -191,6 +199,51 @@ def run_case_fit(case: str, epochs: int, steps: int) -> dict:
     }  # fmt: skip
 
 
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_child(case: str, mode: str, path: str, steps: int) -> None:
+    """Train ``case`` for two epochs (plain, or DP by ``path``); print the peak RSS growth."""
+    from kprivacy_nb.dp import clipping, engine, private  # noqa: F401  (imports aren't training)
+
+    model, x, y, loss, batch, _ = setup(case, steps)
+    dp_model, _ = build(case)
+    before = _rss_kib("VmRSS")
+    if mode == "plain":
+        model.fit(x, y, batch_size=batch, epochs=2, verbose=0)
+    elif path == "fit":
+        from kprivacy_nb import make_private
+
+        dp_model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
+        make_private(dp_model, noise_multiplier=1.0, l2_norm_clip=1.0, delta=1e-5)
+        dp_model.fit(x, y, batch_size=batch, epochs=2, verbose=0)
+    else:
+        dp_fit(dp_model, x, y, epochs=2, batch_size=batch, noise_multiplier=1.0, verbose=0,
+               optimizer=keras.optimizers.SGD(0.01), loss=loss)  # fmt: skip
+    print(json.dumps({"growth_mib": (_rss_kib("VmHWM") - before) / 1024}))
+
+
+def peak_memory(case: str, path: str, steps: int) -> dict:
+    """Peak RSS growth of plain and DP training, each in a fresh process."""
+    out = {}
+    for mode in ("plain", "dp"):
+        child = subprocess.run(
+            [sys.executable, __file__, case, "--memory-child", mode, "--path", path,
+             "--steps", str(steps)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        out[mode] = json.loads(child.stdout.strip().splitlines()[-1])["growth_mib"]
+    return {
+        "plain_peak_mib": round(out["plain"], 1), "dp_peak_mib": round(out["dp"], 1),
+        "memory_ratio": round(out["dp"] / max(out["plain"], 1.0), 2),
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="*", default=["mlp", "cnn", "embedding"])
@@ -200,13 +253,19 @@ def main() -> None:
         "--path", choices=["dp_fit", "fit", "both"], default="both",
         help="dp_fit(), make_private + model.fit, or both",
     )  # fmt: skip
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory")
+    parser.add_argument("--memory-child", choices=["plain", "dp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.cases[0], args.memory_child, args.path, args.steps)
+        return
     for case in args.cases:
-        if args.path in ("dp_fit", "both"):
-            out = run_case(case, args.epochs, args.steps)
-            print(json.dumps(out, ensure_ascii=False), flush=True)
-        if args.path in ("fit", "both"):
-            out = run_case_fit(case, args.epochs, args.steps)
+        for path, run in (("dp_fit", run_case), ("fit", run_case_fit)):
+            if args.path not in (path, "both"):
+                continue
+            out = run(case, args.epochs, args.steps)
+            if args.memory:
+                out.update(peak_memory(case, path, args.steps))
             print(json.dumps(out, ensure_ascii=False), flush=True)
 
 

@@ -70,7 +70,8 @@ def _check_fast_and_exact(layers, x, rtol=1e-4):
     rng = np.random.default_rng(len(layers))
     model = keras.Sequential([keras.Input(x.shape[1:], dtype=x.dtype), *layers])
     y = rng.normal(size=(len(x), 2)).astype("float32")
-    clipper = FastClipper(model, per_example_loss_fn("mse"), l2_norm_clip=1.0, sample_x=x)
+    # C so large that nothing is clipped: the clipped sum must be the batch gradient.
+    clipper = FastClipper(model, per_example_loss_fn("mse"), l2_norm_clip=1e12, sample_x=x)
     fast, parts = _per_layer_fast(clipper, x, y)
     np.testing.assert_allclose(parts.predictions, model(x, training=False), rtol=1e-5, atol=1e-6)
     report = clipper.report
@@ -80,6 +81,14 @@ def _check_fast_and_exact(layers, x, rtol=1e-4):
     for name, sq in ref.items():
         scale = 1e-6 * float(np.max(sq)) + 1e-20
         np.testing.assert_allclose(fast[name], sq, rtol=rtol, atol=scale, err_msg=name)
+    summed = clipper.clipped_sum(tf.constant(x), tf.constant(y), tf.ones([len(x)])).grads
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(clipper.loss_fn(y, model(x, training=False)))
+    for v, got, want in zip(clipper.variables, summed, tape.gradient(loss, clipper.variables),
+                            strict=True):  # fmt: skip
+        want = tf.convert_to_tensor(want).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.max(np.abs(want)) + 1e-7,
+                                   err_msg=v.path)  # fmt: skip
     return report, model
 
 
@@ -188,6 +197,43 @@ def test_sequence_layers_norms_equal_per_example_tapes(layer):
     }[layer]()
     report, _ = _check_fast_and_exact([k.Dense(4), made, k.Flatten(), k.Dense(2)], x)
     assert "fallback" not in report[made.name]
+
+
+# --------------------------------------------------------------------------- positions
+
+
+class TokenAndPosition(k.Layer):
+    """keras.io's token + position embedding: the positions have no batch axis."""
+
+    def __init__(self, length, vocab, width, **kwargs):
+        super().__init__(**kwargs)
+        self.tokens = k.Embedding(vocab, width)
+        self.positions = k.Embedding(length, width)
+
+    def call(self, x):
+        return self.tokens(x) + self.positions(keras.ops.arange(0, keras.ops.shape(x)[-1], 1))
+
+
+def test_position_embeddings_are_clipped_per_example():
+    rng = np.random.default_rng(7)
+    embed = TokenAndPosition(T, VOCAB, 3)
+    x = _ids(rng, n=8)  # T = 6 positions, 8 examples
+    report, _ = _check_fast_and_exact([embed, k.Flatten(), k.Dense(2)], x)
+    assert report[embed.positions.name].startswith("Embedding (position ids): ")
+
+
+def test_positions_as_many_as_examples_are_still_exact():
+    # T ids in a batch of T: the rule can't tell positions from examples, so the self-check
+    # decides (the plain Embedding rule is wrong here and moves to the fallback).
+    rng = np.random.default_rng(8)
+    embed = TokenAndPosition(8, VOCAB, 3)
+    model = keras.Sequential([keras.Input((8,), dtype="int32"), embed, k.Flatten(), k.Dense(2)])
+    x, y = _ids(rng, n=8, length=8), rng.normal(size=(8, 2)).astype("float32")
+    clipper = FastClipper(model, per_example_loss_fn("mse"), l2_norm_clip=1.0, sample_x=x)
+    clipper.verify(x, y)
+    assert "verified" in clipper.report[embed.positions.name]
+    engine = _engine(model, x, y, clip=1e-3)
+    assert engine.check_sensitivity(tf.constant(x), tf.constant(y), 8) <= 1.0 + 1e-3
 
 
 # --------------------------------------------------------------------------- the transformer
