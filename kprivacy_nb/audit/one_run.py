@@ -197,12 +197,10 @@ def check_settings(settings: dict[str, Any]) -> None:
 
 
 def _train_private(model, x, y, *, epochs, batch_size, seed, verbose, settings):
-    """DP training of the audited run through the public ``dp_fit`` API.
-
-    When ``make_private`` (issue #13) lands, this becomes ``make_private(model, **settings)``
-    then ``model.fit(x, y, epochs=…, batch_size=…)`` and the proven ε/δ come from
-    ``model.privacy``; nothing else in the audit changes. ``dp_fit`` is looked up at call time
-    so a test can stand in a broken engine and check the audit catches it.
+    """DP training of the audited run through the public ``dp_fit`` API — a thin layer over
+    ``make_private(model, …)`` + Keras' ``model.fit``, so the audited engine is the one every
+    private ``fit`` uses. ``dp_fit`` is looked up at call time so a test can stand in a broken
+    engine and check the audit catches it.
     """
     from ..dp import trainer
 
