@@ -21,6 +21,8 @@ from ..secrets import resolve_passphrase
 from . import age, envelope, keys, signing, trust
 from .printable import printable
 
+FORMATS = ("kprivacy", "oms")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the crypto subcommands to the ``kprivacy-nb`` parser."""
@@ -79,20 +81,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-p", "--passphrase", action="store_true", help="prompt for a passphrase")
     p.add_argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
     p.add_argument("-o", "--output", help="output file (default stdout)")
+    p.add_argument(
+        "--extract",
+        metavar="DIR",
+        help="write the files of a secure_save file into DIR instead (a saved folder's files, "
+        "or the object's parts; with its OpenSSF model.sig, so `model_signing verify key` "
+        "checks them)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("input", nargs="?", help="input file (default stdin)")
     p.set_defaults(func=cmd_decrypt)
 
     p = subparsers.add_parser(
         "sign",
-        help="write a detached Ed25519 signature of a file",
-        description="Sign FILE's SHA-256 with a signing key; writes FILE.sig (or -o). "
-        "Example: kprivacy-nb sign -k me model.age",
+        allow_abbrev=False,
+        help="write a detached Ed25519 signature of a file, or an OpenSSF model signature",
+        description="Sign FILE's SHA-256 with a signing key; writes FILE.sig (or -o). With "
+        "--format oms, sign a model file or folder as `model_signing sign key` does (EC P-256 "
+        "PEM key; Sigstore bundle). Examples: kprivacy-nb sign -k me model.age  |  "
+        "kprivacy-nb sign --format oms --private-key key.pem -o model.sig my_model/",
     )
-    p.add_argument("-k", "--key", required=True, help="signing key file or name")
+    p.add_argument("-k", "--key", help="signing key file or name")
+    p.add_argument("--format", choices=FORMATS, default="kprivacy", help="signature format")
+    p.add_argument("--private-key", metavar="PEM", help="EC private key (--format oms; 0600)")
+    p.add_argument("--password-env", metavar="VAR", help="password of an encrypted PEM key")
     p.add_argument("-o", "--output", help="signature file (default FILE.sig)")
     p.add_argument("--force", action="store_true")
-    p.add_argument("file")
+    p.add_argument("file", help="file (or, with --format oms, model folder) to sign")
     p.set_defaults(func=cmd_sign)
 
     p = subparsers.add_parser(
@@ -100,10 +115,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         allow_abbrev=False,  # no --passphrase-e: a secret must not land in an abbreviation
         help="verify a detached signature, or the signature inside a secure_save file",
         description="With FILE.sig (or -s), check the detached signature. Otherwise decrypt FILE "
-        "(-i/--passphrase-env) and check its container signature. "
-        "Example: kprivacy-nb verify -k me model.age",
+        "(-i/--passphrase-env) and check its container signature. With --format oms, check an "
+        "OpenSSF model signature (ours or model_signing's) of a model file or folder, or the one "
+        "embedded in a secure_save file. Examples: kprivacy-nb verify -k me model.age  |  "
+        "kprivacy-nb verify --format oms --public-key key.pub --signature model.sig my_model/",
     )
-    p.add_argument("-k", "--key", required=True, help="signer: kppub1… key, name or .pub file")
+    p.add_argument("-k", "--key", help="signer: kppub1… key, name or .pub file")
+    p.add_argument("--format", choices=FORMATS, default="kprivacy", help="signature format")
+    p.add_argument("--public-key", metavar="PEM", help="EC public key (--format oms)")
     p.add_argument("-s", "--signature", help="detached signature file (default FILE.sig)")
     p.add_argument("-i", "--identity", action="append", default=[], help="identity file or name")
     p.add_argument("--passphrase-env", metavar="VAR")
@@ -270,6 +289,8 @@ def cmd_import_fernet(args: argparse.Namespace) -> int:
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
+    if args.extract:
+        return _extract(args)
     if trust.require_signature():
         return _decrypt_signed_only(args)
     with _input(args.input) as src:
@@ -321,8 +342,50 @@ def trust_refusal(path: str) -> KPrivacyError:
     )
 
 
+def _extract(args: argparse.Namespace) -> int:
+    """``decrypt --extract DIR``: the files of a secure_save file, and its OMS signature."""
+    from . import oms, serializers
+
+    if args.output or args.input in (None, "-"):
+        raise InvalidParameterError("--extract DIR reads a file (IN) and takes no -o")
+    passphrase = None
+    if args.passphrase_env or args.passphrase:
+        passphrase = resolve_passphrase(args.passphrase_env)
+    reader = envelope.open_container(
+        args.input, identities=args.identity or None, passphrase=passphrase
+    )
+    if not reader.signature_status.verified:
+        print(f"kprivacy-nb: warning: {reader.signature_status}", file=sys.stderr)
+    entry = reader.entry(None)
+    parts = reader.read_parts(entry["name"])
+    files = oms.signed_files(entry["type"], parts)
+    if oms.SIGNATURE_PART in parts:
+        files[oms.SIGNATURE_PART] = parts[oms.SIGNATURE_PART]
+    written = serializers.RestoredFiles(entry["name"], "folder", files).extract(
+        args.extract, force=args.force
+    )
+    print(f"extracted {len(written)} files of {printable(entry['name'])} to {args.extract}")
+    return 0
+
+
+def _need(value: str | None, flag: str, fmt: str) -> str:
+    if not value:
+        raise InvalidParameterError(f"--format {fmt} needs {flag}")
+    return value
+
+
 def cmd_sign(args: argparse.Namespace) -> int:
-    key = signing.load_signing_key(args.key)
+    if args.format == "oms":
+        from . import oms
+
+        key = oms.load_private_key(
+            _need(args.private_key, "--private-key KEY.pem", "oms"), args.password_env
+        )
+        out = args.output or f"{str(args.file).rstrip('/')}.sig"
+        pub = oms.sign_path(args.file, key, out, force=args.force)
+        print(f"signed {args.file} with {pub} -> {out} (OpenSSF model signature)")
+        return 0
+    key = signing.load_signing_key(_need(args.key, "-k KEY", "kprivacy"))
     with _input(args.file) as f:
         sig = signing.sign_detached(f, key)
     out = args.output or f"{args.file}.sig"
@@ -332,8 +395,28 @@ def cmd_sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_oms(args: argparse.Namespace) -> int:
+    from . import oms
+
+    key = oms.load_public_key(_need(args.public_key, "--public-key KEY.pub", "oms"))
+    if args.signature:
+        oms.verify_path(args.file, args.signature, key)
+        print(f"good OpenSSF model signature by {key} on {args.file}")
+        return 0
+    passphrase = resolve_passphrase(args.passphrase_env) if args.passphrase_env else None
+    reader = envelope.open_container(
+        args.file, identities=args.identity or None, passphrase=passphrase, require_signature=False
+    )
+    entry = reader.entry(None)
+    oms.check_embedded(entry, reader.read_parts(entry["name"]), key)
+    print(f"good OpenSSF model signature by {key} on {args.file} (embedded; every file)")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    expected = trust.resolve_signer(args.key)
+    if args.format == "oms":
+        return _verify_oms(args)
+    expected = trust.resolve_signer(_need(args.key, "-k KEY", "kprivacy"))
     sig_path = args.signature or (f"{args.file}.sig" if Path(f"{args.file}.sig").exists() else None)
     if sig_path:
         try:

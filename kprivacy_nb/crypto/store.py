@@ -23,7 +23,7 @@ from typing import Any
 
 from ..paths import atomic_write, check_target
 from ..secrets import Secret
-from . import age, serializers
+from . import age, oms, serializers
 from .bundle import Bundle
 from .container import Entry, write_container
 from .envelope import IdentitySpec, RecipientSpec, VerifySpec, open_container, recipients_for
@@ -78,15 +78,19 @@ def secure_save(
     """Serialise ``obj``, wrap it in a (signed) container and write it as an age file.
 
     ``recipients``: names from recipients.txt, ``age1…`` keys or recipients files;
-    or ``passphrase`` (scrypt). ``sign_with``: a signing key name or file. The file is written
+    or ``passphrase`` (scrypt). ``sign_with``: a signing key name or file, or an EC P-256 PEM
+    key for an OpenSSF model signature of the object's files (:mod:`.oms`). The file is written
     atomically with mode 0600 and never overwrites an existing one without ``force``.
     """
     target = check_target(path, force=force)  # before serialising anything
     recips, shown = recipients_for(recipients, passphrase, work_factor)
-    signer = load_signing_key(sign_with) if sign_with is not None else None
+    oms_key = oms.signing_key_for(sign_with)
+    signer = load_signing_key(sign_with) if sign_with is not None and not oms_key else None
     type_name, parts, meta = serializers.dump(obj, allow_pickle=allow_pickle)
     entry_name = name or meta.get("name") or type_name.split(".")[-1]
     meta = serializers.json_safe(meta)
+    if oms_key:
+        parts = oms.embed(type_name, parts, meta, oms_key, entry_name)
     entry = Entry(entry_name, type_name, parts, meta)
     with atomic_write(target, force=force) as f:
         writer = age.EncryptWriter(f, recips, armor=armor)
@@ -98,7 +102,7 @@ def secure_save(
         name=entry_name,
         size=sum(len(p) for p in parts.values()),
         recipients=shown,
-        signed_by=str(signer.public()) if signer else None,
+        signed_by=str((signer or oms_key).public()) if signer or oms_key else None,
         armored=armor,
         parts={k: hashlib.sha256(v).hexdigest() for k, v in parts.items()},
     )
@@ -120,7 +124,8 @@ def secure_load(
     ``identities``: identity files or key names (default: every identity in the keys folder);
     ``passphrase`` for passphrase files. The signature is checked before anything is
     deserialised: against ``verify_with`` (the signer's ``kppub1…`` key or name) if given, else
-    against your trusted signers (:mod:`kprivacy_nb.crypto.trust`); an unsigned or unverified
+    against your trusted signers (:mod:`kprivacy_nb.crypto.trust`); an EC public key (PEM) as
+    ``verify_with`` checks the embedded OpenSSF model signature instead; an unsigned or unverified
     file gives an :class:`UnverifiedFileWarning`, or is refused when ``require_signature``
     (or ``%config SecureMagics.require_signature`` / ``KPRIVACY_NB_REQUIRE_SIGNATURE=1``).
     Archives inside are bounded by ``max_expanded_bytes`` (default: see
@@ -152,24 +157,29 @@ def load_with_status(
     max_expanded_bytes: int | None = None,
 ) -> tuple[Any, SignatureStatus]:
     """:func:`secure_load`, also returning how the signature was judged (and not warning)."""
+    oms_key = oms.verify_key_for(verify_with)
     reader = open_container(
         path,
         identities=identities,
         passphrase=passphrase,
-        verify_with=verify_with,
-        require_signature=require_signature,
+        verify_with=None if oms_key else verify_with,
+        require_signature=False if oms_key else require_signature,
     )
     status = reader.signature_status
-    if name is None and (
-        len(reader.entries) > 1 or reader.manifest.get("metadata", {}).get("kind") == "bundle"
+    if (
+        not oms_key
+        and name is None
+        and (len(reader.entries) > 1 or reader.manifest.get("metadata", {}).get("kind") == "bundle")
     ):
         bundle = Bundle(reader, allow_pickle=allow_pickle, max_expanded_bytes=max_expanded_bytes)
         return bundle, status
     entry = reader.entry(name)
+    parts = reader.read_parts(entry["name"])
+    status = oms.judge(entry, parts, oms_key) or status
     with expansion_limit(max_expanded_bytes):
         obj = serializers.load(
             entry["type"],
-            reader.read_parts(entry["name"]),
+            oms.strip(parts),
             entry.get("meta", {}),
             allow_pickle=allow_pickle,
         )
