@@ -284,8 +284,11 @@ def test_ledger_url_setting(tmp_path, monkeypatch):
     with Ledger() as led:
         led.create("shared", 3, 1e-5)
     assert (tmp_path / "team.sqlite3").exists()
-    monkeypatch.setenv("KPRIVACY_NB_LEDGER_URL", "postgresql://db.example/ledger")
-    with pytest.raises(LedgerError, match="not supported yet"):
+    monkeypatch.setenv("KPRIVACY_NB_LEDGER_URL", "mysql://db.example/ledger")
+    with pytest.raises(LedgerError, match="mysql://… is not a ledger location"):
+        Ledger()
+    monkeypatch.setenv("KPRIVACY_NB_LEDGER_URL", str(tmp_path / "bare-path.sqlite3"))
+    with pytest.raises(LedgerError, match="must be a URL"):
         Ledger()
 
 

@@ -6,9 +6,12 @@ accountant (PLD by default), not a sum of ε's. A run reserves its planned event
 check and record) and settles it with the steps actually run afterwards. Reserved events count
 against the cap until settled or cancelled.
 
-Storage is an SQLite file (``home_dir()/ledger.sqlite3``) behind :class:`SQLiteStore`, a tiny
-interface that only speaks SQL (``?`` parameters), so a server database can replace it later
-(``KPRIVACY_NB_LEDGER_URL``; only ``sqlite:///PATH`` is understood today).
+Storage is a store that only speaks SQL (``?`` parameters) in transactions: an SQLite file by
+default (``home_dir()/ledger.sqlite3``, :class:`SQLiteStore`), or a team's PostgreSQL database
+(:class:`~kprivacy_nb.dp.ledger_pg.PostgresStore`) named by a ``postgresql://`` URL — given to
+``Ledger(...)`` or in ``KPRIVACY_NB_LEDGER_URL`` (which also takes ``sqlite:///PATH``). Every write
+transaction locks the row of the budget it changes first (``store.for_update``; SQLite's
+``BEGIN IMMEDIATE`` already locks the whole file), so concurrent writers of one budget serialise.
 
 >>> ledger = Ledger()                                    # doctest: +SKIP
 >>> ledger.create("customers", epsilon=8, delta=1e-5)    # doctest: +SKIP
@@ -34,6 +37,7 @@ import numbers
 import os
 import socket
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +56,7 @@ SCHEMA_VERSION = 1
 APP_ID = "kprivacy_nb-ledger"
 LEDGER_FILENAME = "ledger.sqlite3"
 LOCK_TIMEOUT = 30.0  # seconds to wait for another writer before calling the ledger locked
+TRANSIENT_RETRIES = 5  # a transaction the server aborted as a conflict is run again
 
 __all__ = [
     "Budget",
@@ -153,17 +158,29 @@ def event_from_json(text: str) -> dp_accounting.DpEvent:
 
 
 class SQLStore(Protocol):
-    """What the ledger needs from a database: transactions that run SQL with ``?`` parameters."""
+    """What the ledger needs from a database: transactions that run SQL with ``?`` parameters.
+
+    ``transaction`` raises :class:`LedgerError` for any database failure (never a driver
+    exception); ``for_update`` is appended to the SELECT of a budget row that a write transaction
+    is about to change (a row lock, or ``""`` where the transaction already locks everything);
+    ``ensure_schema`` creates or migrates the tables and refuses a database that isn't a ledger.
+    """
 
     location: str
+    timeout: float
+    for_update: str
 
     def transaction(self, *, write: bool = False) -> contextlib.AbstractContextManager[Any]: ...
+
+    def ensure_schema(self) -> None: ...
 
     def close(self) -> None: ...
 
 
 class SQLiteStore:
     """An SQLite file, created 0600. ``transaction(write=True)`` is ``BEGIN IMMEDIATE``."""
+
+    for_update = ""  # BEGIN IMMEDIATE holds the file's write lock already
 
     def __init__(self, path: str | os.PathLike, *, timeout: float = LOCK_TIMEOUT) -> None:
         self.path = Path(path)
@@ -189,9 +206,11 @@ class SQLiteStore:
             raise _ledger_error(self.location, exc, self.timeout) from None
         try:
             yield conn
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise _ledger_error(self.location, exc, self.timeout) from None
             raise
         try:
             conn.execute("COMMIT")
@@ -199,6 +218,40 @@ class SQLiteStore:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise _ledger_error(self.location, exc, self.timeout) from None
+
+    def ensure_schema(self) -> None:
+        with self.transaction() as db:  # read-only check: no write lock to open
+            if self._check_schema(db):
+                return
+        with self.transaction(write=True) as db:
+            if self._check_schema(db):  # another process created it meanwhile
+                return
+            for stmt in _SCHEMA:
+                db.execute(stmt)
+            db.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [("app", APP_ID), ("schema_version", str(SCHEMA_VERSION))],
+            )
+
+    def _check_schema(self, db: Any) -> set[str]:
+        """The tables present (empty for a new file); LedgerError if it isn't our ledger."""
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables:
+            return tables
+        meta: dict[str, str] = {}
+        if "meta" in tables:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("app") != APP_ID or not {"budgets", "runs"} <= tables:
+            raise LedgerError(
+                f"{self.location} is not a kprivacy_nb ledger (or is damaged); it was left "
+                "untouched — point KPRIVACY_NB_HOME elsewhere or move the file aside"
+            )
+        if meta.get("schema_version") != str(SCHEMA_VERSION):
+            raise LedgerError(
+                f"the ledger {self.location} has schema version {meta.get('schema_version')!r}; "
+                f"this kprivacy_nb understands {SCHEMA_VERSION}. Upgrade kprivacy_nb"
+            )
+        return tables
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -222,18 +275,29 @@ def _ledger_error(location: str, exc: BaseException, timeout: float = LOCK_TIMEO
     return LedgerError(f"ledger {location}: {text}")
 
 
-def _open_store(path: str | os.PathLike | None, timeout: float) -> SQLStore:
-    if path is not None:
-        return SQLiteStore(path, timeout=timeout)
-    url = os.environ.get("KPRIVACY_NB_LEDGER_URL")
-    if url:
-        if url.startswith("sqlite:///"):
-            return SQLiteStore(url[len("sqlite:///") :], timeout=timeout)
+def _open_store(path_or_url: str | os.PathLike | None, timeout: float) -> SQLStore:
+    from . import ledger_pg
+
+    where = "Ledger(…)"
+    if path_or_url is None:
+        path_or_url = os.environ.get("KPRIVACY_NB_LEDGER_URL") or None
+        where = "KPRIVACY_NB_LEDGER_URL"
+        if path_or_url is None:
+            return SQLiteStore(home_dir() / LEDGER_FILENAME, timeout=timeout)
+    if ledger_pg.is_postgres_url(path_or_url):
+        return ledger_pg.PostgresStore(str(path_or_url), timeout=timeout)
+    if isinstance(path_or_url, str) and path_or_url.startswith("sqlite:///"):
+        return SQLiteStore(path_or_url[len("sqlite:///") :], timeout=timeout)
+    if isinstance(path_or_url, str) and "://" in path_or_url:
         raise LedgerError(
-            f"KPRIVACY_NB_LEDGER_URL={url.split('://')[0]}://… is not supported yet; "
-            "only sqlite:///PATH is. Unset it to use the local ledger"
+            f"{where}: {path_or_url.split('://')[0]}://… is not a ledger location kprivacy_nb "
+            "knows; use postgresql://USER@HOST/DB, sqlite:///PATH or a file path"
         )
-    return SQLiteStore(home_dir() / LEDGER_FILENAME, timeout=timeout)
+    if where == "KPRIVACY_NB_LEDGER_URL":
+        raise LedgerError(
+            "KPRIVACY_NB_LEDGER_URL must be a URL (postgresql://USER@HOST/DB or sqlite:///PATH)"
+        )
+    return SQLiteStore(path_or_url, timeout=timeout)
 
 
 _SCHEMA = (
@@ -391,12 +455,24 @@ def _epsilon(events: Sequence[dp_accounting.DpEvent], delta: float, accountant: 
 
 
 class Ledger:
-    """Named privacy budgets persisted in SQLite (default ``home_dir()/ledger.sqlite3``)."""
+    """Named privacy budgets in an SQLite file (default ``home_dir()/ledger.sqlite3``) or a
+    PostgreSQL database (``Ledger("postgresql://me@db.internal/privacy")``).
 
-    def __init__(self, path: str | os.PathLike | None = None, *, timeout: float = LOCK_TIMEOUT):
-        self._store = _open_store(path, timeout)
-        self.location = self._store.location
-        self._init_schema()
+    ``path_or_url``: a file path, ``sqlite:///PATH`` or ``postgresql://…``; None means
+    ``KPRIVACY_NB_LEDGER_URL`` if set, else the home folder. ``timeout``: seconds to wait for
+    another writer's lock before raising :class:`LedgerError`.
+    """
+
+    def __init__(
+        self, path_or_url: str | os.PathLike | None = None, *, timeout: float = LOCK_TIMEOUT
+    ):
+        self._store = _open_store(path_or_url, timeout)
+        self.location = self._store.location  # a URL's password is never in it
+        try:
+            self._store.ensure_schema()
+        except BaseException:
+            self._store.close()
+            raise
 
     def __repr__(self) -> str:
         return f"Ledger({self.location!r})"
@@ -410,51 +486,18 @@ class Ledger:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # -- schema / integrity
-    def _init_schema(self) -> None:
-        try:
-            with self._store.transaction() as db:  # read-only check: no write lock to open
-                tables = self._check_schema(db)
-            if tables:
-                return
-            with self._store.transaction(write=True) as db:
-                if self._check_schema(db):  # another process created it meanwhile
-                    return
-                for stmt in _SCHEMA:
-                    db.execute(stmt)
-                db.executemany(
-                    "INSERT INTO meta (key, value) VALUES (?, ?)",
-                    [("app", APP_ID), ("schema_version", str(SCHEMA_VERSION))],
-                )
-        except sqlite3.Error as exc:
-            raise _ledger_error(self.location, exc, self._store.timeout) from None
-
-    def _check_schema(self, db: Any) -> set[str]:
-        """The tables present (empty for a new file); LedgerError if it isn't our ledger."""
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not tables:
-            return tables
-        meta: dict[str, str] = {}
-        if "meta" in tables:
-            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        if meta.get("app") != APP_ID or not {"budgets", "runs"} <= tables:
-            raise LedgerError(
-                f"{self.location} is not a kprivacy_nb ledger (or is damaged); it was left "
-                "untouched — point KPRIVACY_NB_HOME elsewhere or move the file aside"
-            )
-        if meta.get("schema_version") != str(SCHEMA_VERSION):
-            raise LedgerError(
-                f"the ledger {self.location} has schema version {meta.get('schema_version')!r}; "
-                f"this kprivacy_nb understands {SCHEMA_VERSION}. Upgrade kprivacy_nb"
-            )
-        return tables
-
     def _run(self, func: Any, *, write: bool = False) -> Any:
-        try:
-            with self._store.transaction(write=write) as db:
-                return func(db)
-        except sqlite3.Error as exc:
-            raise _ledger_error(self.location, exc, self._store.timeout) from None
+        """``func(db)`` in one transaction; again (a few times) if the server aborted it as a
+        conflict, in which case nothing of it was recorded."""
+        for attempt in range(TRANSIENT_RETRIES):
+            try:
+                with self._store.transaction(write=write) as db:
+                    return func(db)
+            except LedgerError as exc:
+                if not getattr(exc, "retry", False) or attempt == TRANSIENT_RETRIES - 1:
+                    raise
+                time.sleep(0.01 * 2**attempt)
+        raise AssertionError("unreachable")
 
     # -- budgets
     def create(
@@ -477,20 +520,21 @@ class Ledger:
         accountant = accounting._check_choice("accountant", accountant, accounting.ACCOUNTANTS)
 
         def tx(db: Any) -> None:
+            inserted = db.execute(
+                "INSERT INTO budgets (name, epsilon_cap, delta, accountant, created_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                (name, eps, delta, accountant, _now()),
+            ).rowcount
+            if inserted:
+                return
             row = db.execute(
                 "SELECT epsilon_cap, delta FROM budgets WHERE name = ?", (name,)
             ).fetchone()
-            if row is not None:
-                if exist_ok and tuple(row) == (eps, delta):
-                    return
-                raise LedgerError(
-                    f"budget {name!r} already exists (ε={row[0]:g}, δ={row[1]:g}) in "
-                    f"{self.location}; pick another name or delete it first"
-                )
-            db.execute(
-                "INSERT INTO budgets (name, epsilon_cap, delta, accountant, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (name, eps, delta, accountant, _now()),
+            if exist_ok and tuple(row) == (eps, delta):
+                return
+            raise LedgerError(
+                f"budget {name!r} already exists (ε={row[0]:g}, δ={row[1]:g}) in "
+                f"{self.location}; pick another name or delete it first"
             )
 
         self._run(tx, write=True)
@@ -501,7 +545,7 @@ class Ledger:
         name = _check_name(name)
 
         def tx(db: Any) -> None:
-            self._budget_row(db, name)
+            self._budget_row(db, name, lock=True)
             db.execute("DELETE FROM runs WHERE budget = ?", (name,))
             db.execute("DELETE FROM budgets WHERE name = ?", (name,))
 
@@ -515,9 +559,12 @@ class Ledger:
             )
         ]
 
-    def _budget_row(self, db: Any, name: str) -> tuple:
+    def _budget_row(self, db: Any, name: str, *, lock: bool = False) -> tuple:
+        """The budget's row; ``lock=True`` (write transactions, before reading anything they
+        decide on) holds its row lock until commit, so writers of one budget take turns."""
         row = db.execute(
-            "SELECT name, epsilon_cap, delta, accountant, created_at FROM budgets WHERE name = ?",
+            "SELECT name, epsilon_cap, delta, accountant, created_at FROM budgets WHERE name = ?"
+            + (self._store.for_update if lock else ""),
             (name,),
         ).fetchone()
         if row is None:
@@ -550,8 +597,9 @@ class Ledger:
             records.append(RunRecord(rid, budget, status, event, desc, created, settled_at))
         return records
 
-    def _state(self, db: Any, name: str) -> tuple[tuple, list[RunRecord]]:
-        return self._budget_row(db, name), self._records(db, name, ("settled", "reserved"))
+    def _state(self, db: Any, name: str, *, lock: bool = False) -> tuple[tuple, list[RunRecord]]:
+        row = self._budget_row(db, name, lock=lock)  # first: the lock, then what it protects
+        return row, self._records(db, name, ("settled", "reserved"))
 
     def _make_budget(self, row: tuple, records: list[RunRecord]) -> Budget:
         name, cap, delta, acct, created = row
@@ -622,7 +670,8 @@ class Ledger:
     ) -> Reservation:
         """Reserve ``event`` against ``name`` if the composition stays within the cap.
 
-        Check and insert happen in one ``BEGIN IMMEDIATE`` transaction. Raises
+        Check and insert happen in one transaction holding the budget's lock (``BEGIN
+        IMMEDIATE`` in SQLite, the budget row's ``FOR UPDATE`` in PostgreSQL). Raises
         :class:`BudgetExceededError` (saying what is left and what would fit) otherwise.
         The check always uses the budget's own accountant (``accountant``, if given, must be a
         known name but does not change how the budget is counted).
@@ -637,7 +686,7 @@ class Ledger:
             _epsilon([r.event for r in records] + [event], row[2], acct)
 
         def tx(db: Any) -> tuple[int | None, dict[str, Any]]:
-            row, records = self._state(db, name)
+            row, records = self._state(db, name, lock=True)
             acct = self._accountant(row, accountant)
             cap, delta = row[1], row[2]
             existing = [r.event for r in records]
@@ -646,12 +695,12 @@ class Ledger:
                 before = _epsilon(existing, delta, acct)
                 return None, {"cap": cap, "delta": delta, "before": before, "after": after,
                               "existing": existing, "accountant": acct}  # fmt: skip
-            cur = db.execute(
+            (run_id,) = db.execute(
                 "INSERT INTO runs (budget, status, reserved_event, description, created_at, host, "
-                "pid) VALUES (?, 'reserved', ?, ?, ?, ?, ?)",
+                "pid) VALUES (?, 'reserved', ?, ?, ?, ?, ?) RETURNING id",
                 (name, payload, description or "", _now(), socket.gethostname(), os.getpid()),
-            )
-            return cur.lastrowid, {}
+            ).fetchone()
+            return run_id, {}
 
         run_id, info = self._run(tx, write=True)
         if run_id is None:
@@ -685,12 +734,19 @@ class Ledger:
         hint = _what_fits(event, existing, cap, delta, accountant) if left > 0 else None
         return msg + (f" {hint}" if hint else " Create a new budget or use less data.")
 
-    def _require_reserved(self, db: Any, run_id: int) -> None:
-        row = db.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+    def _lock_reserved(self, db: Any, run_id: int) -> tuple[str, str]:
+        """Lock the budget of pending run ``run_id``; return (budget name, reserved event JSON).
+        LedgerError if the run is unknown or no longer pending (read after taking the lock)."""
+        row = db.execute("SELECT budget FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
             raise LedgerError(f"run {run_id} is not in the ledger {self.location}")
-        if row[0] != "reserved":
-            raise LedgerError(f"run {run_id} is already {row[0]}")
+        self._budget_row(db, row[0], lock=True)
+        status, booked = db.execute(
+            "SELECT status, reserved_event FROM runs WHERE id = ?", (run_id,)
+        ).fetchone()
+        if status != "reserved":
+            raise LedgerError(f"run {run_id} is already {status}")
+        return row[0], booked
 
     def _settle(self, run_id: int, event: dp_accounting.DpEvent, *, reserved: Any) -> None:
         """Record what a run spent. Anything other than the reserved event passes the same cap
@@ -700,10 +756,7 @@ class Ledger:
         payload = event_to_json(event)
 
         def tx(db: Any) -> dict[str, Any] | None:
-            self._require_reserved(db, run_id)
-            name, booked = db.execute(
-                "SELECT budget, reserved_event FROM runs WHERE id = ?", (run_id,)
-            ).fetchone()
+            name, booked = self._lock_reserved(db, run_id)
             if event != event_from_json(booked):
                 row, records = self._state(db, name)
                 others = [r.event for r in records if r.id != run_id]
@@ -728,7 +781,7 @@ class Ledger:
 
     def _cancel(self, run_id: int) -> None:
         def tx(db: Any) -> None:
-            self._require_reserved(db, run_id)
+            self._lock_reserved(db, run_id)
             db.execute(
                 "UPDATE runs SET status = 'cancelled', settled_at = ? WHERE id = ?",
                 (_now(), run_id),
