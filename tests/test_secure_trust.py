@@ -77,7 +77,9 @@ def test_unsigned_and_untrusted_files_load_with_a_loud_warning(files, me):
     signed, unsigned = files
     with pytest.warns(UnverifiedFileWarning, match="unsigned: nobody vouches"):
         secure_load(unsigned)
-    with pytest.warns(UnverifiedFileWarning, match=f"present but NOT verified: {me.public}"):
+    with pytest.warns(
+        UnverifiedFileWarning, match=f"present but NOT verified: signed by {me.public}"
+    ):
         secure_load(signed)
     _, status = load_with_status(signed)
     assert status.state == "unverified" and status.signer == me.public
@@ -216,13 +218,12 @@ ESCAPE = "\x1b[2K\r\x1b[32m✅ signature verified: signed by me\x1b[0m"
 def test_attacker_strings_are_escaped_before_printing(files, alice, me, tmp_path):
     signed, _ = files
     spoofed = reencrypted_with(signed, lambda b: {**b, "key": "kppub1" + ESCAPE}, alice)
-    with pytest.warns(UnverifiedFileWarning) as caught:
+    with pytest.raises(SignatureError, match="malformed signature block") as caught:
         secure_load(spoofed)
-    shown = " ".join(str(w.message) for w in caught)
-    assert "\x1b" not in shown and "\\x1b[2K" in shown
+    assert "\x1b" not in str(caught.value)
     out = cli("inspect", str(spoofed), "-i", "alice")
-    assert out.returncode == 0 and b"\x1b" not in out.stdout + out.stderr
-    assert b"\r" not in out.stdout
+    assert out.returncode == 1 and b"\x1b" not in out.stdout + out.stderr
+    assert b"\r" not in out.stdout + out.stderr
     # entry names and type strings a sender chose, too
     crafted = tmp_path / "crafted.age"
     with open(crafted, "wb") as f:
@@ -291,3 +292,40 @@ def test_cli_decrypt_honours_require_signature(files, alice, me, tmp_path):
     ok = cli("decrypt", "-i", "alice", "-o", str(out), str(signed), env=required)
     assert ok.returncode == 0 and out.read_bytes().startswith(container.MAGIC)
     assert cli("decrypt", "-i", "alice", str(unsigned)).returncode == 0  # policy off: as before
+
+
+def test_a_claimed_key_can_not_put_words_in_the_suggested_trust_command(
+    files, alice, me, tmp_path, ip
+):
+    """Mallory signs with her own key and writes `` --name bob`` after it in the signature
+    block: the suggestion must never read ``%secure_trust kppub1<mallory> --name bob``."""
+    signed, _ = files
+    social = reencrypted_with(signed, lambda b: {**b, "key": b["key"] + " --name bob"}, alice)
+    with pytest.raises(SignatureError, match="malformed signature block"):
+        secure_load(social)
+    out = cli("inspect", str(social), "-i", "alice")
+    assert out.returncode == 1 and b"--name" not in out.stdout + out.stderr
+    assert b"malformed signature block" in out.stderr
+    # A well-formed key: the note asks for an out-of-band check first and names no one.
+    with pytest.warns(UnverifiedFileWarning) as caught:
+        secure_load(signed)
+    (note,) = [str(w.message) for w in caught]
+    fingerprint = signing.VerifyKey.parse(me.public).fingerprint
+    assert f"`%secure_trust {me.public}`" in note and "--name" not in note
+    assert note.index("another channel") < note.index("%secure_trust")
+    assert fingerprint.startswith("SHA256:") and fingerprint in note
+    shown = repr(ip.run_line_magic("secure_load", f"{signed} -o x"))
+    assert fingerprint in shown and "--name" not in shown
+
+
+def test_an_upper_case_key_of_a_trusted_signer_verifies(files, alice, me):
+    """Bech32 is case-insensitive (all upper or all lower): KPPUB1… is the same key."""
+    signed, _ = files
+    upper = reencrypted_with(signed, lambda b: {**b, "key": b["key"].upper()}, alice)
+    trust.add_trusted("me")
+    _, status = load_with_status(upper)
+    assert status.verified and status.signer == me.public and status.name == "me"
+    assert load_with_status(upper, verify_with=me.public.upper())[1].verified
+    mixed = reencrypted_with(signed, lambda b: {**b, "key": "KPPUB1" + b["key"][6:]}, alice)
+    with pytest.raises(SignatureError, match="malformed signature block"):
+        load_with_status(mixed)

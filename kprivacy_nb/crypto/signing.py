@@ -70,6 +70,15 @@ class VerifyKey:
     def __repr__(self) -> str:
         return f"VerifyKey({self})"
 
+    @property
+    def fingerprint(self) -> str:
+        """A short digest of the key (``SHA256:…``, as OpenSSH shows keys) to read out to the
+        key's owner over another channel before trusting it."""
+        import base64
+
+        digest = hashlib.sha256(b"kprivacy-nb signing key\n" + self.raw).digest()
+        return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, VerifyKey) and other.raw == self.raw
 
@@ -196,7 +205,7 @@ def load_verify_key(spec: str | os.PathLike | VerifyKey) -> VerifyKey:
     if isinstance(spec, VerifyKey):
         return spec
     text = str(spec)
-    if text.startswith("kppub1"):
+    if text.lower().startswith("kppub1"):
         return VerifyKey.parse(text)
     named = lookup_named(text, "signing")
     if named:
@@ -231,6 +240,21 @@ def sign_manifest(manifest: bytes, key: SigningKey) -> dict:
     }
 
 
+def signature_block_key(block: dict) -> VerifyKey:
+    """The signer key a container's signature block claims, or a refusal ("malformed
+    signature block") unless it is a well-formed ``kppub1…`` key. Bech32 is case-insensitive
+    (all lower or all upper case), so ``KPPUB1…`` is the same key."""
+    key = block.get("key")
+    if not isinstance(key, str) or not key.lower().startswith("kppub1") or key != key.strip():
+        raise SignatureError("refused: malformed signature block (its signer key is not kppub1…)")
+    try:
+        return VerifyKey.parse(key)
+    except InvalidParameterError:
+        raise SignatureError(
+            "refused: malformed signature block (its signer key is not a valid kppub1… key)"
+        ) from None
+
+
 def check_manifest_signature(manifest: bytes, block: dict, key: VerifyKey) -> None:
     """Check that a container's signature block is ``key``'s valid signature of ``manifest``.
 
@@ -242,8 +266,9 @@ def check_manifest_signature(manifest: bytes, block: dict, key: VerifyKey) -> No
 
     if block.get("alg") != "ed25519" or not isinstance(block.get("sig"), str):
         raise SignatureError("refused: unsupported or malformed signature block")
-    if block.get("key") != str(key):
-        raise SignatureError(f"refused: the file is signed by {block.get('key')!s}, not by {key}")
+    claimed = signature_block_key(block)
+    if claimed != key:
+        raise SignatureError(f"refused: the file is signed by {claimed}, not by {key}")
     try:
         sig = base64.b64decode(block["sig"], validate=True)
     except (binascii.Error, ValueError):

@@ -26,8 +26,7 @@ from pathlib import Path
 from ..errors import InvalidParameterError, SignatureError, UntrustedSignatureError
 from ..paths import atomic_write, home_dir
 from .keys import check_name
-from .printable import printable
-from .signing import VerifyKey, check_manifest_signature, load_verify_key
+from .signing import VerifyKey, check_manifest_signature, load_verify_key, signature_block_key
 
 TRUSTED_FILE = "trusted_signers"
 ENV_REQUIRE = "KPRIVACY_NB_REQUIRE_SIGNATURE"
@@ -106,7 +105,7 @@ def resolve_signer(spec: VerifyKey | str | os.PathLike) -> VerifyKey:
     """The key ``--verify-with SPEC`` means, in this order: a literal ``kppub1…`` key, a trusted
     signer's name, a known key's name (recipients.txt, ``keys/NAME.sign.pub``), and only then a
     file, when SPEC is clearly a path (has a ``/``, starts with ``~`` or ends in ``.pub``)."""
-    if isinstance(spec, str) and not spec.startswith("kppub1"):
+    if isinstance(spec, str) and not spec.lower().startswith("kppub1"):
         for s in list_trusted():
             if s.name == spec:
                 return s.key
@@ -116,7 +115,7 @@ def resolve_signer(spec: VerifyKey | str | os.PathLike) -> VerifyKey:
 def add_trusted(spec: str, name: str | None = None) -> TrustedSigner:
     """Trust a signer: a ``kppub1…`` key (``name`` optional) or a known signer's name."""
     key = load_verify_key(spec)
-    if name is None and not spec.startswith("kppub1"):
+    if name is None and not spec.lower().startswith("kppub1"):
         name = spec
     if name is not None:
         check_name(name)
@@ -137,7 +136,7 @@ def remove_trusted(spec: str) -> TrustedSigner:
     """Stop trusting a signer, given by name or ``kppub1…`` key."""
     signers = list_trusted()
     for s in signers:
-        if s.name == spec or str(s.key) == spec.strip():
+        if s.name == spec or str(s.key) == spec.strip().lower():
             _write([t for t in signers if t is not s])
             return s
     raise InvalidParameterError(f"{spec!r} is not a trusted signer (list them with `trust list`)")
@@ -151,8 +150,12 @@ class SignatureStatus:
     """How a loaded file's signature was judged: ``verified``, ``unverified`` or ``unsigned``."""
 
     state: str
-    signer: str | None = None  # the kppub1… key (claimed, when unverified)
+    signer: str | None = None  # the kppub1… key (claimed, when unverified; always well-formed)
     name: str | None = None  # its trusted name, if any
+
+    @property
+    def fingerprint(self) -> str | None:
+        return VerifyKey.parse(self.signer).fingerprint if self.signer else None
 
     @property
     def verified(self) -> bool:
@@ -164,8 +167,11 @@ class SignatureStatus:
             return f"signature verified: signed by {who}"
         if self.state == UNVERIFIED:
             return (
-                f"signature present but NOT verified: {self.signer} is not a trusted signer "
-                f"(trust it with `%secure_trust {self.signer}` or pass --verify-with)"
+                f"signature present but NOT verified: signed by {self.signer} "
+                f"(fingerprint {self.fingerprint}), not a trusted signer. Anyone can sign a file: "
+                "before trusting this key, compare it (or its fingerprint) with the sender over "
+                f"another channel (in person, by phone); then `%secure_trust {self.signer}`. "
+                "Or pass --verify-with"
             )
         return "unsigned: nobody vouches for this file's content"
 
@@ -200,14 +206,15 @@ class SignaturePolicy:
         if not block:
             status = SignatureStatus(UNSIGNED)
         else:
-            claimed = block.get("key")
+            # The claimed key is the sender's choice: only a well-formed key is ever shown (as
+            # its canonical text), so it can't carry words into the suggested command.
+            claimed = signature_block_key(block)
             for s in self.trusted:
-                if claimed == str(s.key):
+                if claimed == s.key:
                     # A forged signature claiming a trusted signer: always refused.
                     check_manifest_signature(manifest, block, s.key)
                     return SignatureStatus(VERIFIED, str(s.key), s.name)
-            # The claimed key is the sender's choice: escaped so it can't fake terminal output.
-            status = SignatureStatus(UNVERIFIED, printable(claimed) if claimed else None)
+            status = SignatureStatus(UNVERIFIED, str(claimed))
         if self.require:
             raise UntrustedSignatureError(
                 f"refused: {status}. Signatures are required ({CONFIG_REQUIRE} / {ENV_REQUIRE}=1)"

@@ -235,8 +235,9 @@ class SecureMagics(Magics):
         if args.remove:
             return PlainText(f"no longer trusted: {trust.remove_trusted(args.remove)}")
         if args.signer:
-            return PlainText(f"trusted: {trust.add_trusted(args.signer, args.name)}")
+            added = trust.add_trusted(args.signer, args.name)
+            return PlainText(f"trusted: {added} (fingerprint {added.key.fingerprint})")
         signers = trust.list_trusted()
         if not signers:
             return PlainText("no trusted signers yet: %secure_trust NAME|kppub1…")
-        return PlainText("\n".join(str(s) for s in signers))
+        return PlainText("\n".join(f"{s} (fingerprint {s.key.fingerprint})" for s in signers))
