@@ -70,3 +70,29 @@ def test_argument_errors_never_repeat_what_was_typed(ip, line):
     assert SECRET not in message
     assert "not repeated" in message
     assert not [t for t in history_texts(ip) if SECRET in (t or "")]
+
+
+@pytest.mark.parametrize(
+    ("line", "secret"),
+    [
+        ("%secure_save x f.age --pass correct-horse-battery", "correct-horse"),
+        ("%secure_save x f.age -p hunter2hunter2", "hunter2"),
+        ("%secure_save x f.age --to alice --bogus swordfish-pw-789", "swordfish"),
+        ("%secure_load f.age --pw swordfish-pw-790", "swordfish"),
+        ("%secure_export x -o f.age --secret swordfish-pw-791", "swordfish"),
+        ("%%secure_output --to alice --key swordfish-pw-792\nprint(1)", "swordfish"),
+    ],
+)
+def test_a_secure_magic_line_that_does_not_parse_is_scrubbed(ip, line, secret):
+    """A secret after a wrong or abbreviated option looks like nothing to the secret detector;
+    any secure magic line that fails to parse is treated as possibly secret."""
+    message = run_error(ip, line)
+    assert secret not in message and "removed from the input history" in message
+    assert "\n" not in message
+    assert not [t for t in history_texts(ip) if secret in (t or "")]
+
+
+def test_scrubbing_a_short_line_leaves_other_inputs_alone(ip):
+    ip.run_cell("note = 'x'", store_history=True)
+    assert "removed from the input history" in run_error(ip, "%secure_save x")  # no path
+    assert "note = 'x'" in history_texts(ip)

@@ -25,8 +25,9 @@ class PlainText(str):
         return str(self)
 
 
-def scrub_history(shell: Any, needle: str | None = None) -> int:
-    """Remove every input that contains ``needle`` (or looks like a secret) from IPython's history.
+def scrub_history(shell: Any, needle: str | None = None, *, magic: str | None = None) -> int:
+    """Remove every input that contains ``needle`` (or looks like a secret) from IPython's history;
+    with ``magic``, only inputs that also name that magic count as containing ``needle``.
 
     Covers ``In``/``_ih``, ``_i``/``_ii``/``_iii``/``_iN``, the raw/parsed caches, the pending DB
     write cache and the rows already in the history database. Returns how many places changed.
@@ -40,7 +41,8 @@ def scrub_history(shell: Any, needle: str | None = None) -> int:
         if not isinstance(text, str):
             return False
         if needle and (needle in text or repr(needle)[1:-1] in text):
-            return True
+            if magic is None or magic in text:
+                return True
         return secrets.find_secret(text) is not None
 
     for hist in (hm.input_hist_parsed, hm.input_hist_raw):
@@ -84,16 +86,16 @@ def scrub_history(shell: Any, needle: str | None = None) -> int:
     return changed
 
 
-def scrub_line(shell: Any, line: str) -> None:
-    """Remove ``line`` from the history now, and again after the cell (the history DB writer
-    may flush after this magic returns)."""
+def scrub_line(shell: Any, line: str, *, magic: str | None = None) -> None:
+    """Remove ``line`` (of ``magic``, if given) from the history now, and again after the cell
+    (the history DB writer may flush after this magic returns)."""
     if shell is None:
         return
-    scrub_history(shell, line)
+    scrub_history(shell, line, magic=magic)
     events = shell.events
 
     def _later(*_a: Any) -> None:
-        scrub_history(shell, line)
+        scrub_history(shell, line, magic=magic)
         with contextlib.suppress(ValueError):
             events.unregister("post_run_cell", _later)
 
@@ -141,6 +143,29 @@ def _strict_parser(wrapper: Any) -> None:
             parser.allow_abbrev = False
 
 
+SECURE_PREFIX = "secure_"
+
+
+def refuse_unparsed_line(shell: Any, line: str, parser: Any, magic: str) -> None:
+    """A secure magic's line that does not parse may hold a secret in the wrong place
+    (``--pass hunter2``, ``-p …``, ``--bogus …``): refused without repeating it, and scrubbed
+    from the history like a secret line."""
+    if parser is None:
+        return
+    try:
+        parser.parse_argstring(line)
+    except UsageError as exc:
+        message = argument_error(str(exc))
+    else:
+        return
+    if not line.strip():
+        raise UsageError(message)
+    scrub_line(shell, line, magic=magic)
+    raise UsageError(
+        f"{message} — the line was removed from the input history, in case it held a secret"
+    )
+
+
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a magic: refuse secret lines; turn kprivacy_nb errors into a one-line UsageError;
     argument errors never repeat what was typed; no abbreviated options next to passphrases."""
@@ -150,6 +175,8 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         shell = getattr(self, "shell", None)
         refuse_secret_line(shell, line)
         _strict_parser(wrapper)
+        if func.__name__.startswith(SECURE_PREFIX):
+            refuse_unparsed_line(shell, line, getattr(wrapper, "parser", None), func.__name__)
         try:
             if cell is None:
                 return func(self, line, *args, **kw)
