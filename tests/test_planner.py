@@ -17,21 +17,22 @@ from kprivacy_nb.widgets.planner import BudgetPlanner
 
 def test_planner_defaults_match_the_accounting_core():
     p = BudgetPlanner(n=60000, batch_size=256, epochs=15, noise_multiplier=1.1, accountant="rdp")
-    exact = acc.compute_epsilon(60000, 256, 15, 1.1, 1e-5, accountant="rdp")
+    exact = acc.compute_epsilon(60000, 256, 15, 1.1, 1e-6, accountant="rdp")
     assert p.error is None
     assert p.epsilon == pytest.approx(exact)
-    assert p.steps == 15 * 234 and p.delta == 1e-5 and p.noise_multiplier == 1.1
+    assert p.steps == 15 * 234 and p.delta == 1e-6 and p.noise_multiplier == 1.1
+    assert "δ = 1e-06: defaulted" in p.summary.value
     xs, ys = p.line.get_data()
     assert list(xs) == list(range(1, 16))
     assert np.allclose(ys, p.curve.epsilon)
     assert p.image.value[:4] == b"\x89PNG"
-    assert "ε = 1.28" in p.summary.value
+    assert f"ε = {exact:.4f}" in p.summary.value
 
 
 def test_pld_planner_is_an_upper_bound_close_to_exact():
     p = BudgetPlanner(n=60000, batch_size=256, epochs=15, noise_multiplier=1.1)
     exact = p.exact_epsilon()
-    assert exact == pytest.approx(acc.compute_epsilon(60000, 256, 15, 1.1, 1e-5))
+    assert exact == pytest.approx(acc.compute_epsilon(60000, 256, 15, 1.1, 1e-6))
     assert exact <= p.epsilon <= exact * 1.01
     assert "upper bound" in p.summary.value
 
@@ -44,7 +45,7 @@ def test_changing_inputs_recomputes_state_and_plot():
     assert p.epsilon > before
     p.sigma_slider.value = 2.0
     assert p.noise_multiplier == 2.0
-    assert p.epsilon == pytest.approx(acc.compute_epsilon(60000, 256, 30, 2.0, 1e-5,
+    assert p.epsilon == pytest.approx(acc.compute_epsilon(60000, 256, 30, 2.0, 1e-6,
                                                           accountant="rdp"))  # fmt: skip
     p.sampling_dd.value = "shuffle"
     assert p.curve.sampling == "shuffle" and "no amplification" in p.summary.value
@@ -54,10 +55,11 @@ def test_changing_inputs_recomputes_state_and_plot():
 def test_delta_follows_n_until_typed():
     p = BudgetPlanner(n=60000, batch_size=256, epochs=2, accountant="rdp")
     p.n_input.value = 200000
-    assert p.delta_input.value == 1e-6 and p.delta == 1e-6
-    p.delta_input.value = 1e-7
-    p.n_input.value = 300000
-    assert p.delta == 1e-7
+    assert p.delta_input.value == 1e-7 and p.delta == 1e-7  # ≤ 1/(10·n)
+    p.delta_input.value = 1e-8
+    p.n_input.value = 3000
+    assert p.delta == 1e-8  # typed: it stays
+    assert "defaulted" not in p.summary.value
 
 
 def test_target_epsilon_mode_calibrates_sigma():
@@ -80,7 +82,7 @@ def test_copy_button_puts_the_dp_fit_line_in_the_output():
     assert p.fit_output.value == ""
     p.copy_button.click()
     expected = (
-        "%dp_fit net xs ys --epochs 7 --batch-size 128 --noise-multiplier 0.9 --delta 1e-05 "
+        "%dp_fit net xs ys --epochs 7 --batch-size 128 --noise-multiplier 0.9 --delta 1e-06 "
         "--accountant rdp"
     )
     assert p.fit_output.value == p.fit_line == expected
@@ -152,7 +154,7 @@ def test_dp_budget_magic_prefills_the_planner(ip):
     assert isinstance(p, BudgetPlanner)
     assert (p.n_input.value, p.batch_input.value, p.epochs_slider.value) == (50000, 500, 4)
     assert p.noise_multiplier == 1.3 and p.accountant_dd.value == "rdp"
-    assert p.epsilon == pytest.approx(acc.compute_epsilon(50000, 500, 4, 1.3, 1e-5,
+    assert p.epsilon == pytest.approx(acc.compute_epsilon(50000, 500, 4, 1.3, 1e-6,
                                                           accountant="rdp"))  # fmt: skip
     t = ip.run_line_magic("dp_budget", "--n 50000 --batch-size 500 --epochs 4 --target-epsilon 3"
                           " --accountant rdp")  # fmt: skip

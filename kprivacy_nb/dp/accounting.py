@@ -97,13 +97,14 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
 
 
 def default_delta(n: int) -> float:
-    """Return the default δ for ``n`` examples: the largest power of ten strictly below 1/n.
+    """Return the default δ for ``n`` examples: the largest power of ten ≤ 1/(10·n).
 
-    That is 1/n rounded down to a power of ten (n=60000 → 1e-5); when 1/n is itself a power of
-    ten the next one down is used (n=100000 → 1e-6), because δ must stay below 1/n.
+    δ is the probability that the ε guarantee fails outright; a common rule is δ well below
+    1/n, so that no single record is likely to be exposed. n=60000 → 1e-6, n=300 → 1e-4,
+    n=100000 → 1e-6. (Results say when δ was defaulted.)
     """
     n = _check_int("n (dataset size)", n)
-    exponent = len(str(n))  # smallest k with 10**k > n
+    exponent = len(str(10 * n - 1))  # smallest k with 10**k ≥ 10·n
     return float(f"1e-{exponent}")
 
 

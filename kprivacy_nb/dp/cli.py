@@ -29,7 +29,7 @@ def _common(p: argparse.ArgumentParser, *, sigma: bool, epochs_required: bool = 
     if sigma:
         p.add_argument("--noise-multiplier", type=float, required=True, help="σ (noise / clip)")
     p.add_argument(
-        "--delta", type=float, default=None, help="δ (default: 1/n rounded down to a power of ten)"
+        "--delta", type=float, default=None, help="δ (default: the largest power of ten ≤ 1/(10·n))"
     )
     p.add_argument("--sampling", choices=SAMPLINGS, default="poisson")
     p.add_argument("--accountant", choices=ACCOUNTANTS, default="pld")

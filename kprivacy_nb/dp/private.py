@@ -58,6 +58,7 @@ class PrivacyState:
     seed: int | None
     include_training_metrics: bool
     runs: list[tuple[accounting.Mechanism, int]] = field(default_factory=list)
+    fresh_data: bool = False
     original_fit: Any = None
     engine: Any = None  # cached per loss/shape (see _Engine)
 
@@ -87,15 +88,19 @@ def make_private(
     physical_batch_size: int | None = None,
     seed: int | None = None,
     include_training_metrics: bool = False,
+    fresh_data: bool = False,
 ) -> Any:
     """Make ``model.fit`` train with DP-SGD; returns the same (compiled) model.
 
     Give ``noise_multiplier`` (σ) or ``target_epsilon`` (σ is calibrated when ``fit`` starts, from
     n, epochs and batch_size, so that every ``fit`` call on this model together stays within the
-    target). ``delta`` defaults to 1/n rounded down to a power of ten, fixed at the first ``fit``.
+    target). ``delta`` defaults to the ledger's δ (with ``ledger``), else to the largest power of ten
+    ≤ 1/(10·n); it is fixed at the first ``fit``.
     ``physical_batch_size`` splits each (Poisson) batch into micro-batches of at most that many
     rows (same result, less memory). ``ledger`` (a budget name, or ``(name, Ledger)``) is charged
-    for every ``fit``. After ``fit``: ``history.history["epsilon"]`` (ε after each epoch, all
+    for every ``fit``. A model made private again keeps what it spent (its earlier private runs
+    compose with the next) unless ``fresh_data=True`` declares that it will now train on
+    different people's data — the card then says so. After ``fit``: ``history.history["epsilon"]`` (ε after each epoch, all
     calls included) and ``model.privacy`` (the privacy card).
 
     >>> model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
@@ -153,7 +158,8 @@ def make_private(
         include_training_metrics=bool(include_training_metrics),
         original_fit=type(model).fit,
     )  # fmt: skip
-    if old is not None:  # made private again: the spending so far stays with the model
+    state.fresh_data = bool(fresh_data)
+    if old is not None and not fresh_data:  # made private again: the spending stays with it
         state.runs = old.runs
         if old.delta is not None and state.delta is None:
             state.delta = old.delta
@@ -363,6 +369,7 @@ class FitPlan:
     mechanism: accounting.Mechanism
     engine: Any  # DPSGDEngine (self-checked)
     validation_split: float = 0.0
+    delta_source: str = "given"
     reservation: Any = None
     ledger_name: str | None = None
     ledger_cap: float | None = None
@@ -431,7 +438,18 @@ def plan_fit(
         raise InvalidParameterError(f"initial_epoch must be in [0, epochs), got {initial_epoch}")
     _scan_finite(x, "x")
     _scan_finite(y, "y")
-    delta = state.delta if state.delta is not None else accounting.default_delta(n)
+    delta, delta_source = state.delta, "given"
+    if delta is None and state.ledger is not None:
+        from .ledger import resolve_ledger
+
+        target = resolve_ledger(state.ledger)
+        if target is not None:  # the ε charged to the budget is at its δ: report the same
+            delta, delta_source = target.budget().delta, f"the ledger budget {target.name!r}"
+    if delta is None:
+        delta = accounting.default_delta(n)
+        delta_source = f"defaulted (largest power of ten ≤ 1/(10·n), n={n})"
+    elif state.runs and delta_source == "given":
+        delta_source = "fixed by the first private fit of this model"
     no_noise = state.noise_multiplier == 0
     accounting.validate(
         n, batch_size, epochs=epochs - initial_epoch, noise_multiplier=state.noise_multiplier,
@@ -467,6 +485,7 @@ def plan_fit(
         epochs=epochs, initial_epoch=initial_epoch, delta=delta,
         mechanism=accounting.Mechanism(n, batch_size, sigma, state.sampling), engine=engine,
         validation_split=float(validation_split) if validation_split else 0.0,
+        delta_source=delta_source,
     )  # fmt: skip
 
 
@@ -761,6 +780,7 @@ def _set_card(
         seconds=time.perf_counter() - started, trace_count=traces,
         training_metrics=state.include_training_metrics,
         self_check_seconds=engine.clipper.self_check_seconds or 0.0,
-        validation_split=plan.validation_split,
+        validation_split=plan.validation_split, delta_source=plan.delta_source,
+        fresh_data=state.fresh_data,
     )  # fmt: skip
     object.__setattr__(plan.model, "privacy", card)

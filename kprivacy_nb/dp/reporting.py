@@ -48,6 +48,9 @@ class LogReporter:
             f"× {plan.steps_per_epoch} steps, σ={plan.noise_multiplier:.4g}, "
             f"C={plan.l2_norm_clip:g}, δ={plan.delta:g}, planned ε={_fmt(plan.planned_curve.final_epsilon)}"
         )
+        source = getattr(plan, "delta_source", "given")
+        if source != "given":
+            self._print(f"δ = {plan.delta:g}: {source}")
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         parts = [f"epoch {epoch}/{logs.get('epochs', '?')}"]

@@ -52,6 +52,7 @@ class TrainingPlan:
     ledger_cap: float | None = None
     ledger_spent: float | None = None
     clipping: dict[str, str] = field(default_factory=dict)
+    delta_source: str = "given"
 
 
 @dataclass
@@ -82,6 +83,8 @@ class DPFitResult:
     training_metrics: bool = False  # history holds training-set metrics (not covered by ε)
     self_check_seconds: float = 0.0
     validation_split: float = 0.0  # validation rows split off the training data passed in
+    delta_source: str = "given"  # where δ came from (given, the ledger's, defaulted)
+    fresh_data: bool = False  # earlier private runs of the model declared on other data
 
     def summary(self) -> dict[str, Any]:
         """The privacy card: what the ε covers (this is what saved files carry)."""
@@ -92,6 +95,11 @@ class DPFitResult:
             "batch_size": self.batch_size, "n": self.n, "interrupted": self.interrupted,
             "ledger": self.ledger_name, "clipping_verified": self.verified,
             "training_metrics": TRAINING_METRICS_NOTE if self.training_metrics else "not included",
+            "delta_source": self.delta_source,
+            "composition": (
+                "this run only (fresh data declared: earlier runs were on other data)"
+                if self.fresh_data else "every private run of this model"
+            ),
             "validation_metrics": (
                 f"computed on the last {self.validation_split:.0%} of the data passed in "
                 "(validation_split): if those rows are private, the val_* values are NOT "
@@ -114,7 +122,9 @@ class DPFitResult:
 
     def _repr_html_(self) -> str:
         rows = [
-            ("ε (spent)", _fmt(self.epsilon)), ("δ", f"{self.delta:g}"),
+            ("ε (spent)", _fmt(self.epsilon)),
+            ("δ", f"{self.delta:g}" + ("" if self.delta_source == "given"
+                                       else f" ({self.delta_source})")),
             ("σ (noise multiplier)", f"{self.noise_multiplier:.4g}"),
             ("C (clipping norm)", f"{self.l2_norm_clip:g}"),
             ("sampling", f"{self.sampling} (batch {self.batch_size} of n={self.n})"),
@@ -212,6 +222,7 @@ def dp_fit(
     callbacks: Sequence[Any] | None = None,
     include_training_metrics: bool = False,
     physical_batch_size: int | None = None,
+    fresh_data: bool = False,
 ) -> DPFitResult:
     """Train ``model`` on ``(x, y)`` with DP-SGD; return a :class:`DPFitResult`.
 
@@ -229,7 +240,10 @@ def dp_fit(
     validation metrics; training-set loss/accuracy (computed from the private data without
     noise, so not covered by ε) are shown live and kept only with
     ``include_training_metrics=True`` — the card then says so. Training the same model again
-    composes: the result's ε covers every private run of that model.
+    composes: the result's ε covers every private run of that model, unless ``fresh_data=True``
+    declares that this run uses other people's data (named on the card). ``delta`` defaults to
+    the ledger budget's δ with ``ledger``, else to the largest power of ten ≤ 1/(10·n); the card
+    says where δ came from.
 
     >>> run = dp_fit(model, x_train, y_train, epochs=10, batch_size=256,
     ...              target_epsilon=3.0, delta=1e-5)                       # doctest: +SKIP
@@ -262,7 +276,7 @@ def dp_fit(
         raise InvalidParameterError(
             "noise_multiplier=0 has ε = ∞: it cannot be charged to a ledger"
         )
-    delta = accounting.validate(
+    accounting.validate(
         n, batch_size, epochs=epochs, noise_multiplier=noise_multiplier, delta=delta,
         sampling=sampling, accountant=accountant, allow_no_noise=no_noise,
     )  # fmt: skip
@@ -300,7 +314,7 @@ def dp_fit(
         model, l2_norm_clip=float(l2_norm_clip), noise_multiplier=noise_multiplier,
         target_epsilon=target_epsilon, delta=delta, sampling=sampling, accountant=accountant,
         ledger=ledger, seed=seed, include_training_metrics=include_training_metrics,
-        physical_batch_size=physical_batch_size,
+        physical_batch_size=physical_batch_size, fresh_data=fresh_data,
     )  # fmt: skip
     plan = private.plan_fit(
         model, x, y, batch_size=batch_size, epochs=epochs, validation_data=validation_data,
@@ -322,6 +336,7 @@ def dp_fit(
         target_epsilon=None if target_epsilon is None else float(target_epsilon),
         ledger_name=plan.ledger_name, ledger_cap=plan.ledger_cap,
         ledger_spent=plan.ledger_spent, clipping=plan.engine.report,
+        delta_source=plan.delta_source,
     )  # fmt: skip
     keras_callbacks = [cb for cb in callbacks or [] if isinstance(cb, keras.callbacks.Callback)]
     ours = [cb for cb in callbacks or [] if not isinstance(cb, keras.callbacks.Callback)]

@@ -147,16 +147,34 @@ class BudgetMagics(Magics):
         _SAMPLINGS, default_value="poisson", help="Sampling assumed by the planner"
     ).tag(config=True)
     ledger_path = Unicode(
-        "", help="SQLite ledger file; empty = KPRIVACY_NB_HOME/ledger.sqlite3"
+        "",
+        help="Ledger file or URL (postgresql://…, sqlite:///…); empty = KPRIVACY_NB_LEDGER_URL, "
+        "else KPRIVACY_NB_HOME/ledger.sqlite3",
     ).tag(config=True)
     debounce = Float(0.3, help="Seconds to wait after the last slider change before redrawing").tag(
         config=True
     )
 
-    def _ledger(self) -> Any:
+    def _ledger(self, url: str | None = None) -> Any:
         from ..dp.ledger import Ledger
 
-        return Ledger(self.ledger_path or None)
+        if url:
+            from .. import secrets
+            from ..dp.ledger_pg import url_password
+
+            password = url_password(url)
+            if password:
+                from ._base import scrub_line
+
+                secrets.register_secret(password)  # masked if anything prints it later
+                scrub_line(self.shell, url)
+                raise UsageError(
+                    "refused: the --url has a password in it, and secrets never go on a magic "
+                    "line (the line was removed from the input history). Leave it out and let "
+                    "PostgreSQL find it in PGPASSWORD or ~/.pgpass, or set the whole URL in "
+                    "KPRIVACY_NB_LEDGER_URL (%env) and drop --url"
+                )
+        return Ledger(url or self.ledger_path or None)
 
     @magic_arguments()
     @argument("--n", type=int, default=60000, help="number of training examples")
@@ -164,7 +182,7 @@ class BudgetMagics(Magics):
     @argument("--epochs", type=int, default=15, help="epochs")
     @argument("--noise-multiplier", type=float, default=None, help="noise multiplier σ")
     @argument("--target-epsilon", type=float, default=None, help="plan for this ε instead of σ")
-    @argument("--delta", type=float, default=None, help="δ (default 1/n rounded down)")
+    @argument("--delta", type=float, default=None, help="δ (default: the largest power of ten ≤ 1/(10·n))")
     @argument("--accountant", choices=_ACCOUNTANTS, default=None, help="pld (default) or rdp")
     @argument("--sampling", choices=_SAMPLINGS, default=None, help="poisson (default) or shuffle")
     @argument("--ledger", default=None, help="budget name to draw the remaining ε of")
@@ -205,7 +223,10 @@ class BudgetMagics(Magics):
 
     @magic_arguments()
     @argument(
-        "action", nargs="?", default="list", help="list (default), create, show, settle or delete"
+        "action",
+        nargs="?",
+        default="list",
+        help="list (default), create, show, settle, cancel or delete",
     )
     @argument("name", nargs="?", default=None, help="budget name")
     @argument("--epsilon", type=float, default=None, help="create: the ε cap")
@@ -213,11 +234,17 @@ class BudgetMagics(Magics):
     @argument("--accountant", choices=_ACCOUNTANTS, default=None, help="create: accountant")
     @argument("--plot", action="store_true", help="show: plot cumulative ε per run")
     @argument("--yes", action="store_true", help="delete: confirm deleting the budget and runs")
-    @argument("--run", type=int, default=None, help="settle: id of a run left pending")
+    @argument("--run", type=int, default=None, help="settle/cancel: id of a run left pending")
+    @argument(
+        "--url",
+        default=None,
+        help="ledger to use: postgresql://USER@HOST/DB (password from PGPASSWORD or ~/.pgpass), "
+        "sqlite:///PATH or a file; default KPRIVACY_NB_LEDGER_URL, else the home folder",
+    )
     @line_magic
     @user_errors
     def dp_ledger(self, line: str = "") -> Any:
-        """Privacy-budget ledger: list, create, show, settle or delete named budgets.
+        """Privacy-budget ledger: list, create, show, settle, cancel or delete named budgets.
 
         Examples::
 
@@ -225,21 +252,24 @@ class BudgetMagics(Magics):
             %dp_ledger create customers --epsilon 8 --delta 1e-5
             %dp_ledger show customers --plot
             %dp_ledger settle customers --run 7              # a run a crashed kernel left
+            %dp_ledger cancel customers --run 8              # one you know never trained
             %dp_ledger delete customers --yes
+            %dp_ledger --url postgresql://me@db.internal/privacy   # the team's ledger
 
         ``settle`` records a pending reservation (say, of a kernel that died mid-training) as
         fully spent: nobody knows how many of its steps ran, so the conservative answer is all.
+        ``cancel`` releases it as unspent: only for a run you know took no step.
         """
         args = parse_argstring(self.dp_ledger, line)
         action = args.action.lower()
-        if action not in ("list", "create", "show", "settle", "delete"):
+        if action not in ("list", "create", "show", "settle", "cancel", "delete"):
             raise UsageError(
                 f"unknown %dp_ledger action {args.action!r}; "
-                "use list, create, show, settle or delete"
+                "use list, create, show, settle, cancel or delete"
             )
         if action != "list" and not args.name:
             raise UsageError(f"%dp_ledger {action} needs a budget name")
-        ledger = self._ledger()
+        ledger = self._ledger(args.url)
         try:
             if action == "create":
                 if args.epsilon is None:
@@ -256,15 +286,18 @@ class BudgetMagics(Magics):
             if action == "show":
                 budget = ledger.budget(args.name)
                 return BudgetView(budget, ledger.cumulative_epsilon(args.name), args.plot)
-            if action == "settle":
+            if action in ("settle", "cancel"):
                 pending = {r.id: r for r in ledger.runs(args.name) if r.status == "reserved"}
                 if args.run not in pending:
                     ids = ", ".join(str(i) for i in pending) or "none"
                     raise UsageError(
-                        f"give the pending run to settle with --run ID (pending in "
+                        f"give the pending run to {action} with --run ID (pending in "
                         f"{args.name!r}: {ids})"
                     )
-                ledger.settle(args.run, pending[args.run].event)
+                if action == "settle":
+                    ledger.settle(args.run, pending[args.run].event)
+                else:
+                    ledger.cancel(args.run)
                 return BudgetView(
                     ledger.budget(args.name), ledger.cumulative_epsilon(args.name), False
                 )

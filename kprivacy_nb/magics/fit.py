@@ -51,7 +51,7 @@ class FitMagics(Magics):
     @argument("--batch-size", type=int, required=True, help="(expected) batch size")
     @argument("--target-epsilon", type=float, default=None, help="calibrate σ to end at this ε")
     @argument("--noise-multiplier", type=float, default=None, help="noise multiplier σ")
-    @argument("--delta", type=float, default=None, help="δ (default: 1/n rounded down)")
+    @argument("--delta", type=float, default=None, help="δ (default: the ledger's δ with --ledger, else the largest power of ten ≤ 1/(10·n))")
     @argument("--l2-norm-clip", type=float, default=1.0, help="per-example clipping norm C")
     @argument("--optimizer", default=None, help="sgd (default), adam, … or a variable name")
     @argument("--learning-rate", type=float, default=None, help="learning rate")

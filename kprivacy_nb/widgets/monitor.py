@@ -88,7 +88,15 @@ class TrainingMonitor:
                 if math.isfinite(v)
             ]
             if finite:
-                ax_eps.plot(*zip(*finite, strict=False), "--", color="grey", label="planned")
+                ax_eps.plot(
+                    *zip(*finite, strict=False),
+                    "--",
+                    color="grey",
+                    lw=2.5,
+                    alpha=0.7,
+                    zorder=3,
+                    label="planned",
+                )  # fmt: skip  (on top, wide: visible where the spent line follows it)
             if plan.target_epsilon is not None:
                 ax_eps.axhline(plan.target_epsilon, color="tab:red", lw=1, label="target")
             if plan.ledger_cap is not None:
@@ -98,7 +106,11 @@ class TrainingMonitor:
         spent = [(e, v) for e, v in spent if math.isfinite(v)]
         if spent:
             ax_eps.plot(*zip(*spent, strict=False), "o-", color="tab:blue", label="spent")
-        ax_eps.set_title("ε spent" + (f" (δ={plan.delta:g})" if plan is not None else ""))
+        title = "ε spent"
+        if plan is not None:
+            defaulted = getattr(plan, "delta_source", "given") != "given"
+            title += f" (δ={plan.delta:g}{', ' + _short(plan.delta_source) if defaulted else ''})"
+        ax_eps.set_title(title)
         ax_eps.set_xlabel("epoch")
         for ax, key in ((ax_loss, "loss"), (ax_acc, "accuracy")):
             for prefix, style in (("", "o-"), ("val_", "s--")):
@@ -115,7 +127,10 @@ class TrainingMonitor:
                     )
             ax.set_title(key)
             ax.set_xlabel("epoch")
+        from matplotlib.ticker import MaxNLocator
+
         for ax in (ax_eps, ax_loss, ax_acc):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: 1, 2, 3 — no 1.5
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
         if plan is not None:
@@ -144,3 +159,12 @@ def auto_monitor() -> TrainingMonitor | None:
     """The default reporter installed by ``%load_ext``: the live view in notebooks, else None
     (``dp_fit`` then prints its plain log line per epoch)."""
     return TrainingMonitor(notebook=True) if in_notebook() else None
+
+
+def _short(source: str) -> str:
+    """A few words for where δ came from (the card has the full sentence)."""
+    if source.startswith("defaulted"):
+        return "default"
+    if source.startswith("the ledger"):
+        return "ledger's"
+    return "earlier run's"

@@ -265,6 +265,21 @@ class BudgetPlanner:
         self._summarise()
 
     def _compute(self, s: dict[str, Any]) -> None:
+        self.delta_source = "given"
+        if self._delta_auto:
+            # Not typed: the ledger budget's δ when one is chosen (the ε it charges is at that
+            # δ), else the default; either way the summary says so.
+            self.delta_source = "defaulted (largest power of ten ≤ 1/(10·n))"
+            if self.ledger_dd.value != NO_LEDGER:
+                budget_delta = self._ledger().budget(self.ledger_dd.value).delta
+                if budget_delta != s["delta"]:
+                    self._setting_delta = True
+                    try:
+                        self.delta_input.value = budget_delta
+                    finally:
+                        self._setting_delta = False
+                s["delta"] = budget_delta
+                self.delta_source = f"the ledger budget {self.ledger_dd.value!r}"
         delta = accounting.validate(
             s["n"], s["batch_size"], epochs=s["epochs"], delta=s["delta"],
             sampling=s["sampling"], accountant=s["accountant"],
@@ -379,6 +394,8 @@ class BudgetPlanner:
             f"<b>ε = {eps_txt}</b> at δ = {self.delta:g} after {self.steps} steps "
             f"({self.epochs_slider.value} epochs × {self.curve.steps[0]} steps)",
         ]
+        if getattr(self, "delta_source", "given") != "given":
+            rows.append(f"δ = {self.delta:g}: {_esc(self.delta_source)}")
         if self.mode.value == "target":
             rows.append(
                 f"calibrated noise σ = <b>{self.noise_multiplier:.4f}</b> for target ε = "
