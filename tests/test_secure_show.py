@@ -9,7 +9,7 @@ import pytest
 from kprivacy_nb.crypto import keys, signing, trust
 from kprivacy_nb.crypto.bundle import encrypt_outputs
 from kprivacy_nb.magics import export as export_magics
-from kprivacy_nb.quiet.safe_mime import safe_output
+from kprivacy_nb.quiet.safe_mime import plain_text, safe_output
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(20)).decode()
 HOSTILE = [
@@ -120,7 +120,7 @@ PASSIVE_MARKDOWN = [
 @pytest.mark.parametrize("markdown", HOSTILE_MARKDOWN)
 def test_markdown_with_an_active_link_is_shown_only_as_plain_text(markdown):
     data, _, dropped = safe_output({"text/markdown": markdown}, {})
-    assert data == {"text/plain": markdown} and dropped == [
+    assert data == {"text/plain": plain_text(markdown)} and dropped == [
         "text/markdown (raw HTML or unsafe link)"
     ]
 
@@ -128,3 +128,47 @@ def test_markdown_with_an_active_link_is_shown_only_as_plain_text(markdown):
 @pytest.mark.parametrize("markdown", PASSIVE_MARKDOWN)
 def test_markdown_with_web_mail_and_relative_links_still_renders(markdown):
     assert safe_output({"text/markdown": markdown}, {}) == ({"text/markdown": markdown}, {}, [])
+
+
+# What an attacker who knows alice's public key puts in an "encrypted output" for her to show.
+MATHJAX_AND_BEACONS = [
+    {"output_type": "display_data", "data": {"text/markdown": r"$\href{javascript:alert(5)}{x}$"}},
+    {"output_type": "display_data", "data": {"text/markdown": r"$$\style{color:red}{boo}$$"}},
+    {"output_type": "display_data", "data": {"text/markdown": r"\(\class{x}{y}\) and \[z\]"}},
+    {
+        "output_type": "display_data",
+        "data": {"text/markdown": "**hi** ![](https://beacon.example.net/p.gif?u=alice) bye"},
+    },
+    {
+        "output_type": "display_data",
+        "data": {"text/markdown": "![a][r]\n\n[r]: //beacon.example.net/q.gif"},
+    },
+    {
+        "output_type": "stream",
+        "name": "stdout",
+        "text": "\x1b]8;;https://evil.example/x\x07click me\x1b]8;;\x07 \x1b[2K\x1b[32mok\x1b[0m\n",
+    },
+]
+
+
+def test_untrusted_math_remote_images_and_terminal_escapes_are_shown_inert(
+    ip, kp_home, shown, capsys
+):
+    alice = keys.generate_identity("alice")
+    armored, _ = encrypt_outputs(MATHJAX_AND_BEACONS, recipients=["alice"])
+    ip.magics_manager.registry["ExportMagics"].blobs["b3"] = armored
+    ip.run_line_magic("secure_show", f"b3 -i {alice.path} --for 0")
+    rendered = [d["text/markdown"] for d, _ in shown if "text/markdown" in d]
+    # Math is never handed to a Markdown (MathJax) renderer: shown as literal text.
+    assert not [m for m in rendered if "$" in m or "\\(" in m or "\\[" in m]
+    texts = [d.get("text/plain", "") for d, _ in shown]
+    assert r"$\href{javascript:alert(5)}{x}$" in texts and r"$$\style{color:red}{boo}$$" in texts
+    # Remote images never load: replaced by a note naming the host, or the text kept literal.
+    assert "**hi** [remote image removed: beacon.example.net] bye" in rendered
+    assert not [m for m in rendered if "beacon.example.net/" in m]
+    assert "![a][r]\n\n[r]: //beacon.example.net/q.gif" in texts
+    # Stream text: no OSC 8 hyperlink, no escape sequences; the plain text stays.
+    assert "click me ok\n" in texts
+    assert not [t for t in texts if "\x1b" in t or "\x07" in t]
+    note = capsys.readouterr().out
+    assert "math" in note and "remote image" in note
