@@ -11,12 +11,14 @@ from __future__ import annotations
 import io
 import math
 import tarfile
+import unicodedata
 import zipfile
 from pathlib import PurePosixPath
 from typing import Any
 
 from ..errors import SerializationError
 from .limits import charge_expansion, check_expansion, check_json_size, loads_json
+from .printable import printable
 
 MAX_MEMBERS = 100_000
 
@@ -127,11 +129,24 @@ def load_npz(data: bytes, what: str) -> dict[str, Any]:
 # --- tar ------------------------------------------------------------------------------------------
 
 
+MAX_NAME_BYTES = 255  # one path component, as most file systems allow
+MAX_PATH_BYTES = 4096
+
+
 def safe_member_name(name: str) -> str:
-    """A relative POSIX path inside the archive, or a refusal (absolute, ``..``, backslashes)."""
+    """A relative POSIX path inside the archive, or a refusal: absolute, ``..``, backslashes,
+    control or invisible format characters (a newline or ESC in a name would forge lines or
+    escape codes wherever the name is printed), components longer than file systems allow."""
+    shown = f"'{printable(name)}'"
     p = PurePosixPath(name)
     if p.is_absolute() or ".." in p.parts or not p.parts or "\\" in name:
-        raise SerializationError(f"refused: unsafe path {name!r} in the stored files")
+        raise SerializationError(f"refused: unsafe path {shown} in the stored files")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in name):
+        raise SerializationError(f"refused: a control character in the stored name {shown}")
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES or any(
+        len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES for part in p.parts
+    ):
+        raise SerializationError(f"refused: the stored name {shown} is too long")
     return str(p)
 
 
@@ -142,12 +157,14 @@ def read_tar(data: bytes, what: str) -> dict[str, bytes]:
     members declaring more bytes than the whole archive has.
     """
     files: dict[str, bytes] = {}
+    folders: set[str] = set()
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for count, info in enumerate(tar):
                 if count >= MAX_MEMBERS:
                     raise SerializationError(f"refused: {what} has too many members")
                 name = safe_member_name(info.name)
+                _check_unique(name, info.isdir(), files, folders, what)
                 if info.isdir():
                     continue
                 if info.issparse():
@@ -167,6 +184,23 @@ def read_tar(data: bytes, what: str) -> dict[str, bytes]:
     except (tarfile.TarError, EOFError, ValueError, OSError, UnicodeDecodeError):
         raise SerializationError(f"refused: {what} is not a valid tar archive") from None
     return files
+
+
+def _check_unique(
+    name: str, is_dir: bool, files: dict[str, bytes], folders: set[str], what: str
+) -> None:
+    """Refuse a second member with the same path, and a path that is both a file and a folder
+    (``a`` as a file, then ``a/b``): either would silently lose or misplace a file."""
+    parents = [str(p) for p in PurePosixPath(name).parents if str(p) != "."]
+    if name in files or (not is_dir and name in folders):
+        raise SerializationError(f"refused: '{printable(name)}' is stored twice in {what}")
+    if any(p in files for p in parents):
+        raise SerializationError(
+            f"refused: '{printable(name)}' in {what} is inside a path stored as a file"
+        )
+    if is_dir:
+        folders.add(name)
+    folders.update(parents)
 
 
 # --- HDF5 (Keras weights) -------------------------------------------------------------------------

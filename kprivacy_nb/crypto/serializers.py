@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import KPrivacyError, SerializationError
+from ..errors import FileExistsRefusedError, KPrivacyError, OutputPathError, SerializationError
 from .archives import (
     check_h5,
     check_npz,
@@ -31,6 +31,7 @@ from .archives import (
     read_json_member,
     read_member,
     read_tar,
+    safe_member_name,
 )
 from .limits import expansion_budget, loads_json
 from .printable import printable
@@ -528,19 +529,58 @@ class RestoredFiles:
         return next(iter(self.files.values()))
 
     def extract(self, folder: str | Path, *, force: bool = False) -> list[Path]:
+        """Write the files under ``folder`` (0600); returns their paths.
+
+        Every name is checked before anything is written (a name that is unsafe, written twice,
+        outside ``folder``, where a file is in the way, or already there without ``force``), and
+        every failure is one :class:`~kprivacy_nb.errors.KPrivacyError` line.
+        """
         from ..paths import atomic_write
 
         root = Path(folder).expanduser().resolve()
+        targets = self._targets(root, force=force)
         written = []
-        for rel, data in self.files.items():
-            target = (root / rel).resolve()
-            if root != target and root not in target.parents:
-                raise SerializationError(f"refused: {rel!r} would be written outside {root}")
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with atomic_write(target, force=force) as f:
-                f.write(data)
+        for (rel, data), target in zip(self.files.items(), targets, strict=True):
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                with atomic_write(target, force=force) as f:
+                    f.write(data)
+            except KPrivacyError:
+                raise
+            except OSError as exc:
+                raise OutputPathError(
+                    f"cannot write {printable(rel)} under {root}: {exc.strerror or exc}"
+                ) from None
             written.append(target)
         return written
+
+    def _targets(self, root: Path, *, force: bool) -> list[Path]:
+        targets: list[Path] = []
+        seen: set[Path] = set()
+        for rel in self.files:
+            safe_member_name(rel)
+            try:
+                resolved = (root / rel).resolve()
+            except (OSError, RuntimeError):
+                raise OutputPathError(f"cannot resolve {printable(rel)} under {root}") from None
+            if resolved in seen:
+                raise SerializationError(f"refused: {printable(rel)} is listed twice")
+            seen.add(resolved)
+            if root != resolved and root not in resolved.parents:
+                raise SerializationError(
+                    f"refused: {printable(rel)} would be written outside {root}"
+                )
+            inside = [p for p in resolved.parents if p.is_relative_to(root)]
+            if any(p in seen or (p.exists() and not p.is_dir()) for p in inside):
+                raise OutputPathError(
+                    f"cannot write {printable(rel)}: a file is in the way of its folder"
+                )
+            if resolved.is_dir() or (resolved.exists() and not force):
+                raise FileExistsRefusedError(
+                    f"{resolved} exists; pass force=True to overwrite (nothing was written)"
+                )
+            targets.append(resolved)
+        return targets
 
 
 def _is_path(obj: Any) -> bool:
