@@ -187,16 +187,23 @@ class PostgresStore:
 
     @contextlib.contextmanager
     def transaction(self, *, write: bool = False) -> Iterator[_Connection]:
-        conn = self._connection()
         mode = "READ COMMITTED" if write else "REPEATABLE READ READ ONLY"
         wait_ms = max(1, math.ceil(self.timeout * 1000))
-        try:
-            conn.execute(
-                f"BEGIN ISOLATION LEVEL {mode}; SET LOCAL search_path TO {SCHEMA}; "
-                f"SET LOCAL lock_timeout = {wait_ms}"
-            )
-        except self._psycopg.Error as exc:
-            raise self._error(exc) from None
+        begin = (
+            f"BEGIN ISOLATION LEVEL {mode}; SET LOCAL search_path TO {SCHEMA}; "
+            f"SET LOCAL lock_timeout = {wait_ms}"
+        )
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                conn.execute(begin)
+                break
+            except self._psycopg.Error as exc:
+                # An idle connection the server (or a failover, an idle timeout) closed since
+                # the last call: nothing was sent yet, so connect again once.
+                if attempt == 1 and (conn.broken or conn.closed):
+                    continue
+                raise self._error(exc) from None
         try:
             yield _Connection(conn)
         except BaseException as exc:
