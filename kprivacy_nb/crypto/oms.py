@@ -275,7 +275,11 @@ class _Text:
 
 def _verified_manifest(signature: bytes, key: OMSVerifyKey) -> Any:
     """The manifest an OMS signature vouches for, once the signature checks out with ``key``."""
+    from .limits import MAX_JSON_BYTES
+
     m = _ms()
+    if len(signature) > MAX_JSON_BYTES:
+        raise SignatureError(f"refused: OpenSSF model signature over {MAX_JSON_BYTES} bytes")
     try:
         bundle = json.loads(signature)
         statement = json.loads(_b64(bundle["dsseEnvelope"]["payload"]))
