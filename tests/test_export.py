@@ -7,6 +7,7 @@ import io
 import json
 import os
 import stat
+import traceback
 
 import numpy as np
 import pyrage
@@ -283,3 +284,49 @@ def test_secure_show_finds_a_blob_in_a_saved_notebook_by_id(ip, alice, tmp_path,
     assert "FROM-THE-FILE" in capsys.readouterr().out
     with pytest.raises(UsageError, match="no encrypted output ffff0000 found"):
         ip.run_line_magic("secure_show", f"ffff0000 --notebook {nb} -i {alice.path}")
+
+
+def test_outputs_any_cell_can_display_are_encrypted(alice):
+    """Whatever ipykernel accepts from a cell (bytes, sets, odd keys, objects) goes into the
+    blob: binary data as base64 as Jupyter sends it, the rest as JSON or a one-line note."""
+    loop: list = []
+    loop.append(loop)
+    outputs = [
+        {
+            "output_type": "display_data",
+            "data": {"image/png": b"\x89PNG", "application/json": {"s": {3}, (1, 2): "t"}},
+            "metadata": {"loop": loop, "obj": object(), "bad": "\ud800"},
+        }
+    ]
+    armored, _ = encrypt_outputs(outputs, recipients=["alice"])
+    (back,) = decrypt_outputs(armored, identities=[alice.path])
+    assert back["data"]["image/png"] == "iVBORw=="
+    assert back["data"]["application/json"]["s"] == [3]
+    assert list(back["data"]["application/json"]) == [
+        "s",
+        "[kprivacy_nb: tuple value dropped: not a string key]",
+    ]
+    assert "contains itself" in json.dumps(back["metadata"]["loop"])
+    assert "object value dropped" in back["metadata"]["obj"] and back["metadata"]["bad"] == "?"
+
+
+def test_a_failure_to_encrypt_outputs_leaves_no_plaintext_in_the_traceback(alice, monkeypatch):
+    """``%xmode Verbose`` prints every frame's locals: the error must come from frames that no
+    longer hold the outputs, with no chained exception whose frames do."""
+    from kprivacy_nb.crypto import bundle
+
+    def broken(*_a, **_k):
+        raise RuntimeError("deep in the crypto")
+
+    monkeypatch.setattr(bundle.age, "EncryptWriter", broken)
+    marker = "LOCALS-" + "LEAK"
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - which one is part of the check
+        encrypt_outputs(
+            [{"output_type": "stream", "name": "stdout", "text": marker}], recipients=["alice"]
+        )
+    error = caught.value
+    frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__)][1:]  # not this test
+    assert frames and not [f for f in frames if marker in repr(f.f_locals)]
+    assert error.__context__ is None and error.__cause__ is None
+    assert isinstance(error, SerializationError)
+    assert "discarded, not shown" in str(error) and "\n" not in str(error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 
@@ -169,3 +170,132 @@ def test_saved_streams_logging_threads_and_tracebacks_are_encrypted(tmp_path, kp
         assert marker in everything, marker
     (tb,) = [o for o in decrypted if o["output_type"] == "error"]
     assert tb["ename"] == "KeyError" and "SIDELEAK-traceback-54" in "".join(tb["traceback"])
+
+
+def run_in_kernel(cells: list[str], tmp_path, kp_home) -> list[dict]:
+    """Each cell's execute_reply and iopub messages, recorded as an attacker's harness would
+    (nbclient drops reply payloads; a frontend shows and saves them)."""
+    from jupyter_client.manager import start_new_kernel
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    env["KPRIVACY_NB_HOME"] = str(kp_home)
+    env.pop("MPLBACKEND", None)
+    km, kc = start_new_kernel(kernel_name="python3", env=env, cwd=str(tmp_path))
+    log = []
+    try:
+        for code in cells:
+            msg_id = kc.execute(code, allow_stdin=False)
+            reply = kc.get_shell_msg(timeout=120)
+            while reply["parent_header"].get("msg_id") != msg_id:
+                reply = kc.get_shell_msg(timeout=120)
+            iopub = []
+            while True:
+                msg = kc.get_iopub_msg(timeout=120)
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                iopub.append({"type": msg["msg_type"], "content": msg["content"]})
+                if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                    break
+            log.append({"reply": reply["content"], "iopub": iopub})
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    return log
+
+
+def leaks(entry: dict, marker: str) -> list[str]:
+    """Where ``marker`` reached the frontend: any iopub message but the echoed source, or the
+    execute_reply (its payloads: pager, set_next_input)."""
+    found = [
+        m["type"]
+        for m in entry["iopub"]
+        if m["type"] != "execute_input" and marker in json.dumps(m["content"])
+    ]
+    return found + (["execute_reply"] if marker in json.dumps(entry["reply"]) else [])
+
+
+def placeholder_outputs(entry: dict, kp_home) -> list[dict]:
+    (armored,) = [
+        m["content"]["data"][OUTPUTS_MIME]
+        for m in entry["iopub"]
+        if m["type"] == "display_data" and OUTPUTS_MIME in m["content"]["data"]
+    ]
+    return decrypt_outputs(armored, identities=[kp_home / "keys" / "alice.key"])
+
+
+def notes(entry: dict) -> str:
+    return "".join(m["content"].get("text", "") for m in entry["iopub"] if m["type"] == "stream")
+
+
+# Every marker is computed, so it appears in what the cell writes, never in its source.
+SO = "%%secure_output --to alice\n"
+UNSERIALISABLE_CELL = (
+    SO
+    + """\
+secret = "VERBOSE-" + str(40 + 1)
+print(secret)
+from IPython.display import publish_display_data
+publish_display_data({"text/plain": "x", "image/png": b"\\x89PNG" + secret.encode()})
+class Rows:
+    def _repr_mimebundle_(self, **kw):
+        return {"application/json": {"rows": {secret}}, "text/plain": "rows"}
+Rows()
+"""
+)
+REPR_CELL = (
+    SO
+    + """\
+class Frame:
+    def _repr_html_(self):
+        detail = "REPR-" + str(40 + 2)
+        print(detail)
+        raise ValueError(detail)
+Frame()
+"""
+)
+PAGER_CELLS = [
+    SO + 'patient = "PAGER-" + str(40 + 3)\npatient?',
+    SO + 'patient2 = "PAGER-" + str(40 + 4)\n%pinfo patient2',
+    SO + 'from IPython.core.page import page\npage("PAGER-" + str(40 + 5))',
+    SO + 'get_ipython().set_next_input("PAGER-" + str(40 + 6))',
+]
+CRAFTED_TYPE_CELL = SO + 'raise type("TYPELEAK" + str(40 + 7), (Exception,), {})()'
+
+
+def test_verbose_tracebacks_pager_payloads_and_type_names_leak_nothing(tmp_path, kp_home):
+    cells = [
+        "%load_ext kprivacy_nb\n%secure_keygen alice",
+        "%xmode Verbose",  # tracebacks print every frame's locals
+        UNSERIALISABLE_CELL,
+        REPR_CELL,
+        *PAGER_CELLS,
+        CRAFTED_TYPE_CELL,
+        SO + "raise KeyError('x')",
+    ]
+    log = run_in_kernel(cells, tmp_path, kp_home)
+    markers = ["VERBOSE-41", "REPR-42", *(f"PAGER-{n}" for n in range(43, 47)), "TYPELEAK47"]
+    leaked = {m: leaks(entry, m) for m in markers for entry in log[2:] if leaks(entry, m)}
+    assert not leaked, str(leaked)
+
+    # 1. bytes and sets don't stop the encryption: they are in the blob, as Jupyter would send.
+    outputs = placeholder_outputs(log[2], kp_home)
+    (image,) = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert base64.b64decode(image["data"]["image/png"]) == b"\x89PNGVERBOSE-41"
+    rows = [o.get("data", {}).get("application/json", {}).get("rows") for o in outputs]
+    assert ["VERBOSE-41"] in rows
+    assert log[2]["reply"]["status"] == "ok"
+    # a repr that prints and fails while the value is formatted is captured too
+    assert "REPR-42" in json.dumps(placeholder_outputs(log[3], kp_home))
+
+    # 2. pager and set_next_input payloads are encrypted with the outputs, not "nothing".
+    for n, entry in zip(range(43, 47), log[4:8], strict=True):
+        assert not entry["reply"].get("payload"), entry["reply"]["payload"]
+        assert "nothing to encrypt" not in notes(entry)
+        assert f"PAGER-{n}" in json.dumps(placeholder_outputs(entry, kp_home))
+
+    # 7. a class the cell made is not named; Python's own exceptions are.
+    crafted_reply = log[8]["reply"]
+    assert crafted_reply["status"] == "error"
+    assert "the cell raised an exception; traceback encrypted" in crafted_reply["evalue"]
+    assert "TYPELEAK47" in json.dumps(placeholder_outputs(log[8], kp_home))
+    assert "the cell raised KeyError; traceback encrypted" in log[9]["reply"]["evalue"]

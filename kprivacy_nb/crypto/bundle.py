@@ -13,6 +13,7 @@ signature checked before the manifest is read, and each entry is deserialised on
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import html
 import io
@@ -41,6 +42,10 @@ OUTPUTS_TYPE = "jupyter.outputs"
 OUTPUTS_MIME = "application/vnd.kprivacy-nb.age+armor"
 
 Progress = Callable[[float, str], None]
+
+
+class OutputsNotEncryptedError(SerializationError):
+    """Captured cell outputs could not be encrypted; they were discarded (never shown)."""
 
 
 # --- two entry types that only bundles create (never picked automatically for an object) -------
@@ -340,6 +345,60 @@ def load_bundle(
 # --- encrypted cell outputs -----------------------------------------------------------------
 
 
+_MAX_OUTPUT_DEPTH = 48  # below limits.MAX_JSON_DEPTH, so the blob opens again
+_MAX_OUTPUT_NODES = 1_000_000
+
+
+class _JsonReady:
+    """Turns whatever a cell displayed into JSON values (see :func:`outputs_json`)."""
+
+    def __init__(self) -> None:
+        self.nodes = 0
+        self.path: set[int] = set()
+
+    def note(self, value: Any, why: str) -> str:
+        return f"[kprivacy_nb: {type(value).__name__} value dropped: {why}]"
+
+    def __call__(self, value: Any, depth: int = 0) -> Any:
+        self.nodes += 1
+        if self.nodes > _MAX_OUTPUT_NODES:
+            return self.note(value, "too many values")
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        if isinstance(value, str):
+            # Lone surrogates can't be UTF-8 encoded: replaced rather than failing the cell.
+            return value if value.isascii() else value.encode("utf-8", "replace").decode()
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return base64.b64encode(bytes(value)).decode("ascii")  # as Jupyter sends binary MIME
+        if not isinstance(value, (dict, list, tuple, set, frozenset)):
+            return self.note(value, "not JSON data")
+        if depth >= _MAX_OUTPUT_DEPTH:
+            return self.note(value, "nested too deeply")
+        if id(value) in self.path:
+            return self.note(value, "it contains itself")
+        self.path.add(id(value))
+        try:
+            if isinstance(value, dict):
+                return {self._key(k): self(v, depth + 1) for k, v in value.items()}
+            return [self(v, depth + 1) for v in value]
+        finally:
+            self.path.discard(id(value))
+
+    def _key(self, key: Any) -> str:
+        if isinstance(key, str):
+            return self(key)
+        if key is None or isinstance(key, (bool, int, float)):
+            return json.dumps(key)
+        return self.note(key, "not a string key")
+
+
+def outputs_json(outputs: list[dict]) -> bytes:
+    """Output dicts as UTF-8 JSON, whatever they hold: bytes become base64 (as Jupyter sends
+    binary MIME data), sets and tuples lists, and anything else a one-line note — never an
+    exception that would carry the outputs in a traceback."""
+    return json.dumps(_JsonReady()(outputs), ensure_ascii=False).encode()
+
+
 def encrypt_outputs(
     outputs: list[dict],
     *,
@@ -350,17 +409,34 @@ def encrypt_outputs(
 ) -> tuple[str, tuple[str, ...]]:
     """Encrypt nbformat-style output dicts as one ASCII-armored age file (in memory).
 
-    Returns the armored text and the recipients (public parts) it was encrypted to.
+    Returns the armored text and the recipients (public parts) it was encrypted to. Any failure
+    after the keys are resolved is one line (:class:`OutputsNotEncryptedError`), raised from a
+    frame that no longer holds the outputs: a verbose traceback (``%xmode Verbose`` prints every
+    frame's locals) can't show them.
     """
     recips, shown = recipients_for(recipients, passphrase, work_factor)
     signer = load_signing_key(sign_with) if sign_with is not None else None
-    data = json.dumps(outputs, ensure_ascii=False).encode()
+    try:
+        armored = _seal_outputs(outputs, recips, signer)
+        failure = None
+    except Exception as exc:  # noqa: BLE001 - whatever it was, its traceback holds plaintext
+        failure = type(exc).__name__
+    del outputs
+    if failure is not None:
+        raise OutputsNotEncryptedError(
+            f"the outputs could not be encrypted ({failure}); they were discarded, not shown"
+        ) from None
+    return armored, shown
+
+
+def _seal_outputs(outputs: list[dict], recips: list, signer: SigningKey | None) -> str:
+    data = outputs_json(outputs)
     entry = Entry("outputs", OUTPUTS_TYPE, {"outputs.json": data}, {"count": len(outputs)})
     buf = io.BytesIO()
     writer = age.EncryptWriter(buf, recips, armor=True)
     write_container(writer, [entry], created=now_iso(), sign_with=signer)
     writer.close()
-    return buf.getvalue().decode("ascii"), shown
+    return buf.getvalue().decode("ascii")
 
 
 def open_outputs(

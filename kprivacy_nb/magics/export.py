@@ -5,6 +5,7 @@ Thin layer over :mod:`kprivacy_nb.crypto.bundle` and :mod:`kprivacy_nb.widgets.e
 
 from __future__ import annotations
 
+import builtins
 import html
 import json
 import secrets as pyrandom
@@ -31,7 +32,7 @@ WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 
 def _output_dicts(
-    captured: Any, result: list[Any], shell: Any, fds: FdCapture
+    captured: Any, values: list[tuple[dict, dict]], fds: FdCapture
 ) -> tuple[list[dict], int]:
     """nbformat-style output dicts from a capture; returns them and how many widgets were dropped.
 
@@ -53,8 +54,7 @@ def _output_dicts(
         outputs.append(
             {"output_type": "display_data", "data": data, "metadata": dict(out.metadata or {})}
         )
-    for value in result:
-        data, metadata = shell.display_formatter.format(value)
+    for data, metadata in values:
         outputs.append({"output_type": "execute_result", "data": data, "metadata": metadata})
     return outputs, dropped
 
@@ -65,9 +65,16 @@ class _CapturedRun:
     def __init__(self) -> None:
         self.outputs: list[dict] = []
         self.errors: list[dict] = []
+        self.error_types: list[Any] = []
         self.dropped = 0
         self.result: Any = None
         self.still_running: list[threading.Thread] = []
+
+    def discard(self) -> None:
+        """Forget everything the cell wrote (after a failure to encrypt it)."""
+        self.outputs.clear()
+        self.errors.clear()
+        self.result = None
 
 
 def _error_output(etype: Any, evalue: Any, stb: Any) -> dict:
@@ -80,16 +87,65 @@ def _error_output(etype: Any, evalue: Any, stb: Any) -> dict:
     }
 
 
+def _is_builtin_exception(etype: Any) -> bool:
+    """Whether ``etype`` is one of Python's own exception classes (its name is then no secret;
+    a class the cell made can carry any name, so it is never shown)."""
+    name = getattr(etype, "__name__", None)
+    return isinstance(name, str) and getattr(builtins, name, None) is etype
+
+
+def _raised_note(error_types: list[Any]) -> str:
+    if error_types and all(_is_builtin_exception(t) for t in error_types):
+        return "the cell raised " + ", ".join(dict.fromkeys(t.__name__ for t in error_types))
+    return "the cell raised an exception"
+
+
+# Payloads go in the execute_reply, beside the outputs: the pager (obj?, %pinfo, page()) and
+# set_next_input carry whatever the cell chose. ask_exit carries nothing of the cell's.
+_PASSING_PAYLOADS = ("ask_exit",)
+
+
+def _take_payloads(shell: Any, before: list[Any]) -> list[dict]:
+    """Remove the payloads the cell added from the shell's payload manager; return them."""
+    manager = getattr(shell, "payload_manager", None)
+    if manager is None:
+        return []
+    current = list(manager.read_payload())
+    added = [p for p in current if not any(p is b for b in before)]
+    taken = [p for p in added if p.get("source") not in _PASSING_PAYLOADS]
+    if taken:
+        manager.clear_payload()
+        for p in current:
+            if not any(p is t for t in taken):
+                manager.write_payload(p, single=False)
+    return taken
+
+
+def _payload_output(payload: dict) -> dict:
+    """A captured payload as an output dict (encrypted with the others)."""
+    source = payload.get("source")
+    if source == "page" and isinstance(payload.get("data"), dict):
+        data = dict(payload["data"])
+    elif source == "set_next_input":
+        data = {"text/plain": f"(the cell set the next input to)\n{payload.get('text', '')}"}
+    else:
+        data = {"text/plain": f"(payload {source!s})\n{payload!r}"}
+    return {"output_type": "display_data", "data": data, "metadata": {}}
+
+
 def _run_captured(shell: Any, cell: str) -> _CapturedRun:
     """Run ``cell`` with every way it can write captured: ``sys.stdout``/``sys.stderr``, stream
     objects and logging handlers that existed before the cell, fd 1/2 (subprocesses, C code),
-    threads writing while the cell runs, displays, the value and the traceback."""
+    threads writing while the cell runs, displays, pager and set_next_input payloads, the value
+    (formatted inside the capture: a repr may print or fail too) and the traceback."""
     run = _CapturedRun()
     values: list[Any] = []
     saved_hook = sys.displayhook
     own_tb = shell.__dict__.get("_showtraceback")
     before = set(threading.enumerate())
     streams = terminal_streams()
+    manager = getattr(shell, "payload_manager", None)
+    payloads_before = list(manager.read_payload()) if manager is not None else []
 
     def hook(value: Any) -> None:
         if value is not None:
@@ -97,7 +153,9 @@ def _run_captured(shell: Any, cell: str) -> _CapturedRun:
 
     def keep_traceback(*exc: Any) -> None:
         run.errors.append(_error_output(*exc[:3]))
+        run.error_types.append(exc[0])
 
+    formatted: list[tuple[dict, dict]] = []
     with (
         capture_output(stdout=True, stderr=True, display=True) as captured,
         FdCapture() as fds,
@@ -107,13 +165,16 @@ def _run_captured(shell: Any, cell: str) -> _CapturedRun:
         shell._showtraceback = keep_traceback
         try:
             run.result = shell.run_cell(cell, store_history=False)
+            formatted = [shell.display_formatter.format(value) for value in values]
         finally:
             sys.displayhook = saved_hook
             if own_tb is None:
                 del shell._showtraceback
             else:
                 shell._showtraceback = own_tb
-    run.outputs, run.dropped = _output_dicts(captured, values, shell, fds)
+            payloads = _take_payloads(shell, payloads_before)
+    run.outputs, run.dropped = _output_dicts(captured, formatted, fds)
+    run.outputs += [_payload_output(p) for p in payloads]
     run.outputs += run.errors
     run.still_running = [t for t in threading.enumerate() if t not in before and t.is_alive()]
     return run
@@ -240,8 +301,9 @@ class ExportMagics(Magics):
         subprocesses and C libraries write to file descriptors 1 and 2), rich displays, the
         cell's value and its traceback. It is encrypted as one age blob to the recipients and
         replaced by a placeholder; the saved notebook, ``Out`` and ``_`` never hold the
-        plaintext. A cell that raised fails with a one-line "the cell raised <Type>; traceback
-        encrypted" note. What a thread writes *after* the cell ended is not captured (a note
+        plaintext. A cell that raised fails with a one-line "the cell raised an exception;
+        traceback encrypted" note (naming the type only for Python's own exception classes).
+        Pager output (``obj?``, ``%pinfo``) and ``set_next_input`` are encrypted with the rest. What a thread writes *after* the cell ended is not captured (a note
         says so when threads are still running: join them inside the cell). Example::
 
             %%secure_output --to alice
@@ -253,6 +315,7 @@ class ExportMagics(Magics):
         from ..crypto.age import DEFAULT_SCRYPT_WORK_FACTOR
         from ..crypto.bundle import OUTPUTS_MIME, encrypt_outputs
         from ..crypto.envelope import recipients_for
+        from ..crypto.signing import load_signing_key
 
         passphrase = passphrase_from_args(args)
         recipients = args.to or (None if passphrase is not None else self.default_recipients)
@@ -260,24 +323,27 @@ class ExportMagics(Magics):
             raise UsageError("say who can read the output: --to NAME|age1… or --passphrase")
         # Resolve keys before running the cell, so a typo doesn't run (and lose) the cell.
         recipients_for(recipients or None, passphrase, DEFAULT_SCRYPT_WORK_FACTOR)
+        signer = load_signing_key(args.sign_with) if args.sign_with else None
         run = _run_captured(self.shell, cell)
-        outputs, dropped = run.outputs, run.dropped
-        if not outputs:
+        if not run.outputs:
             if not (run.result.error_before_exec or run.result.error_in_exec):
                 print("(the cell produced no output; nothing to encrypt)")
             _warn_running_threads(run.still_running)
             return None
-        armored, shown = encrypt_outputs(
-            outputs,
-            recipients=recipients or None,
-            passphrase=passphrase,
-            sign_with=args.sign_with,
-        )
+        try:
+            armored, shown = encrypt_outputs(
+                run.outputs, recipients=recipients or None, passphrase=passphrase, sign_with=signer
+            )
+        except KPrivacyError:
+            run.discard()  # never shown, and gone from this frame before the error is
+            raise
+        count, dropped, raised = len(run.outputs), run.dropped, bool(run.errors)
+        run.discard()  # the plaintext is not needed any more
         blob_id = pyrandom.token_hex(4)
         self.blobs[blob_id] = armored
         who = ", ".join(args.to) if args.to else ("passphrase" if passphrase else ", ".join(shown))
         text = (
-            f"🔒 encrypted output — {len(outputs)} item(s) for {who} "
+            f"🔒 encrypted output — {count} item(s) for {who} "
             f"(id {blob_id}; a key holder runs %secure_show {blob_id})"
         )
         if dropped:
@@ -295,10 +361,9 @@ class ExportMagics(Magics):
             metadata={"kprivacy_nb": {"id": blob_id, "recipients": list(shown)}},
         )
         _warn_running_threads(run.still_running)
-        if run.errors:
-            names = ", ".join(dict.fromkeys(e["ename"] for e in run.errors))
+        if raised:
             raise UsageError(
-                f"the cell raised {names}; traceback encrypted (a key holder runs "
+                f"{_raised_note(run.error_types)}; traceback encrypted (a key holder runs "
                 f"%secure_show {blob_id})"
             )
         return None
