@@ -179,6 +179,40 @@ def test_a_dropped_connection_reconnects(pg_server, pg_url):
         assert led.budget("c").runs == 1
 
 
+TEAM_GRANTS = """
+GRANT USAGE ON SCHEMA kprivacy_nb TO {team};
+GRANT SELECT ON kprivacy_nb.budgets, kprivacy_nb.schema_version TO {team};
+GRANT UPDATE (created_at) ON kprivacy_nb.budgets TO {team};
+GRANT SELECT, INSERT, UPDATE ON kprivacy_nb.runs TO {team};
+"""  # as docs/scale.md gives them
+
+
+def test_team_roles_charge_runs_but_cannot_change_budgets(pg_server, pg_url, monkeypatch):
+    tag = uuid.uuid4().hex[:8]
+    owner, team, bob, dbname = f"owner_{tag}", f"team_{tag}", f"bob_{tag}", _dbname(pg_url)
+    pg_server.execute(f"CREATE ROLE {owner} LOGIN; CREATE ROLE {team} NOLOGIN; "
+                      f"CREATE ROLE {bob} LOGIN IN ROLE {team}")  # fmt: skip
+    pg_server.execute(f"ALTER DATABASE {dbname} OWNER TO {owner}")
+    with Ledger(pg_server.url(dbname, user=owner)) as led:
+        led.create("c", 8, 1e-5)
+    pg_server.execute(TEAM_GRANTS.format(team=team), dbname)
+    with Ledger(pg_server.url(dbname, user=bob)) as led:
+        led.reserve("c", dpsgd()).settle()
+        led.reserve("c", dpsgd()).cancel()
+        assert led.budget("c").runs == 1
+        for action in (lambda: led.create("mine", 100, 1e-5), lambda: led.delete("c")):
+            with pytest.raises(LedgerError, match="lacks a privilege .* ledger owner's role"):
+                action()
+        with pytest.raises(Exception, match="permission denied"):
+            led._run(lambda db: db.execute("UPDATE budgets SET epsilon_cap = 1e9"), write=True)
+    step2 = ledger_pg.Migration(2, "x", ("ALTER TABLE kprivacy_nb.runs ADD COLUMN x TEXT",))
+    monkeypatch.setattr(ledger_pg, "MIGRATIONS", (*ledger_pg.MIGRATIONS, step2))
+    with pytest.raises(LedgerError, match="lacks a privilege"):
+        Ledger(pg_server.url(dbname, user=bob))  # upgrades are the owner's job
+    with Ledger(pg_server.url(dbname, user=owner)) as led:
+        assert led.budget("c").epsilon_cap == 8
+
+
 # ---------------------------------------------------------------- schema migrations
 
 

@@ -229,9 +229,10 @@ class PostgresStore:
             return TransientLedgerError(f"ledger {self.location}: {text}")
         if isinstance(exc, errors.InsufficientPrivilege):
             return LedgerError(
-                f"the ledger {self.location} refused access ({text}); the database role needs "
-                f"USAGE on schema {SCHEMA} and SELECT, INSERT, UPDATE, DELETE on its tables "
-                "(see docs/scale.md)"
+                f"the ledger {self.location} refused this ({text}): the database role lacks a "
+                "privilege it needs. Team members' roles charge runs; creating or deleting "
+                "budgets and creating or upgrading the schema take the ledger owner's role "
+                "(docs/scale.md, team ledger)"
             )
         if isinstance(exc, self._psycopg.OperationalError) or getattr(self._conn, "broken", 0):
             outcome = (
