@@ -148,7 +148,10 @@ def test_sign_verify_and_inspect(kp_home, tmp_path):
     entry = info["manifest"]["entries"][0]
     assert entry["type"] == "numpy.ndarray" and len(entry["parts"][0]["sha256"]) == 64
     text = run("inspect", str(f), "-i", "alice").stdout.decode()
-    assert "numpy.ndarray" in text and f"signature present but NOT verified: {me.public}" in text
+    assert (
+        "numpy.ndarray" in text
+        and f"signature present but NOT verified: signed by {me.public}" in text
+    )
     assert run("trust", "add", "me").returncode == 0
     text = run("inspect", str(f), "-i", "alice").stdout.decode()
     assert f"signature verified: signed by me ({me.public})" in text
