@@ -475,6 +475,9 @@ def plan_fit(
         host_x=x if isinstance(x, np.ndarray) and x.dtype.kind in "iu" else None,
     )  # fmt: skip
     engine.check_sensitivity(X, Y, batch_size)
+    optimizer = engine.optimizer
+    if not getattr(optimizer, "built", True):
+        optimizer.build(engine.variables)  # its slots exist before Keras traces the step: 1 trace
     # Keras reads every compiled metric at the end of an epoch: they must be built. One update
     # builds them; the values are thrown away at once (the DP step never updates them).
     x8 = tf.nest.map_structure(lambda t: t[:8], X)

@@ -210,7 +210,7 @@ def dp_fit(
     noise_multiplier: float | None = None,
     target_epsilon: float | None = None,
     delta: float | None = None,
-    optimizer: Any = "sgd",
+    optimizer: Any = None,
     learning_rate: float | None = None,
     sampling: str = "poisson",
     accountant: str = "pld",
@@ -302,10 +302,9 @@ def dp_fit(
             _finite(validation_data[0], "validation x"),
             _finite(validation_data[1], "validation y"),
         )
-    if optimizer is None:
-        opt = getattr(model, "optimizer", None) or engine.resolve_optimizer("sgd", learning_rate)
-        if learning_rate is not None:
-            opt = engine.resolve_optimizer(opt, learning_rate)
+    if optimizer is None:  # the compiled optimizer, as model.fit would use; else SGD(0.1)
+        opt = getattr(model, "optimizer", None)
+        opt = engine.resolve_optimizer("sgd" if opt is None else opt, learning_rate)
     else:
         opt = engine.resolve_optimizer(optimizer, learning_rate)
     accuracy = engine.accuracy_fn(loss_obj)

@@ -30,7 +30,9 @@ class FitMagics(Magics):
     sampling = CaselessStrEnum(
         _SAMPLINGS, default_value="poisson", help="Batch sampling (poisson or shuffle)"
     ).tag(config=True)
-    optimizer = Unicode("sgd", help="Default optimizer name (sgd, adam, …)").tag(config=True)
+    optimizer = Unicode(
+        "", help="Default optimizer name (sgd, adam, …); empty: the model's compiled optimizer"
+    ).tag(config=True)
 
     def on_load(self) -> None:
         from ..dp import reporting
@@ -51,9 +53,18 @@ class FitMagics(Magics):
     @argument("--batch-size", type=int, required=True, help="(expected) batch size")
     @argument("--target-epsilon", type=float, default=None, help="calibrate σ to end at this ε")
     @argument("--noise-multiplier", type=float, default=None, help="noise multiplier σ")
-    @argument("--delta", type=float, default=None, help="δ (default: the ledger's δ with --ledger, else the largest power of ten ≤ 1/(10·n))")
+    @argument(
+        "--delta",
+        type=float,
+        default=None,
+        help="δ (default: the ledger's δ with --ledger, else the largest power of ten ≤ 1/(10·n))",
+    )
     @argument("--l2-norm-clip", type=float, default=1.0, help="per-example clipping norm C")
-    @argument("--optimizer", default=None, help="sgd (default), adam, … or a variable name")
+    @argument(
+        "--optimizer", default=None,
+        help="sgd, adam, … or a variable name (default: the model's compiled optimizer, else "
+        "SGD with learning rate 0.1)",
+    )  # fmt: skip
     @argument("--learning-rate", type=float, default=None, help="learning rate")
     @argument("--loss", default=None, help="loss name or variable (default: the compiled loss)")
     @argument("--sampling", choices=_SAMPLINGS, default=None, help="poisson (default) or shuffle")
@@ -63,6 +74,11 @@ class FitMagics(Magics):
         "--ledger", default=None, help="budget name to charge (refused if it would overspend)"
     )
     @argument("--seed", type=int, default=None, help="reproducible sampling and noise (tests only)")
+    @argument(
+        "--fresh-data", action="store_true",
+        help="this run uses other people's data than the model's earlier private runs (they are "
+        "then not composed into its ε; the card says so)",
+    )  # fmt: skip
     @argument("--quiet", action="store_true", help="no monitor / log lines")
     @argument("-o", "--output", default=None, help="store the DPFitResult in this variable")
     @line_magic
@@ -80,7 +96,7 @@ class FitMagics(Magics):
             raise UsageError(f"-o needs a variable name, got {args.output!r}")
         shell = self.shell
         model, x, y = (lookup(shell, name) for name in (args.model, args.x, args.y))
-        optimizer: Any = args.optimizer or self.optimizer
+        optimizer: Any = args.optimizer or self.optimizer or None
         if args.optimizer and args.optimizer.split(".")[0] in shell.user_ns:
             optimizer = lookup(shell, args.optimizer)
         loss: Any = args.loss
@@ -91,14 +107,23 @@ class FitMagics(Magics):
             validation = (lookup(shell, args.validation[0]), lookup(shell, args.validation[1]))
         from ..dp.trainer import dp_fit
 
-        result = dp_fit(
-            model, x, y, epochs=args.epochs, batch_size=args.batch_size,
-            l2_norm_clip=args.l2_norm_clip, noise_multiplier=args.noise_multiplier,
-            target_epsilon=args.target_epsilon, delta=args.delta, optimizer=optimizer,
-            learning_rate=args.learning_rate, sampling=args.sampling or self.sampling,
-            accountant=args.accountant or self.accountant, validation_data=validation,
-            ledger=args.ledger, seed=args.seed, verbose=0 if args.quiet else 1, loss=loss,
-        )  # fmt: skip
+        before = getattr(model, "privacy", None)
+        try:
+            result = dp_fit(
+                model, x, y, epochs=args.epochs, batch_size=args.batch_size,
+                l2_norm_clip=args.l2_norm_clip, noise_multiplier=args.noise_multiplier,
+                target_epsilon=args.target_epsilon, delta=args.delta, optimizer=optimizer,
+                learning_rate=args.learning_rate, sampling=args.sampling or self.sampling,
+                accountant=args.accountant or self.accountant, validation_data=validation,
+                ledger=args.ledger, seed=args.seed, verbose=0 if args.quiet else 1, loss=loss,
+                fresh_data=args.fresh_data,
+            )  # fmt: skip
+        except Exception:
+            # A run that stopped part-way still has a card (steps run, ε spent): keep it.
+            card = getattr(model, "privacy", None)
+            if args.output and card is not None and card is not before:
+                shell.user_ns[args.output] = card
+            raise
         if args.output:
             shell.user_ns[args.output] = result
         return result
