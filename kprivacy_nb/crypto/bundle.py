@@ -7,7 +7,7 @@ into an atomic 0600 file. :class:`Bundle` opens one lazily: the payload is authe
 signature checked before the manifest is read, and each entry is deserialised only when asked for.
 
 >>> from kprivacy_nb.crypto.bundle import export_bundle, load_bundle       # doctest: +SKIP
->>> export_bundle({"model": model, "X_test": X_test}, "share.age", recipients=["alice"])
+>>> export_bundle({"model": model, "X_test": X_test}, "share.age", recipients=["alice"])  # doctest: +SKIP
 >>> bundle = load_bundle("share.age"); bundle["X_test"]                     # doctest: +SKIP
 """
 

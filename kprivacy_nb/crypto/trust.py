@@ -13,7 +13,7 @@ container is opened:
 ``%config SecureMagics.require_signature = True`` (:func:`configure`), the environment variable
 ``KPRIVACY_NB_REQUIRE_SIGNATURE=1``; it is off otherwise.
 
->>> add_trusted("kppub1…")            # doctest: +SKIP   (or a name: add_trusted("bob"))
+>>> add_trusted("bob")  # or a key: add_trusted("kppub1…")    # doctest: +SKIP
 """
 
 from __future__ import annotations
