@@ -182,7 +182,9 @@ class BudgetMagics(Magics):
     @argument("--epochs", type=int, default=15, help="epochs")
     @argument("--noise-multiplier", type=float, default=None, help="noise multiplier σ")
     @argument("--target-epsilon", type=float, default=None, help="plan for this ε instead of σ")
-    @argument("--delta", type=float, default=None, help="δ (default: the largest power of ten ≤ 1/(10·n))")
+    @argument(
+        "--delta", type=float, default=None, help="δ (default: the largest power of ten ≤ 1/(10·n))"
+    )
     @argument("--accountant", choices=_ACCOUNTANTS, default=None, help="pld (default) or rdp")
     @argument("--sampling", choices=_SAMPLINGS, default=None, help="poisson (default) or shuffle")
     @argument("--ledger", default=None, help="budget name to draw the remaining ε of")
