@@ -105,7 +105,10 @@ def test_monitor_updates_one_display_in_place(monkeypatch):
     assert {"planned", "target", "spent"} <= set(labels)
     spent = next(line for line in eps_ax.get_lines() if line.get_label() == "spent")
     assert list(spent.get_xdata()) == [1, 2, 3] and max(spent.get_ydata()) <= 4.0
-    assert {line.get_label() for line in acc_ax.get_lines()} == {"train (not private)", "validation"}
+    assert {line.get_label() for line in acc_ax.get_lines()} == {
+        "train (not private)",
+        "validation",
+    }
 
 
 def test_monitor_text_mode_prints_one_line_per_epoch():
