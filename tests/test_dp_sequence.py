@@ -78,17 +78,25 @@ def _check_fast_and_exact(layers, x, rtol=1e-4):
     assert not [name for name, path in report.items() if "fallback" in path], report
     ref = _per_layer_tapes(clipper, x, y)
     assert set(fast) == set(ref)
+    # What the guarantee needs is each example's total norm: a layer carrying a sliver of it
+    # (float32-rounding-dominated, e.g. LayerNorm over 2 features) is held to that scale.
+    total = sum(ref.values())
     for name, sq in ref.items():
-        scale = 1e-6 * float(np.max(sq)) + 1e-20
-        np.testing.assert_allclose(fast[name], sq, rtol=rtol, atol=scale, err_msg=name)
+        scale = 1e-6 * float(np.max(sq)) + 1e-6 * total + 1e-20
+        bad = np.abs(fast[name] - sq) > rtol * np.abs(sq) + scale
+        assert not bad.any(), (name, fast[name][bad], sq[bad], total[bad])
     summed = clipper.clipped_sum(tf.constant(x), tf.constant(y), tf.ones([len(x)])).grads
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(clipper.loss_fn(y, model(x, training=False)))
-    for v, got, want in zip(clipper.variables, summed, tape.gradient(loss, clipper.variables),
-                            strict=True):  # fmt: skip
-        want = tf.convert_to_tensor(want).numpy()
-        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.max(np.abs(want)) + 1e-7,
-                                   err_msg=v.path)  # fmt: skip
+    wants = [tf.convert_to_tensor(w).numpy() for w in tape.gradient(loss, clipper.variables)]
+    # Held to the whole gradient's scale: a weight whose gradient is float32 rounding after a
+    # cancellation (a LayerNorm over 3 features) differs by rounding, not by a formula error.
+    biggest = max(float(np.max(np.abs(w))) for w in wants)
+    for v, got, want in zip(clipper.variables, summed, wants, strict=True):
+        np.testing.assert_allclose(
+            got, want, rtol=1e-3, atol=1e-5 * np.max(np.abs(want)) + 1e-5 * biggest + 1e-7,
+            err_msg=v.path,
+        )  # fmt: skip
     return report, model
 
 
