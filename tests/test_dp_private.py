@@ -267,3 +267,49 @@ def test_a_validation_split_of_private_rows_is_named_on_the_card():
     assert "NOT covered by ε" in model.privacy.summary()["validation_metrics"]
     model.fit(x, y, epochs=1, batch_size=10, validation_data=(x[:10], y[:10]), verbose=0)
     assert "NOT" not in model.privacy.summary()["validation_metrics"]
+
+
+def test_the_first_hour_label_and_data_mistakes_get_their_fix():
+    import pandas as pd
+
+    x, y = _data(n=40)
+    # The standard binary classifier with labels of shape (n,) just trains.
+    run = kprivacy_nb.dp_fit(_binary(), x, y, epochs=1, batch_size=10, noise_multiplier=1.0,
+                             verbose=0)  # fmt: skip
+    assert run.steps == 4 and run.delta_source.startswith("defaulted")
+    assert run.delta == 1e-3  # the largest power of ten ≤ 1/(10·40)
+    sparse = keras.Sequential([keras.Input((10,)), keras.layers.Dense(3)])
+    sparse.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    onehot = np.eye(3, dtype="float32")[np.arange(40) % 3]
+    with pytest.raises(InvalidParameterError, match=r"one-hot .* y\.argmax\(1\)"):
+        kprivacy_nb.dp_fit(sparse, x, onehot, epochs=1, batch_size=10, noise_multiplier=1.0)
+    words = np.array(["cat", "dog"] * 20)
+    with pytest.raises(InvalidParameterError, match="factorize"):
+        kprivacy_nb.dp_fit(_binary(), x, words, epochs=1, batch_size=10, noise_multiplier=1.0)
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(10)])
+    frame["f3"] = frame["f3"].astype(str)
+    with pytest.raises(InvalidParameterError, match="'f3'"):
+        kprivacy_nb.dp_fit(_binary(), frame, y, epochs=1, batch_size=10, noise_multiplier=1.0)
+    model = kprivacy_nb.make_private(_binary(), noise_multiplier=1.0)
+    with pytest.raises(InvalidParameterError, match="'f3'"):
+        model.fit(frame, y, epochs=1, batch_size=10)
+
+
+def test_retraining_composes_unless_fresh_data_is_declared(tmp_path):
+    x, y = _data(n=200)
+    model = _binary()
+    first = kprivacy_nb.dp_fit(model, x, y, epochs=1, batch_size=20, noise_multiplier=1.0,
+                               delta=1e-4, verbose=0)  # fmt: skip
+    again = kprivacy_nb.dp_fit(model, x, y, epochs=1, batch_size=20, noise_multiplier=1.0,
+                               delta=1e-4, verbose=0)  # fmt: skip
+    assert again.steps == 20 and again.epsilon > first.epsilon
+    assert again.summary()["composition"] == "every private run of this model"
+    fresh = kprivacy_nb.dp_fit(model, x, y, epochs=1, batch_size=20, noise_multiplier=1.0,
+                               delta=1e-4, verbose=0, fresh_data=True)  # fmt: skip
+    assert fresh.steps == 10 and fresh.epsilon == pytest.approx(first.epsilon)
+    assert "fresh data" in fresh.summary()["composition"]
+    ledger = Ledger(tmp_path / "l.db")
+    ledger.create("synth", epsilon=20.0, delta=1e-5)
+    charged = kprivacy_nb.dp_fit(_binary(), x, y, epochs=1, batch_size=20, noise_multiplier=1.0,
+                                 ledger=("synth", ledger), verbose=0)  # fmt: skip
+    assert charged.delta == 1e-5 and "ledger" in charged.delta_source

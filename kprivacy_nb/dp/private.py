@@ -236,8 +236,20 @@ def _as_columns(data: Any, what: str) -> Any:
     except ImportError:  # pragma: no cover - pandas is a declared dependency
         pd = None
     if pd is not None and isinstance(data, pd.DataFrame):
+        bad = [
+            str(c) for c, t in data.dtypes.items()
+            if not (pd.api.types.is_numeric_dtype(t) or pd.api.types.is_bool_dtype(t))
+        ]  # fmt: skip
+        if bad:
+            raise InvalidParameterError(
+                f"{what}: column(s) {', '.join(map(repr, bad[:5]))}"
+                f"{' …' if len(bad) > 5 else ''} are not numeric (text, dates or mixed): encode "
+                "them (pandas.get_dummies, .cat.codes) or drop them before training"
+            )
         return data.to_numpy()
     if pd is not None and isinstance(data, pd.Series):
+        if not (pd.api.types.is_numeric_dtype(data) or pd.api.types.is_bool_dtype(data)):
+            raise InvalidParameterError(_text_labels(what))
         return data.to_numpy()
     if isinstance(data, dict):
         return {k: _as_columns(v, f"{what}[{k!r}]") for k, v in data.items()}
@@ -246,6 +258,8 @@ def _as_columns(data: Any, what: str) -> Any:
             return np.asarray(data)
         return type(data)(_as_columns(v, f"{what}[{i}]") for i, v in enumerate(data))
     if isinstance(data, np.ndarray):
+        if data.dtype.kind in "USO":
+            raise InvalidParameterError(_text_labels(what))
         return data
     if hasattr(data, "__len__") and hasattr(data, "__getitem__") and hasattr(data, "shape"):
         return data
@@ -259,6 +273,15 @@ def _as_columns(data: Any, what: str) -> Any:
             f"{type(data).__name__}"
         )
     return arr
+
+
+def _text_labels(what: str) -> str:
+    if what == "y":
+        return (
+            "y holds text (or Python objects), not numbers: encode the labels as integers "
+            "0…k-1, e.g. y = pandas.factorize(y)[0] (keep the mapping to decode predictions)"
+        )
+    return f"{what} holds text (or Python objects), not numbers: encode or drop such columns"
 
 
 def _leaves(data: Any) -> list[Any]:
@@ -417,6 +440,10 @@ def plan_fit(
     x, y = _as_columns(x, "x"), _as_columns(y, "y")
     if isinstance(y, (dict, list, tuple)):
         raise InvalidParameterError("models with several outputs/losses are not supported yet")
+    from .clipping import per_example_loss_fn as _loss_fn
+    from .trainer import _check_fits, _head
+
+    _check_fits(model, _loss_fn(model.loss), _head(x, "x"), _head(y, "y"))
     n_all = _rows(x, "x")
     if _rows(y, "y") != n_all:
         raise InvalidParameterError(f"x has {n_all} rows but y has {len(y)}: they must match")

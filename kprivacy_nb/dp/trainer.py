@@ -290,6 +290,7 @@ def dp_fit(
     clipping.check_model(model)
     loss_obj = loss if loss is not None else getattr(model, "loss", None)
     loss_fn = clipping.per_example_loss_fn(loss_obj)
+    x, y = private._as_columns(x, "x"), private._as_columns(y, "y")  # clear errors for text
     _check_fits(model, loss_fn, _head(x, "x"), _head(y, "y"))
     if validation_data is not None:
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
@@ -414,14 +415,37 @@ def _check_fits(model: Any, loss_fn: Callable, X: Any, Y: Any) -> None:
         preds = model(xs, training=False)
     except Exception as exc:  # Keras raises many types; re-word them once
         raise InvalidParameterError(f"x does not fit the model's input: {exc}") from None
+    hint = _label_hint(loss_fn, Y, preds)
+    if hint:
+        raise InvalidParameterError(hint)
     try:
         values = loss_fn(Y[:2], preds)
     except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidParameterError(
             f"y does not fit the model's output and loss (prediction shape {tuple(preds.shape)}, "
-            f"y shape {tuple(Y.shape)}): {exc}"
+            f"y shape {tuple(Y.shape)}): {first}"
         ) from None
     if values.shape.rank != 1 or values.shape[0] != preds.shape[0]:
         raise InvalidParameterError(
             f"the loss must give one value per example; got shape {tuple(values.shape)}"
         )
+
+
+def _label_hint(loss_fn: Callable, Y: Any, preds: Any) -> str | None:
+    """The usual label mistakes, with their fix (None when nothing is recognisably wrong)."""
+    loss = getattr(loss_fn, "keras_loss", None)
+    name = loss if isinstance(loss, str) else getattr(loss, "name", getattr(loss, "__name__", ""))
+    name = str(name).lower()
+    y_shape, p_shape = tuple(Y.shape), tuple(preds.shape)
+    if "sparse" in name and len(y_shape) == 2 and y_shape[-1] > 1 and y_shape[-1] == p_shape[-1]:
+        return (
+            f"y looks one-hot (shape {y_shape}) but the loss is sparse (integer labels): pass "
+            "y.argmax(1), or use a categorical (non-sparse) loss"
+        )
+    if "sparse" not in name and "categorical" in name and len(y_shape) == 1 and p_shape[-1] > 1:
+        return (
+            f"y holds class ids (shape {y_shape}) but the loss is categorical (one-hot labels): "
+            "use loss='sparse_categorical_crossentropy', or one-hot encode y"
+        )
+    return None
