@@ -166,6 +166,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_import_fernet)
 
     p = subparsers.add_parser(
+        "recipients",
+        help="name colleagues' public keys (so -r NAME encrypts to them)",
+        description="add/list/remove named public keys in recipients.txt of the home folder. "
+        "KEY is the public key someone sent you: age1…, age1pq1…, 'ssh-ed25519 AAAA…', "
+        "'ssh-rsa AAAA…' (a recipient, for -r/--to NAME) or kppub1… (a signer, for -k / "
+        "--verify-with NAME). No key pair is made (that is `keygen NAME`, for your own keys). "
+        "Example: kprivacy-nb recipients add bob age1ql3z…  |  kprivacy-nb recipients add carol "
+        '"$(cat carol_id_ed25519.pub)"',
+    )
+    rsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    r = rsub.add_parser("add", help="name a public key: NAME KEY")
+    r.add_argument("name", help="the name to use with -r/--to (letters, digits, _ . @ -)")
+    r.add_argument("key", nargs="+", help="the public key (an ssh key may be given unquoted)")
+    r.add_argument("--force", action="store_true", help="replace a key already under NAME")
+    r.set_defaults(func=cmd_recipients)
+    r = rsub.add_parser("list", help="list named public keys")
+    r.add_argument("--json", action="store_true", help="print one JSON list")
+    r.set_defaults(func=cmd_recipients)
+    r = rsub.add_parser("remove", help="forget the public keys named NAME")
+    r.add_argument("name")
+    r.set_defaults(func=cmd_recipients)
+
+    p = subparsers.add_parser(
         "trust",
         help="manage trusted signers (their signatures are verified automatically)",
         description="add/list/remove signers in the trusted_signers file of the home folder. "
@@ -437,6 +460,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
     )
     reader.check_all_parts()  # a valid manifest signature vouches only for matching parts
     print(f"good signature by {expected} on {args.file} (manifest and every part)")
+    return 0
+
+
+def cmd_recipients(args: argparse.Namespace) -> int:
+    if args.action == "add":
+        print(f"added {keys.add_recipient(args.name, ' '.join(args.key), force=args.force)}")
+    elif args.action == "remove":
+        for k in keys.remove_recipient(args.name):
+            print(f"removed {k}")
+    else:
+        named = keys.list_recipients()
+        if args.json:
+            print(json.dumps([{"name": k.name, "key": k.key, "type": k.type} for k in named]))
+            return 0
+        for k in named:
+            print(k)
+        if not named:
+            print("no named public keys yet (add one: kprivacy-nb recipients add NAME KEY)")
     return 0
 
 

@@ -5,7 +5,11 @@ Layout under :func:`kprivacy_nb.paths.home_dir`::
     keys/NAME.key        age identity (AGE-SECRET-KEY-1… or AGE-SECRET-KEY-PQ-1…), 0600
     keys/NAME.sign.key   Ed25519 signing key (KPRIVACY-SIGNING-KEY-1…), 0600
     keys/NAME.sign.pub   its public key (kppub1…)
-    recipients.txt       "name: age1…" / "name: kppub1…" lines (public; # comments)
+    recipients.txt       "name: KEY" lines, KEY any public key: age1…, age1pq1…, ssh-ed25519 …,
+                         ssh-rsa … (recipients) or kppub1… (signers); # comments
+
+Colleagues' public keys are named with :func:`add_recipient` (``kprivacy-nb recipients add NAME
+KEY``, ``%secure_recipients add NAME KEY``); :func:`generate_identity` names your own new keys.
 
 A recipient can be named (``alice``), given literally (any type the age registry knows:
 ``age1…``, ``age1pq1…``, ``ssh-ed25519 …``, ``ssh-rsa …``) or as a recipients file (several
@@ -144,7 +148,7 @@ def _kind(value: str) -> str:
 
 
 def add_named(name: str, value: str, *, force: bool = False) -> None:
-    """Record ``name: value`` (an ``age1…`` or ``kppub1…`` public key) in recipients.txt."""
+    """Record ``name: value`` (a public key, already validated) in recipients.txt."""
     check_name(name)
     path = recipients_file()
     lines = (
@@ -169,6 +173,81 @@ def add_named(name: str, value: str, *, force: bool = False) -> None:
     kept.append(f"{name}: {value}")
     with atomic_write(path, force=True) as f:
         f.write(("\n".join(kept) + "\n").encode())
+
+
+@dataclass(frozen=True)
+class NamedKey:
+    """A public key recorded under a name in recipients.txt (never a secret)."""
+
+    name: str
+    key: str
+    type: str  # "age", "age (post-quantum)", "ssh-ed25519", "ssh-rsa" or "signing"
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.key} ({self.type})"
+
+
+def _key_type(value: str) -> str:
+    if value.startswith("kppub1"):
+        return "signing"
+    if value.startswith("age1pq1"):
+        return "age (post-quantum)"
+    if value.startswith("age1"):
+        return "age"
+    return value.split()[0] if value.startswith("ssh-") else "unknown"
+
+
+def add_recipient(name: str, key: str, *, force: bool = False) -> NamedKey:
+    """Record a colleague's public key under ``name`` so ``-r NAME`` / ``--to NAME`` /
+    ``recipients=["NAME"]`` encrypt to it. ``key`` is any supported public key: ``age1…``,
+    ``age1pq1…``, ``ssh-ed25519 AAAA…``, ``ssh-rsa AAAA…`` (a recipient), or ``kppub1…`` (a
+    signer, for ``--verify-with NAME``). No key pair is made: this is someone else's public key.
+
+    Example::
+
+        add_recipient("bob", "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p")
+    """
+    check_name(name)
+    value = " ".join(key.strip().strip("'\"").split())
+    if not value:
+        raise InvalidParameterError("give the public key to record: recipients add NAME KEY")
+    if value.startswith(("AGE-SECRET-KEY", "KPRIVACY-SIGNING-KEY", "-----BEGIN")):
+        raise InvalidParameterError(
+            "that is a secret key, not a public one: ask its owner for the public key "
+            "(age1…, age1pq1…, ssh-ed25519 …, ssh-rsa …, kppub1…)"
+        )
+    if value.lower().startswith("kppub1"):
+        from .signing import VerifyKey
+
+        value = str(VerifyKey.parse(value))
+    else:
+        parse_recipient(value)  # refuses what is not a valid public key of a known type
+    add_named(name, value, force=force)
+    return NamedKey(name, value, _key_type(value))
+
+
+def list_recipients() -> list[NamedKey]:
+    """The named public keys of recipients.txt (unnamed lines are skipped)."""
+    return [NamedKey(n, v, _key_type(v)) for n, v in read_named() if n is not None]
+
+
+def remove_recipient(name: str) -> list[NamedKey]:
+    """Forget every public key recorded under ``name``; returns what was removed."""
+    path = recipients_file()
+    gone = [k for k in list_recipients() if k.name == name]
+    if not gone:
+        raise InvalidParameterError(
+            f"no public key is named {name!r} in {path} (see them with `kprivacy-nb recipients "
+            "list`)"
+        )
+    kept = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.partition(":")[0].strip() != name or not line.partition(":")[1]
+    ]
+    with atomic_write(path, force=True) as f:
+        f.write(("\n".join(kept) + "\n").encode())
+    return gone
 
 
 def lookup_named(name: str, kind: str) -> list[str]:
@@ -206,12 +285,19 @@ def resolve_recipients(specs: list | str) -> list:
         elif Path(spec).expanduser().is_file():
             out += recipients_from_file(spec)
         else:
-            raise InvalidParameterError(
-                f"unknown recipient {spec!r}: give a public key (age1…, age1pq1…, ssh-ed25519 …, "
-                f"ssh-rsa …), a name listed in {recipients_file()} (add one with "
-                "`kprivacy-nb keygen NAME`), or a recipients file"
-            )
+            raise InvalidParameterError(unknown_recipient_message(spec))
     return out
+
+
+def unknown_recipient_message(spec: str) -> str:
+    """What to do about a recipient that is no key, name or file (used by every front end)."""
+    name = spec if _NAME_RE.fullmatch(spec) else "NAME"
+    return (
+        f"unknown recipient {spec!r}: give a public key (age1…, age1pq1…, ssh-ed25519 …, "
+        f"ssh-rsa …), a recipients file, or a name listed in {recipients_file()}. To name a "
+        f"colleague's public key, add the key they sent you: `kprivacy-nb recipients add {name} "
+        f"KEY` (in a notebook: %secure_recipients add {name} KEY)"
+    )
 
 
 def recipients_from_file(path: str | os.PathLike) -> list:

@@ -1,5 +1,6 @@
-"""``%secure_save``, ``%secure_load``, ``%secure_keygen``, ``%secure_trust``: encrypted, signed
-objects in age files, and whose signatures you trust.
+"""``%secure_save``, ``%secure_load``, ``%secure_keygen``, ``%secure_recipients``,
+``%secure_trust``: encrypted, signed objects in age files, colleagues' public keys, and whose
+signatures you trust.
 
 Thin layer over :mod:`kprivacy_nb.crypto.store` / ``keys`` / ``signing`` / ``trust``. Secrets never
 go on the line: passphrases come from a prompt (``--passphrase``) or ``--passphrase-env VAR``, keys
@@ -210,6 +211,48 @@ class SecureMagics(Magics):
         if args.signing:
             return signing.generate_signing_key(args.name, output=args.output, force=args.force)
         return keys.generate_identity(args.name, output=args.output, force=args.force, pq=args.pq)
+
+    @magic_arguments()
+    @argument("action", nargs="?", default="list", help="add, list (default) or remove")
+    @argument("name", nargs="?", help="the name to use with --to / -r / recipients=")
+    @argument("key", nargs="*", help="(add) the public key: age1…, age1pq1…, ssh-…, kppub1…")
+    @argument("--force", action="store_true", help="(add) replace a key already under NAME")
+    @line_magic
+    @user_errors
+    def secure_recipients(self, line: str = "") -> Any:
+        """Name colleagues' public keys, so ``--to NAME`` encrypts to them.
+
+        KEY is the public key someone sent you (``age1…``, ``age1pq1…``, ``ssh-ed25519 AAAA…``,
+        ``ssh-rsa AAAA…``, or a signer's ``kppub1…``); no key pair is made — your own keys come
+        from ``%secure_keygen``. Example::
+
+            %secure_recipients add bob age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p
+            %secure_recipients add carol ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA… carol@laptop
+            %secure_save df results.age --to bob
+            %secure_recipients                  # list
+            %secure_recipients remove bob
+        """
+        args = parse_argstring(self.secure_recipients, line)
+        from ..crypto import keys
+
+        if args.action == "add":
+            if not args.name or not args.key:
+                raise UsageError(
+                    "add needs a name and a public key: %secure_recipients add NAME KEY"
+                )
+            return PlainText(
+                f"added {keys.add_recipient(args.name, ' '.join(args.key), force=args.force)}"
+            )
+        if args.action == "remove":
+            if not args.name:
+                raise UsageError("remove needs a name: %secure_recipients remove NAME")
+            return PlainText("\n".join(f"removed {k}" for k in keys.remove_recipient(args.name)))
+        if args.action != "list" or args.name:
+            raise UsageError("use %secure_recipients add NAME KEY | list | remove NAME")
+        named = keys.list_recipients()
+        if not named:
+            return PlainText("no named public keys yet: %secure_recipients add NAME KEY")
+        return PlainText("\n".join(str(k) for k in named))
 
     @magic_arguments()
     @argument("signer", nargs="?", help="signer name or kppub1… key to trust")
