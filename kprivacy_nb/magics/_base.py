@@ -86,11 +86,46 @@ def scrub_history(shell: Any, needle: str | None = None, *, magic: str | None = 
     return changed
 
 
-def scrub_line(shell: Any, line: str, *, magic: str | None = None) -> None:
+REPLACED_NOTE = "the cell's text was replaced by a copy without that line"
+
+
+def redacted_cell(cell: str, line: str) -> str | None:
+    """``cell`` with every source line that holds ``line`` replaced by a note naming only the
+    magic (``None`` when ``line`` is not in it)."""
+    needle = line.strip()
+    if not needle or needle not in cell:
+        return None
+    out = []
+    for source in cell.splitlines():
+        if needle in source:
+            word = source.strip().split()[0] if source.strip().startswith("%") else ""
+            magic = word if re.fullmatch(r"%%?\w+", word) else "this line"
+            source = f"# {magic} … — removed by kprivacy_nb: it held a secret"
+        out.append(source)
+    return "\n".join(out)
+
+
+def replace_cell_text(shell: Any, line: str) -> bool:
+    """In a Jupyter kernel, replace the running cell's text by :func:`redacted_cell`
+    (``set_next_input(..., replace=True)``: the frontend rewrites the cell, so the secret does
+    not stay in the notebook). Returns whether it asked for that."""
+    hm = getattr(shell, "history_manager", None)
+    if getattr(shell, "kernel", None) is None or hm is None or not hm.input_hist_raw:
+        return False
+    text = redacted_cell(hm.input_hist_raw[-1], line)
+    if text is None:
+        return False
+    shell.set_next_input(text, replace=True)
+    return True
+
+
+def scrub_line(shell: Any, line: str, *, magic: str | None = None) -> bool:
     """Remove ``line`` (of ``magic``, if given) from the history now, and again after the cell
-    (the history DB writer may flush after this magic returns)."""
+    (the history DB writer may flush after this magic returns); in Jupyter, also from the
+    cell's own text. Returns whether the cell's text is being replaced."""
     if shell is None:
-        return
+        return False
+    replaced = replace_cell_text(shell, line)
     scrub_history(shell, line, magic=magic)
     events = shell.events
 
@@ -100,18 +135,24 @@ def scrub_line(shell: Any, line: str, *, magic: str | None = None) -> None:
             events.unregister("post_run_cell", _later)
 
     events.register("post_run_cell", _later)
+    return replaced
+
+
+def _with_note(message: str, replaced: bool) -> str:
+    return f"{message} ({REPLACED_NOTE})" if replaced else message
 
 
 def refuse_secret_line(shell: Any, line: str, cell: str | None = None) -> None:
-    """Refuse a magic line (or cell header) that carries a secret, scrubbing it from history."""
+    """Refuse a magic line (or cell header) that carries a secret, scrubbing it from history
+    and, in Jupyter, from the cell's text."""
     why = secrets.find_secret(line)
     if why is None:
         return
-    scrub_line(shell, line)
+    replaced = scrub_line(shell, line)
     try:
         secrets.check_line(line)
     except SecretOnLineError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(_with_note(str(exc), replaced)) from None
 
 
 _UNRECOGNIZED_RE = re.compile(r"^unrecognized arguments: (.*)$", re.DOTALL)
@@ -160,9 +201,12 @@ def refuse_unparsed_line(shell: Any, line: str, parser: Any, magic: str) -> None
         return
     if not line.strip():
         raise UsageError(message)
-    scrub_line(shell, line, magic=magic)
+    replaced = scrub_line(shell, line, magic=magic)
     raise UsageError(
-        f"{message} — the line was removed from the input history, in case it held a secret"
+        _with_note(
+            f"{message} — the line was removed from the input history, in case it held a secret",
+            replaced,
+        )
     )
 
 
@@ -182,14 +226,15 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
                 return func(self, line, *args, **kw)
             return func(self, line, cell, *args, **kw)
         except MissingEnvVarError as exc:
-            scrub_line(shell, line)  # the "name" may have been a passphrase: out of the history
-            raise UsageError(str(exc)) from None
+            # the "name" may have been a passphrase: out of the history and the cell
+            raise UsageError(_with_note(str(exc), scrub_line(shell, line))) from None
         except KPrivacyError as exc:
             raise UsageError(secrets.redact(str(exc))) from None
         except UsageError as exc:
             message = argument_error(str(exc))
             if message != str(exc) and "passphrase" in line:
-                scrub_line(shell, line)  # a stray word next to a passphrase option
+                # a stray word next to a passphrase option
+                message = _with_note(message, scrub_line(shell, line))
             raise UsageError(message) from None
 
     return wrapper

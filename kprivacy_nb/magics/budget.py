@@ -167,10 +167,12 @@ class BudgetMagics(Magics):
                 from ._base import scrub_line
 
                 secrets.register_secret(password)  # masked if anything prints it later
-                scrub_line(self.shell, url)
+                replaced = scrub_line(self.shell, url)
                 raise UsageError(
                     "refused: the --url has a password in it, and secrets never go on a magic "
-                    "line (the line was removed from the input history). Leave it out and let "
+                    "line (the line was removed from the input history"
+                    f"{'; the cell’s text was replaced by a copy without it' if replaced else ''})."
+                    " Leave it out and let "
                     "PostgreSQL find it in PGPASSWORD or ~/.pgpass, or set the whole URL in "
                     "KPRIVACY_NB_LEDGER_URL (%env) and drop --url"
                 )

@@ -210,11 +210,15 @@ class ExportMagics(Magics):
         super().__init__(shell=shell, **kwargs)
         self.blobs: dict[str, str] = {}  # id -> armored ciphertext (public)
         self._timers: list[threading.Timer] = []
+        self._panels: list[Any] = []  # RevealPanels of %secure_show (hidden on unload)
 
     def on_unload(self) -> None:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        for panel in self._panels:
+            panel.hide()
+        self._panels.clear()
 
     # -- %secure_export ---------------------------------------------------------------------
     @magic_arguments()
@@ -286,7 +290,7 @@ class ExportMagics(Magics):
         )
 
     # -- %%secure_output --------------------------------------------------------------------
-    @magic_arguments()
+    @magic_arguments("%secure_output")  # a cell magic: the usage line says %%secure_output
     @argument("--to", action="append", default=[], help="recipient name or age1… (repeatable)")
     @argument("--passphrase", action="store_true", help="encrypt with a passphrase (prompt)")
     @argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
@@ -386,10 +390,13 @@ class ExportMagics(Magics):
     @line_magic
     @user_errors
     def secure_show(self, line: str = "") -> None:
-        """Decrypt an encrypted cell output and show it for a while.
+        """Decrypt an encrypted cell output and show it for a while, never in the saved notebook.
 
-        The plaintext is shown in this cell's output and replaced by a note after ``--for``
-        seconds (default 60), so save the notebook only after it is hidden again. Unless the
+        In Jupyter the cell shows a "Show" button: a click puts the plaintext in a widget (not
+        a cell output, so saving the notebook never stores it; a headless run such as
+        ``jupyter nbconvert --execute`` never reveals it) and takes it out again after ``--for``
+        seconds (default 60). Keep JupyterLab's "Save Widget State Automatically" off (the
+        default): with it on, a save while the output is shown would store it. Unless the
         blob is signed by a trusted signer (``%secure_trust``) or ``--verify-with``, only
         passive content is shown (text, PNG/JPEG, SVG as an image, Markdown without HTML);
         HTML and JavaScript are held back. Example::
@@ -408,10 +415,9 @@ class ExportMagics(Magics):
             verify_with=args.verify_with,
         )
         seconds = self.show_seconds if args.seconds is None else args.seconds
-        ids = []
+        items: list[tuple[dict, dict]] = []
         held_back: list[str] = []
         for out in outputs:
-            display_id = pyrandom.token_hex(6)
             if out.get("output_type") == "stream":
                 data, metadata = {"text/plain": out.get("text", "")}, {}
             elif out.get("output_type") == "error":
@@ -421,10 +427,8 @@ class ExportMagics(Magics):
             if not status.verified:  # anyone with our public key could have written it
                 data, metadata, dropped = safe_output(data, metadata)
                 held_back += dropped
-            if not data:
-                continue
-            ids.append(display_id)
-            display(data, raw=True, metadata=metadata, display_id=display_id)
+            if data:
+                items.append((data, metadata))
         if not status.verified:
             note = f"⚠️ {status}"
             if held_back:
@@ -433,6 +437,28 @@ class ExportMagics(Magics):
                     f"{', '.join(sorted(set(held_back)))}"
                 )
             print(note)
+        if getattr(self.shell, "kernel", None) is not None:
+            self._show_unsaved(items, seconds)
+        else:
+            self._show_for(items, seconds)
+        return None
+
+    def _show_unsaved(self, items: list[tuple[dict, dict]], seconds: float) -> None:
+        """In Jupyter: a button that reveals the plaintext in a widget, never as a cell output,
+        and only on a click in a live frontend (see :mod:`kprivacy_nb.widgets.reveal`)."""
+        from ..widgets.reveal import RevealPanel
+
+        panel = RevealPanel(items, seconds, f"{len(items)} decrypted output(s)")
+        self._panels.append(panel)
+        display(panel)
+
+    def _show_for(self, items: list[tuple[dict, dict]], seconds: float) -> None:
+        """Outside Jupyter (no notebook file to save): display, and replace after ``seconds``."""
+        ids = []
+        for data, metadata in items:
+            display_id = pyrandom.token_hex(6)
+            ids.append(display_id)
+            display(data, raw=True, metadata=metadata, display_id=display_id)
         if seconds and seconds > 0:
 
             def hide() -> None:
@@ -447,7 +473,6 @@ class ExportMagics(Magics):
             timer.daemon = True
             timer.start()
             self._timers.append(timer)
-        return None
 
     def _find_blob(self, blob_id: str | None, notebook: str | None) -> str:
         from ..crypto.bundle import OUTPUTS_MIME
