@@ -22,6 +22,8 @@ from . import age, envelope, keys, signing, trust
 from .printable import printable
 
 FORMATS = ("kprivacy", "oms")
+FORMAT_HELP = "kprivacy (default: Ed25519, kppub1… keys) or oms (OpenSSF model signing)"
+PASS_ENV_HELP = "read the passphrase from $VAR"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a post-quantum hybrid identity (ML-KEM-768 + X25519; age1pq1…, as age-keygen -pq)",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing key file")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_keygen)
 
     p = subparsers.add_parser(
@@ -55,9 +57,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "-r",
         "--recipient",
+        "--to",
+        dest="recipient",
+        metavar="RECIPIENT",
         action="append",
         default=[],
-        help="public key (age1…, age1pq1…, 'ssh-ed25519 …', 'ssh-rsa …') or a name (repeatable)",
+        help="public key (age1…, age1pq1…, 'ssh-ed25519 …', 'ssh-rsa …') or a name from "
+        "`recipients list` (repeatable; --to is an alias)",
     )
     p.add_argument(
         "-R", "--recipients-file", action="append", default=[], help="recipients file (repeatable)"
@@ -102,11 +108,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "kprivacy-nb sign --format oms --private-key key.pem -o model.sig my_model/",
     )
     p.add_argument("-k", "--key", help="signing key file or name")
-    p.add_argument("--format", choices=FORMATS, default="kprivacy", help="signature format")
+    p.add_argument("--format", choices=FORMATS, default="kprivacy", help=FORMAT_HELP)
     p.add_argument("--private-key", metavar="PEM", help="EC private key (--format oms; 0600)")
     p.add_argument("--password-env", metavar="VAR", help="password of an encrypted PEM key")
     p.add_argument("-o", "--output", help="signature file (default FILE.sig)")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="overwrite the signature file")
     p.add_argument("file", help="file (or, with --format oms, model folder) to sign")
     p.set_defaults(func=cmd_sign)
 
@@ -121,12 +127,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "kprivacy-nb verify --format oms --public-key key.pub --signature model.sig my_model/",
     )
     p.add_argument("-k", "--key", help="signer: kppub1… key, name or .pub file")
-    p.add_argument("--format", choices=FORMATS, default="kprivacy", help="signature format")
+    p.add_argument("--format", choices=FORMATS, default="kprivacy", help=FORMAT_HELP)
     p.add_argument("--public-key", metavar="PEM", help="EC public key (--format oms)")
     p.add_argument("-s", "--signature", help="detached signature file (default FILE.sig)")
     p.add_argument("-i", "--identity", action="append", default=[], help="identity file or name")
-    p.add_argument("--passphrase-env", metavar="VAR")
-    p.add_argument("file")
+    p.add_argument("--passphrase-env", metavar="VAR", help=PASS_ENV_HELP)
+    p.add_argument("file", help="the signed file (or model folder)")
     p.set_defaults(func=cmd_verify)
 
     p = subparsers.add_parser(
@@ -137,10 +143,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "container manifest (entries, types, sizes, digests, signature). "
         "Example: kprivacy-nb inspect model.age -i alice",
     )
-    p.add_argument("file")
+    p.add_argument("file", help="the age file to describe")
     p.add_argument("-i", "--identity", action="append", default=[], help="identity file or name")
-    p.add_argument("--passphrase-env", metavar="VAR")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--passphrase-env", metavar="VAR", help=PASS_ENV_HELP)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_inspect)
 
     p = subparsers.add_parser(
@@ -157,7 +163,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--key", metavar="FILE", help="Fernet key file (mode 0600)")
     src.add_argument("--wrapped-key", metavar="FILE", help="the Fernet key, RSA-OAEP encrypted")
     p.add_argument("--rsa-key", metavar="PEM", help="RSA private key for --wrapped-key (0600)")
-    p.add_argument("-r", "--recipient", action="append", default=[], help="recipient (repeat)")
+    p.add_argument(
+        "-r",
+        "--recipient",
+        "--to",
+        dest="recipient",
+        metavar="RECIPIENT",
+        action="append",
+        default=[],
+        help="recipient: public key or name (repeatable; --to is an alias)",
+    )
     p.add_argument("-R", "--recipients-file", action="append", default=[], help="recipients file")
     p.add_argument("-a", "--armor", action="store_true", help="ASCII-armored output")
     p.add_argument("-o", "--output", required=True, help="the age file to write")
@@ -185,7 +200,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--json", action="store_true", help="print one JSON list")
     r.set_defaults(func=cmd_recipients)
     r = rsub.add_parser("remove", help="forget the public keys named NAME")
-    r.add_argument("name")
+    r.add_argument("name", help="the name to forget")
     r.set_defaults(func=cmd_recipients)
 
     p = subparsers.add_parser(
@@ -202,10 +217,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--name", help="name to record with a kppub1… key")
     t.set_defaults(func=cmd_trust)
     t = tsub.add_parser("list", help="list trusted signers")
-    t.add_argument("--json", action="store_true")
+    t.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     t.set_defaults(func=cmd_trust)
     t = tsub.add_parser("remove", help="stop trusting a signer (name or kppub1…)")
-    t.add_argument("signer")
+    t.add_argument("signer", help="signer name or kppub1… key")
     t.set_defaults(func=cmd_trust)
 
 

@@ -757,15 +757,18 @@ class Ledger:
 
         def tx(db: Any) -> dict[str, Any] | None:
             name, booked = self._lock_reserved(db, run_id)
+            note = ""
             if event != event_from_json(booked):
                 row, records = self._state(db, name)
                 others = [r.event for r in records if r.id != run_id]
                 after = _epsilon(others + [event], row[2], row[3])
                 if after > row[1]:
                     return {"name": name, "cap": row[1], "after": after, "delta": row[2]}
+                note = ran_note(event, event_from_json(booked))
             db.execute(
-                "UPDATE runs SET status = 'settled', event = ?, settled_at = ? WHERE id = ?",
-                (payload, _now(), run_id),
+                "UPDATE runs SET status = 'settled', event = ?, settled_at = ?, "
+                "description = description || ? WHERE id = ?",
+                (payload, _now(), note, run_id),
             )
             return None
 
@@ -796,6 +799,22 @@ class Ledger:
     def cancel(self, run_id: int) -> None:
         """Cancel a pending reservation by id (only if you know no step of it ran)."""
         self._cancel(int(run_id))
+
+
+def ran_note(event: Any, planned: Any) -> str:
+    """What a run settled with less (or other) than it reserved actually ran, for its
+    description: ``" — stopped: ran 37 of 120 planned steps"`` (epochs for shuffled
+    sampling, where each epoch is one release)."""
+    if (
+        isinstance(event, dp_accounting.SelfComposedDpEvent)
+        and isinstance(planned, dp_accounting.SelfComposedDpEvent)
+        and event.event == planned.event
+    ):
+        unit = "steps" if isinstance(event.event, dp_accounting.PoissonSampledDpEvent) else "epochs"
+        if event.count < planned.count:
+            return f" — stopped early: ran {event.count} of {planned.count} planned {unit}"
+        return f" — ran {event.count} {unit} ({planned.count} planned)"
+    return " — settled with a different event than reserved"
 
 
 def _dpsgd_parts(event: Any) -> tuple[float, float, int] | None:

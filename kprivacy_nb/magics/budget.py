@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -18,13 +17,10 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import CaselessStrEnum, Float, Unicode
 
+from ..dp.cli import fmt_epsilon as _fmt  # cheap: no dp-accounting import
 from ..dp.names import ACCOUNTANTS as _ACCOUNTANTS  # cheap: no dp-accounting import
 from ..dp.names import SAMPLINGS as _SAMPLINGS
 from ._base import user_errors
-
-
-def _fmt(eps: float) -> str:
-    return "∞" if math.isinf(eps) else f"{eps:.4g}"
 
 
 def _bar(fraction: float, width: int = 160) -> str:
@@ -45,16 +41,9 @@ class LedgerTable:
         self.location = location
 
     def __repr__(self) -> str:
-        if not self.budgets:
-            return f"no budgets in {self.location} (create one: %dp_ledger create NAME --epsilon 8)"
-        lines = [f"{'budget':20} {'cap ε':>8} {'spent ε':>9} {'left ε':>8} {'runs':>5} δ"]
-        for b in self.budgets:
-            pending = f" (+{b.reserved} reserved)" if b.reserved else ""
-            lines.append(
-                f"{b.name:20} {b.epsilon_cap:8.4g} {_fmt(b.spent_epsilon):>9} "
-                f"{b.remaining_epsilon:8.4g} {b.runs:5d} {b.delta:g}{pending}"
-            )
-        return "\n".join(lines)
+        from ..dp.cli import budgets_text
+
+        return budgets_text(self.budgets, self.location)
 
     def _repr_html_(self) -> str:
         if not self.budgets:
@@ -101,15 +90,9 @@ class BudgetView:
         return fig
 
     def __repr__(self) -> str:
-        b = self.budget
-        lines = [
-            f"budget {b.name!r}: cap ε={b.epsilon_cap:g} at δ={b.delta:g} ({b.accountant}); "
-            f"spent ε={_fmt(b.spent_epsilon)}, remaining ε={b.remaining_epsilon:.4g}, "
-            f"{b.runs} run(s), {b.reserved} reserved"
-        ]
-        for rec, eps in self.cumulative:
-            lines.append(f"  #{rec.id} {rec.status:8} ε so far={_fmt(eps)} {rec.description}")
-        return "\n".join(lines)
+        from ..dp.cli import budget_text
+
+        return budget_text(self.budget, self.cumulative)
 
     def _repr_html_(self) -> str:
         b = self.budget
@@ -230,7 +213,8 @@ class BudgetMagics(Magics):
         "action",
         nargs="?",
         default="list",
-        help="list (default), create, show, settle, cancel or delete",
+        help="list (default), create, show, settle, cancel or delete; a budget name alone "
+        "shows that budget",
     )
     @argument("name", nargs="?", default=None, help="budget name")
     @argument("--epsilon", type=float, default=None, help="create: the ε cap")
@@ -255,6 +239,7 @@ class BudgetMagics(Magics):
             %dp_ledger                                      # table of budgets
             %dp_ledger create customers --epsilon 8 --delta 1e-5
             %dp_ledger show customers --plot
+            %dp_ledger customers                            # the same as show customers
             %dp_ledger settle customers --run 7              # a run a crashed kernel left
             %dp_ledger cancel customers --run 8              # one you know never trained
             %dp_ledger delete customers --yes
@@ -265,55 +250,11 @@ class BudgetMagics(Magics):
         ``cancel`` releases it as unspent: only for a run you know took no step.
         """
         args = parse_argstring(self.dp_ledger, line)
-        action = args.action.lower()
-        if action not in ("list", "create", "show", "settle", "cancel", "delete"):
-            raise UsageError(
-                f"unknown %dp_ledger action {args.action!r}; "
-                "use list, create, show, settle, cancel or delete"
-            )
-        if action != "list" and not args.name:
-            raise UsageError(f"%dp_ledger {action} needs a budget name")
-        ledger = self._ledger(args.url)
-        try:
-            if action == "create":
-                if args.epsilon is None:
-                    raise UsageError("%dp_ledger create NAME needs --epsilon (the cap)")
-                if args.delta is None:
-                    raise UsageError("%dp_ledger create NAME needs --delta (e.g. 1e-5)")
-                ledger.create(
-                    args.name,
-                    args.epsilon,
-                    args.delta,
-                    accountant=args.accountant or self.accountant,
-                )
-                return LedgerTable([ledger.budget(args.name)], ledger.location)
-            if action == "show":
-                budget = ledger.budget(args.name)
-                return BudgetView(budget, ledger.cumulative_epsilon(args.name), args.plot)
-            if action in ("settle", "cancel"):
-                pending = {r.id: r for r in ledger.runs(args.name) if r.status == "reserved"}
-                if args.run not in pending:
-                    ids = ", ".join(str(i) for i in pending) or "none"
-                    raise UsageError(
-                        f"give the pending run to {action} with --run ID (pending in "
-                        f"{args.name!r}: {ids})"
-                    )
-                if action == "settle":
-                    ledger.settle(args.run, pending[args.run].event)
-                else:
-                    ledger.cancel(args.run)
-                return BudgetView(
-                    ledger.budget(args.name), ledger.cumulative_epsilon(args.name), False
-                )
-            if action == "delete":
-                if not args.yes:
-                    ledger.budget(args.name)  # unknown name → clear error first
-                    raise UsageError(
-                        f"deleting {args.name!r} drops its budget and every run record; "
-                        f"repeat with --yes: %dp_ledger delete {args.name} --yes"
-                    )
-                ledger.delete(args.name)
-                return LedgerTable(ledger.budgets(), ledger.location)
-            return LedgerTable(ledger.budgets(), ledger.location)
-        finally:
-            ledger.close()
+        from ..dp.cli import ledger_action
+
+        args.accountant = args.accountant or self.accountant
+        with self._ledger(args.url) as ledger:
+            result, runs = ledger_action(ledger, args, prog="%dp_ledger")
+            if runs is None:
+                return LedgerTable(result, ledger.location)
+            return BudgetView(result, runs, args.plot)

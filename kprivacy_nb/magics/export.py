@@ -224,7 +224,17 @@ class ExportMagics(Magics):
     @magic_arguments()
     @argument("items", nargs="*", help="variables to export (none: open the export panel)")
     @argument("-o", "--output", metavar="FILE", help="output .age file")
-    @argument("--to", action="append", default=[], help="recipient name or age1… (repeatable)")
+    @argument(
+        "-r",
+        "--recipient",
+        "--to",
+        dest="to",
+        metavar="RECIPIENT",
+        action="append",
+        default=[],
+        help="recipient: public key (age1…, age1pq1…, ssh-…), name or recipients file "
+        "(repeatable; --to is an alias)",
+    )
     @argument("--passphrase", action="store_true", help="encrypt with a passphrase (prompt)")
     @argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
     @argument("--sign-with", metavar="KEY", help="signing key name or file")
@@ -291,7 +301,17 @@ class ExportMagics(Magics):
 
     # -- %%secure_output --------------------------------------------------------------------
     @magic_arguments("%secure_output")  # a cell magic: the usage line says %%secure_output
-    @argument("--to", action="append", default=[], help="recipient name or age1… (repeatable)")
+    @argument(
+        "-r",
+        "--recipient",
+        "--to",
+        dest="to",
+        metavar="RECIPIENT",
+        action="append",
+        default=[],
+        help="recipient: public key (age1…, age1pq1…, ssh-…), name or recipients file "
+        "(repeatable; --to is an alias)",
+    )
     @argument("--passphrase", action="store_true", help="encrypt with a passphrase (prompt)")
     @argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
     @argument("--sign-with", metavar="KEY", help="signing key name or file")
@@ -324,7 +344,7 @@ class ExportMagics(Magics):
         passphrase = passphrase_from_args(args)
         recipients = args.to or (None if passphrase is not None else self.default_recipients)
         if not recipients and passphrase is None:
-            raise UsageError("say who can read the output: --to NAME|age1… or --passphrase")
+            raise UsageError("say who can read the output: -r/--to NAME|age1… or --passphrase")
         # Resolve keys before running the cell, so a typo doesn't run (and lose) the cell.
         recipients_for(recipients or None, passphrase, DEFAULT_SCRYPT_WORK_FACTOR)
         signer = load_signing_key(args.sign_with) if args.sign_with else None

@@ -57,7 +57,7 @@ class SecureMagics(Magics):
     ).tag(config=True)
     armor = Bool(False, help="Write ASCII-armored files by default").tag(config=True)
     default_recipients = List(
-        Unicode(), help="Recipients used by %secure_save when no --to/--passphrase is given"
+        Unicode(), help="Recipients used by %secure_save when no -r/--passphrase is given"
     ).tag(config=True)
     default_signer = Unicode("", help="Signing key used by %secure_save when no --sign-with").tag(
         config=True
@@ -95,7 +95,17 @@ class SecureMagics(Magics):
     @magic_arguments()
     @argument("obj", help="variable to save (with --path: a file or folder to save)")
     @argument("path", help="output .age file")
-    @argument("--to", action="append", default=[], help="recipient name or age1… (repeatable)")
+    @argument(
+        "-r",
+        "--recipient",
+        "--to",
+        dest="to",
+        metavar="RECIPIENT",
+        action="append",
+        default=[],
+        help="recipient: public key (age1…, age1pq1…, ssh-…), name or recipients file "
+        "(repeatable; --to is an alias)",
+    )
     @argument("--passphrase", action="store_true", help="encrypt with a passphrase (prompt)")
     @argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
     @argument("--sign-with", metavar="KEY", help="signing key name or file")
@@ -220,7 +230,7 @@ class SecureMagics(Magics):
     @line_magic
     @user_errors
     def secure_recipients(self, line: str = "") -> Any:
-        """Name colleagues' public keys, so ``--to NAME`` encrypts to them.
+        """Name colleagues' public keys, so ``-r NAME`` (alias ``--to NAME``) encrypts to them.
 
         KEY is the public key someone sent you (``age1…``, ``age1pq1…``, ``ssh-ed25519 AAAA…``,
         ``ssh-rsa AAAA…``, or a signer's ``kppub1…``); no key pair is made — your own keys come

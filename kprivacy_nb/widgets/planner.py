@@ -22,7 +22,7 @@ import ipywidgets as widgets
 from matplotlib.figure import Figure
 
 from ..dp import accounting
-from ..errors import KPrivacyError
+from ..errors import InvalidParameterError, KPrivacyError
 from ._common import Debouncer, figure_png
 
 #: PLD grid used for the planner's curve (pessimistic; ~0.3% above the 1e-4 grid at ε≈1).
@@ -68,6 +68,9 @@ class BudgetPlanner:
         accounting.validate(
             n, batch_size, epochs=epochs, delta=delta, sampling=sampling, accountant=accountant
         )
+        if target_epsilon is not None and not 0 < target_epsilon < float("inf"):
+            # the same refusal as dp_fit's, not a silent clamp to the slider's minimum
+            raise InvalidParameterError(f"target_epsilon must be > 0, got {target_epsilon}")
         self._ledger_obj = ledger_obj
         self._fit_names = (model, x, y)
         self._delta_auto = delta is None
@@ -105,7 +108,7 @@ class BudgetPlanner:
         )  # fmt: skip
         self.target_input = widgets.BoundedFloatText(
             value=target_epsilon if target_epsilon is not None else 3.0,
-            min=1e-3, max=1e4, step=0.1, description="target ε", style=style,
+            min=1e-3, max=max(1e4, target_epsilon or 0), step=0.1, description="target ε", style=style,
         )  # fmt: skip
         self.delta_input = widgets.BoundedFloatText(
             value=delta if delta is not None else accounting.default_delta(n),
