@@ -277,22 +277,51 @@ class DPSGDEngine:
         # into the noise's standard deviation by whoever draws it.
         scale = 1.0 / meta[0]
         grads, stats, reg_grads = self._clipped(x, y, weights, scale, repeated)
-        noisy = grads
-        if self.noise_std > 0:
-            noisy = [g + n for g, n in zip(noisy, self._noise(noise), strict=True)]
-        if reg_grads is not None:
-            noisy = [g + tf.cast(r, g.dtype) for g, r in zip(noisy, reg_grads, strict=False)]
-
-        def apply() -> tf.Tensor:
-            with private_update():
-                self.optimizer.apply(noisy, self.variables)
-            return tf.constant(1.0)
-
+        noisy = self._with_noise(grads, noise, reg_grads)
         # Every example's contribution is finite and bounded (non-finite ones are dropped), so
         # this decision is made on the noisy update alone: post-processing, covered by ε.
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in noisy])
-        applied = tf.cond(finite, apply, lambda: tf.constant(0.0))
+        applied = tf.cond(_finite(noisy), lambda: self.apply(noisy), lambda: tf.constant(0.0))
         return tf.stack([stats[0], stats[1], stats[2], applied, stats[3]])
+
+    def _with_noise(self, grads: list[Any], noise: tf.Tensor, reg_grads: Any) -> list[Any]:
+        """The clipped sum plus the step's noise and the (data-independent) regularisation."""
+        if self.noise_std > 0:
+            grads = [g + n for g, n in zip(grads, self._noise(noise), strict=True)]
+        if reg_grads is not None:
+            grads = [g + tf.cast(r, g.dtype) for g, r in zip(grads, reg_grads, strict=False)]
+        return grads
+
+    def apply(self, update: list[Any]) -> tf.Tensor:
+        """Hand the final (noisy, divided) update to the optimizer; returns 1.0."""
+        with private_update():
+            self.optimizer.apply(update, self.variables)
+        return tf.constant(1.0)
+
+    def replica_update(
+        self, x: Any, y: Any, weights: tf.Tensor, meta: tf.Tensor, noise: tf.Tensor,
+        *repeated: RepeatedTokens,
+    ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:  # fmt: skip
+        """One replica's part of a DP-SGD step under ``tf.distribute`` (inside ``strategy.run``).
+
+        Each replica clips its own examples (× 1/denominator, the *global* expected batch size);
+        replica 0 alone adds the noise and the regularisation gradients, so they count once;
+        then one all-reduce (sum) of the gradients and the batch statistics. Returns the summed
+        update — ``(Σ clipped + N(0, σ²C²)) / B``, the same on every replica — the summed
+        ``[loss_sum, count, correct_sum, nonfinite]`` and whether the update is finite. The
+        caller applies it once, in cross-replica context (:meth:`apply`): Keras' optimizer would
+        otherwise all-reduce (sum) it a second time.
+        """
+        ctx = tf.distribute.get_replica_context()
+        grads, stats, reg_grads = self._clipped(x, y, weights, 1.0 / meta[0], repeated)
+        grads = list(grads)
+        if self.noise_std > 0 or reg_grads is not None:
+            lead = tf.equal(ctx.replica_id_in_sync_group, 0)
+            grads = tf.cond(
+                lead, lambda: self._with_noise(grads, noise, reg_grads), lambda: list(grads)
+            )
+        *total, sums = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [*grads, tf.stack(stats)])
+        # The decision is made on the summed noisy update alone (post-processing, as in update).
+        return total, sums, _finite(total)
 
     def _probe_impl(self, x: Any, y: Any, weights: tf.Tensor, *repeated: RepeatedTokens) -> Any:
         out = self.clipper.clipped_sum(x, y, weights, repeated=repeated)
@@ -393,6 +422,10 @@ class DPSGDEngine:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool, self._ahead = None, None
+
+
+def _finite(tensors: list[Any]) -> tf.Tensor:
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in tensors])
 
 
 def resolve_optimizer(optimizer: Any, learning_rate: float | None) -> Any:

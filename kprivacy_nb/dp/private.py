@@ -24,6 +24,7 @@ reports none unless ``include_training_metrics=True`` (then the card says they a
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import types
@@ -397,13 +398,28 @@ class FitPlan:
     ledger_name: str | None = None
     ledger_cap: float | None = None
     ledger_spent: float | None = None
+    strategy: Any = None  # a tf.distribute strategy with several replicas (distribute.py)
 
     @property
     def run_epochs(self) -> int:
         return self.epochs - self.initial_epoch
 
+    @functools.cached_property
+    def planned_curve(self) -> accounting.EpsilonCurve:
+        """ε after each epoch of this call alone (one accountant pass for all epochs)."""
+        m = self.mechanism
+        return accounting.epsilon_curve(
+            m.n, m.batch_size, self.run_epochs, m.noise_multiplier, self.delta,
+            sampling=m.sampling, accountant=self.state.accountant,
+        )  # fmt: skip
+
     def epsilon_after(self, steps: int) -> float:
         """ε of everything this model was trained on, if this call runs ``steps`` steps."""
+        spe = self.mechanism.steps_per_epoch
+        if not any(s for _, s in self.state.runs) and steps and steps % spe == 0:
+            epochs = steps // spe  # on the plan: read off the curve instead of a new pass
+            if epochs <= self.run_epochs and self.planned_curve.steps[epochs - 1] == steps:
+                return float(self.planned_curve.epsilon[epochs - 1])
         event = self.state.event((self.mechanism, steps))
         if event is None:
             return 0.0
@@ -423,8 +439,51 @@ def plan_fit(
     sample_weight: Any = None,
     initial_epoch: int = 0,
     accuracy: Any = None,
+    build_metrics: bool = True,
 ) -> FitPlan:
     """Check the data, fix δ and σ, build the engine and run its self-check (nothing spent)."""
+    from .distribute import check_distributable, first_replica, strategy_for
+
+    strategy = strategy_for(model)
+    kwargs = dict(
+        batch_size=batch_size, epochs=epochs, validation_split=validation_split,
+        validation_data=validation_data, class_weight=class_weight, sample_weight=sample_weight,
+        initial_epoch=initial_epoch, accuracy=accuracy,
+    )  # fmt: skip
+    if strategy is None:
+        plan = _plan_fit(model, x, y, build_metrics=build_metrics, **kwargs)
+        _build_optimizer(plan)
+        return plan
+    check_distributable(_STATES[model])
+    with strategy.scope():  # the optimizer's slots are mirrored like the weights
+        with first_replica(strategy):  # the checks run on this worker's first copy
+            plan = _plan_fit(model, x, y, build_metrics=False, **kwargs)
+        _build_optimizer(plan)
+    plan.strategy = strategy
+    return plan
+
+
+def _build_optimizer(plan: FitPlan) -> None:
+    optimizer = plan.engine.optimizer
+    if not getattr(optimizer, "built", True):  # its slots exist before the step is traced
+        optimizer.build(plan.engine.variables)
+
+
+def _plan_fit(
+    model: Any,
+    x: Any,
+    y: Any,
+    *,
+    batch_size: int | None,
+    epochs: int,
+    validation_split: float,
+    validation_data: Any,
+    class_weight: dict | None,
+    sample_weight: Any,
+    initial_epoch: int,
+    accuracy: Any,
+    build_metrics: bool,
+) -> FitPlan:
     from .clipping import per_example_loss_fn
     from .engine import DPSGDEngine
 
@@ -502,14 +561,13 @@ def plan_fit(
         host_x=x if isinstance(x, np.ndarray) and x.dtype.kind in "iu" else None,
     )  # fmt: skip
     engine.check_sensitivity(X, Y, batch_size)
-    optimizer = engine.optimizer
-    if not getattr(optimizer, "built", True):
-        optimizer.build(engine.variables)  # its slots exist before Keras traces the step: 1 trace
-    # Keras reads every compiled metric at the end of an epoch: they must be built. One update
-    # builds them; the values are thrown away at once (the DP step never updates them).
-    x8 = tf.nest.map_structure(lambda t: t[:8], X)
-    model.compute_metrics(x8, Y[:8], model(x8, training=False), sample_weight=None)
-    model.reset_metrics()
+    if build_metrics:
+        # Keras reads every compiled metric at the end of an epoch: they must be built. One
+        # update builds them; the values are thrown away at once (the DP step never updates
+        # them).
+        x8 = tf.nest.map_structure(lambda t: t[:8], X)
+        model.compute_metrics(x8, Y[:8], model(x8, training=False), sample_weight=None)
+        model.reset_metrics()
     return FitPlan(
         model=model, state=state, x=x, y=y, weights=weights, validation_data=validation_data,
         epochs=epochs, initial_epoch=initial_epoch, delta=delta,
@@ -520,7 +578,19 @@ def plan_fit(
 
 
 def reserve(plan: FitPlan, description: str) -> None:
-    """Reserve the planned spend in the ledger (refused up front if it would overspend)."""
+    """Reserve the planned spend in the ledger (refused up front if it would overspend).
+
+    Under ``tf.distribute`` only the chief reserves (and later settles): the run is charged once;
+    every worker learns whether it may start (:func:`.distribute.agree`) before any step."""
+    if plan.strategy is not None:
+        from .distribute import chief_only
+
+        chief_only(plan.strategy, lambda: _reserve(plan, description))
+        return
+    _reserve(plan, description)
+
+
+def _reserve(plan: FitPlan, description: str) -> None:
     state = plan.state
     if state.ledger is None:
         return
@@ -559,6 +629,17 @@ class _Counters:
     def reset_epoch(self) -> None:
         self.sums.assign([0.0, 0.0, 0.0, 0.0])
 
+    def step_count(self) -> int:
+        return int(self.steps.numpy())
+
+    def epoch_sums(self) -> list[float]:
+        """``[loss_sum, count, correct_sum, dropped]`` of this epoch so far."""
+        return [float(v) for v in self.sums.numpy()]
+
+    def failed(self) -> bool:
+        """Whether a noisy update was not finite (and so not applied)."""
+        return float(self.not_applied.numpy()) > 0
+
 
 def _train_step(engine: Any, counters: _Counters) -> Any:
     def train_step(data: Any) -> dict[str, Any]:
@@ -575,7 +656,7 @@ def _train_step(engine: Any, counters: _Counters) -> Any:
     return train_step
 
 
-def _epoch_callback(plan: FitPlan, counters: _Counters, on_epoch: Any = None) -> Any:
+def epoch_callback(plan: FitPlan, counters: Any, on_epoch: Any = None) -> Any:
     """A Keras callback: ε (and, only if asked, training metrics) into each epoch's logs before
     History records them; stops ``fit`` when a noisy update was not finite."""
     import keras
@@ -586,23 +667,23 @@ def _epoch_callback(plan: FitPlan, counters: _Counters, on_epoch: Any = None) ->
             self._started = time.perf_counter()
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            if float(counters.not_applied.numpy()) > 0:
+            if counters.failed():
                 self.model.stop_training = True
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             logs = logs if logs is not None else {}
             logs.pop("dp_steps", None)
-            loss, count, correct, dropped = (float(v) for v in counters.sums.numpy())
+            loss, count, correct, dropped = counters.epoch_sums()
             train = {"loss": loss / max(count, 1.0)}
             if plan.engine.accuracy is not None:
                 train["accuracy"] = correct / max(count, 1.0)
             if plan.state.include_training_metrics:
                 logs.update(train)
-            steps = int(counters.steps.numpy())
+            seconds = time.perf_counter() - self._started  # the epoch's training (and validation)
+            steps = counters.step_count()
             logs["epsilon"] = plan.epsilon_after(steps)
             if on_epoch is not None:
-                on_epoch(epoch + 1, train, dict(logs), steps, time.perf_counter() - self._started,
-                         int(dropped))  # fmt: skip
+                on_epoch(epoch + 1, train, dict(logs), steps, seconds, int(dropped))
 
     return EpochLogger()
 
@@ -619,6 +700,14 @@ def run_fit(
 ) -> Any:
     """Keras' ``fit`` over the Poisson pipeline with the DP step; the card and the ledger are
     written when it ends, however it ends. Returns Keras' ``History``."""
+    if plan.strategy is not None:  # several replicas or workers: our own loop (distribute.py)
+        from .distribute import run_distributed_fit
+
+        return run_distributed_fit(
+            plan, callbacks=callbacks, verbose=verbose, on_epoch=on_epoch,
+            validation_steps=validation_steps, validation_batch_size=validation_batch_size,
+            validation_freq=validation_freq,
+        )  # fmt: skip
     model, state, engine = plan.model, plan.state, plan.engine
     counters = _Counters()
     dataset, noise = _pipeline(plan)
@@ -631,7 +720,7 @@ def run_fit(
         model.train_function = None  # Keras traces the DP step on this fit
         history = state.original_fit(
             model, dataset, epochs=plan.epochs, verbose=verbose,
-            callbacks=[_epoch_callback(plan, counters, on_epoch), *(callbacks or [])],
+            callbacks=[epoch_callback(plan, counters, on_epoch), *(callbacks or [])],
             validation_data=plan.validation_data, initial_epoch=plan.initial_epoch,
             validation_steps=validation_steps, validation_batch_size=validation_batch_size,
             validation_freq=validation_freq, shuffle=False,
@@ -645,22 +734,34 @@ def run_fit(
         object.__setattr__(model, "train_step", original_step or _refusing_step)
         model.train_function = None
         model.jit_compile = saved_jit
-        steps = int(counters.steps.numpy())
-        if plan.reservation is not None:
-            if steps > 0:
-                plan.reservation.settle(plan.mechanism.event(steps))
-            else:
-                plan.reservation.cancel()
-        state.runs.append((plan.mechanism, steps))
-        state.delta = plan.delta
-        _set_card(plan, steps, history, started, interrupted, int(traces))
-    if float(counters.not_applied.numpy()) > 0:
-        raise TrainingError(
-            f"the noisy update at step {steps} is not finite: the weights or the optimizer "
-            "diverged. Training stopped and the weights from before that step were kept "
-            f"({steps} steps charged). Lower the learning rate"
-        )
+        steps = counters.step_count()
+        finish_fit(plan, steps, history, started, interrupted, int(traces))
+    if counters.failed():
+        raise diverged(steps)
     return history
+
+
+def finish_fit(
+    plan: FitPlan, steps: int, history: Any, started: float, interrupted: bool, traces: int
+) -> None:
+    """However ``fit`` ended: settle the ledger for the steps that ran, record them, write the
+    card."""
+    if plan.reservation is not None:
+        if steps > 0:
+            plan.reservation.settle(plan.mechanism.event(steps))
+        else:
+            plan.reservation.cancel()
+    plan.state.runs.append((plan.mechanism, steps))
+    plan.state.delta = plan.delta
+    _set_card(plan, steps, history, started, interrupted, traces)
+
+
+def diverged(steps: int) -> TrainingError:
+    return TrainingError(
+        f"the noisy update at step {steps} is not finite: the weights or the optimizer "
+        "diverged. Training stopped and the weights from before that step were kept "
+        f"({steps} steps charged). Lower the learning rate"
+    )
 
 
 def _private_fit(
@@ -705,6 +806,64 @@ def _private_fit(
     )  # fmt: skip
 
 
+def run_seed(state: PrivacyState) -> int | None:
+    """The seed of this ``fit`` call (tests only): each call of the model gets its own stream."""
+    return None if state.seed is None else int(state.seed) + 7919 * len(state.runs)
+
+
+class Element:
+    """One step's inputs as the traced step sees them: the rows, the step's flat noise vector,
+    ``meta = [denominator, weight]``, the labels, the per-row weights (and an input-reading
+    Embedding's repeated tokens) — as flat NumPy arrays made on the host (:meth:`arrays`) and
+    the matching ``TensorSpec`` list (:attr:`specs`), packed back by :meth:`unpack`."""
+
+    def __init__(self, plan: FitPlan) -> None:
+        import tensorflow as tf
+
+        self.plan, x, y = plan, plan.x, plan.y
+        self.x_spec = _map(lambda a: tf.TensorSpec([None, *a.shape[1:]], _dtype(a)), x)
+        y_spec = tf.TensorSpec([None, *np.shape(y)[1:]], _dtype(y))
+        self.leaves = len(tf.nest.flatten(self.x_spec))
+        self.repeat_structure = tuple(plan.engine.repeated_spec)  # (tf.data takes tuples)
+        repeat_specs = tf.nest.flatten(self.repeat_structure)
+        self.specs = [
+            *tf.nest.flatten(self.x_spec), tf.TensorSpec([None], tf.float32),
+            tf.TensorSpec([2], tf.float32), y_spec, tf.TensorSpec([None], tf.float32),
+            *repeat_specs,
+        ]  # fmt: skip
+        self.dtypes = [spec.dtype for spec in self.specs]
+
+    def arrays(self, idx: np.ndarray, denominator: float, noise: np.ndarray) -> list[np.ndarray]:
+        """Rows ``idx`` (sorted) with their noise; an empty batch becomes one masked row."""
+        import tensorflow as tf
+
+        plan, engine = self.plan, self.plan.engine
+        weight = 1.0
+        if len(idx) == 0:  # one masked row keeps every shape non-empty
+            idx, weight = np.zeros(1, np.int64), 0.0
+        w = np.full(len(idx), weight, np.float32)
+        if plan.weights is not None and weight:
+            w = plan.weights[idx].astype(np.float32)
+        meta = np.array([denominator, weight], np.float32)
+        rows = _take(plan.x, idx)
+        repeated = self.repeat_structure
+        found = [a for r in engine.host_repeat_arrays(rows) for a in r] if repeated else []
+        return [*tf.nest.flatten(rows), noise, meta, _take(plan.y, idx), w, *found]
+
+    def unpack(self, out: list[Any]) -> tuple[dict[str, Any], Any, Any]:
+        """``(inputs, y, w)`` from the tensors of :meth:`arrays` (shapes set from the specs)."""
+        import tensorflow as tf
+
+        for t, spec in zip(out, self.specs, strict=True):
+            t.set_shape(spec.shape)
+        k = self.leaves
+        inputs = {"x": tf.nest.pack_sequence_as(self.x_spec, out[:k]), "noise": out[k],
+                  "meta": out[k + 1]}  # fmt: skip
+        if self.repeat_structure:
+            inputs["repeated"] = tf.nest.pack_sequence_as(self.repeat_structure, out[k + 4 :])
+        return inputs, out[k + 2], out[k + 3]
+
+
 def _pipeline(plan: FitPlan) -> tuple[Any, Any]:
     """The ``tf.data`` pipeline of Poisson batches: rows gathered on the host, with the step's
     noise (and an input-reading Embedding's repeated tokens)."""
@@ -713,24 +872,14 @@ def _pipeline(plan: FitPlan) -> tuple[Any, Any]:
     from .noise import GaussianNoise
     from .sampling import make_rng, make_sampler
 
-    state, engine, mechanism = plan.state, plan.engine, plan.mechanism
-    x, y, weights = plan.x, plan.y, plan.weights
+    engine, mechanism = plan.engine, plan.mechanism
     noise_std = engine.noise_std
-    # A seed (tests only) gives each fit call of the model its own stream.
-    seed = None if state.seed is None else int(state.seed) + 7919 * len(state.runs)
+    seed = run_seed(plan.state)
     noise = GaussianNoise(engine.sizes, seed, prefetch=noise_std > 0)
     sampler = make_sampler(mechanism.sampling, mechanism.n, mechanism.batch_size, make_rng(seed))
     empty = np.zeros(0, np.float32)
     epoch: list[np.ndarray] = []
-    x_spec = _map(lambda a: tf.TensorSpec([None, *a.shape[1:]], _dtype(a)), x)
-    y_spec = tf.TensorSpec([None, *np.shape(y)[1:]], _dtype(y))
-    leaf_specs = tf.nest.flatten(x_spec)
-    repeat_structure = tuple(engine.repeated_spec)  # (tf.data takes tuples, not lists)
-    repeat_specs = tf.nest.flatten(repeat_structure)
-    specs = [
-        *leaf_specs, tf.TensorSpec([None], tf.float32), tf.TensorSpec([2], tf.float32), y_spec,
-        tf.TensorSpec([None], tf.float32), *repeat_specs,
-    ]  # fmt: skip
+    element = Element(plan)
 
     def batch(i: Any) -> list[np.ndarray]:
         # Batch i of the epoch; batch 0 draws the epoch's Poisson batches (tf.data calls this
@@ -739,28 +888,11 @@ def _pipeline(plan: FitPlan) -> tuple[Any, Any]:
             epoch[:] = [np.sort(np.asarray(b, np.int64)) for b in sampler.epoch()]
         idx = epoch[int(i)]
         denominator = float(sampler.denominator(idx))
-        weight = 1.0
-        if len(idx) == 0:  # one masked row keeps every shape non-empty
-            idx, weight = np.zeros(1, np.int64), 0.0
-        w = np.full(len(idx), weight, np.float32)
-        if weights is not None and weight:
-            w = weights[idx].astype(np.float32)
         flat = noise.next(noise_std / denominator) if noise_std > 0 else empty
-        meta = np.array([denominator, weight], np.float32)
-        rows = _take(x, idx)
-        found = [a for r in engine.host_repeat_arrays(rows) for a in r] if repeat_specs else []
-        return [*tf.nest.flatten(rows), flat, meta, _take(y, idx), w, *found]
+        return element.arrays(idx, denominator, flat)
 
     def fetch(i: Any) -> Any:
-        out = tf.numpy_function(batch, [i], [s.dtype for s in specs], stateful=True)
-        for t, spec in zip(out, specs, strict=True):
-            t.set_shape(spec.shape)
-        k = len(leaf_specs)
-        inputs = {"x": tf.nest.pack_sequence_as(x_spec, out[:k]), "noise": out[k],
-                  "meta": out[k + 1]}  # fmt: skip
-        if repeat_specs:
-            inputs["repeated"] = tf.nest.pack_sequence_as(repeat_structure, out[k + 4 :])
-        return inputs, out[k + 2], out[k + 3]
+        return element.unpack(tf.numpy_function(batch, [i], element.dtypes, stateful=True))
 
     # (numpy_function costs half of what Dataset.from_generator does per batch.)
     dataset = tf.data.Dataset.range(mechanism.steps_per_epoch).map(fetch)
@@ -788,10 +920,7 @@ def _set_card(
     if event is not None:
         eps, used = accounting.account(event, delta, state.accountant)
     spe = mechanism.steps_per_epoch
-    planned = accounting.epsilon_curve(
-        mechanism.n, mechanism.batch_size, plan.run_epochs, mechanism.noise_multiplier, delta,
-        sampling=mechanism.sampling, accountant=state.accountant,
-    )  # fmt: skip
+    planned = plan.planned_curve
     done = steps // spe
     curve = accounting.EpsilonCurve(
         epochs=planned.epochs[:done], epsilon=planned.epsilon[:done], steps=planned.steps[:done],
