@@ -412,3 +412,198 @@ def test_online_merges_pip_audit_without_duplicates(capsys, tmp_path, monkeypatc
     new = next(f for f in doc["findings"] if f["id"] == "CVE-2099-0001")
     assert new["fix"] == 'pip install "keras>=3.9.1"' and "pip-audit" in new["evidence"]
     assert f"-r {req}" in (tmp_path / "args").read_text()
+
+
+# -- hostile inputs: never hang, never crash, never print the secret ---------------------------
+
+
+def _doctor_subprocess(*argv: str, cwd, timeout: float = 90) -> subprocess.CompletedProcess:
+    """The CLI in a child process with a deadline (a hang fails the test instead of the run)."""
+    return subprocess.run(
+        [sys.executable, "-m", "kprivacy_nb", "doctor", "--json", *argv],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_and_device_notebooks_and_symlink_loops_do_not_hang_or_crash(isolated):
+    work = isolated / "work"
+    os.mkfifo(work / "pipe.ipynb")  # open() would block forever
+    os.mkfifo(work / "pipe.key")
+    (work / "zero.ipynb").symlink_to("/dev/zero")  # read() would never end
+    (work / "loop1").symlink_to("loop2")
+    (work / "loop2").symlink_to("loop1")  # Path.resolve() raises RuntimeError
+    (work / "up").symlink_to(".")
+    (work / "bad.ipynb").write_text('{"cells": [')
+    (work / "list.ipynb").write_text("[1, 2]")
+    (work / "deep.ipynb").write_text("[" * 100_000 + "]" * 100_000)
+    r = _doctor_subprocess("--check", "keys", "--check", "server", cwd=work)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1])["findings"] == []
+
+
+def test_fifo_in_the_runtime_folder_does_not_hang(isolated):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("needs FIFOs")
+    os.mkfifo(isolated / "runtime" / "jpserver-1.json")
+    os.mkfifo(isolated / "runtime" / "kernel-1.json")
+    os.mkfifo(isolated / "jcfg" / "jupyter_server_config.json")
+    r = _doctor_subprocess("--check", "server", cwd=isolated / "work", timeout=60)
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+
+
+def test_secrets_in_a_broken_or_oversized_notebook_are_still_found(capsys, isolated, monkeypatch):
+    from kprivacy_nb.doctor import keys
+
+    secret = age.X25519Identity.generate().reveal()
+    work = isolated / "work"
+    (work / "broken.ipynb").write_text('{"cells": [{"source": "k = \'' + secret + "'")
+    big = {"cells": [{"cell_type": "code", "source": "x", "outputs": []}] * 200 + [
+        {"cell_type": "code", "source": f"k = {secret!r}", "outputs": []}]}  # fmt: skip
+    (work / "big.ipynb").write_text(json.dumps(big))
+    monkeypatch.setattr(keys, "_MAX_NOTEBOOK", 2000)
+    rc, doc = doctor(capsys, "--check", "keys")
+    ev = sorted(f["evidence"] for f in doc["findings"] if f["id"] == "keys:secret-in-notebook")
+    assert rc == 1 and len(ev) == 2 and secret not in json.dumps(doc)
+    assert "big.ipynb (too large to read cell by cell): an age secret key" in ev[0]
+    assert "broken.ipynb (not valid notebook JSON): an age secret key" in ev[1]
+
+
+def test_more_passphrase_literal_spellings_are_found(capsys, isolated):
+    leaks = [
+        "PASSPHRASE = 'correct horse battery'",
+        "db_password = 'correct horse battery'",
+        "os.environ['KP_PASSPHRASE'] = 'correct horse battery'",
+        "secure_save(m, 'm.age', passphrase=b'correct horse battery')",
+        "cfg = {'password': 'correct horse battery'}",
+    ]
+    fine = [
+        "secure_save(m, 'm.age', passphrase_env='KP_PASSPHRASE')",
+        "if password == 'correct horse battery': pass",
+        "passphrase = getpass('passphrase: ')",
+        "passphrase = ''",
+    ]
+    cells = [{"cell_type": "code", "source": src, "outputs": []} for src in leaks + fine]
+    (isolated / "work" / "nb.ipynb").write_text(json.dumps({"cells": cells}))
+    rc, doc = doctor(capsys, "--check", "keys")
+    ev = {f["evidence"].rsplit(" cell ", 1)[1].split(":")[0] for f in doc["findings"]}
+    assert rc == 1 and ev == {str(i) for i in range(1, len(leaks) + 1)}
+    assert "correct horse" not in json.dumps(doc)
+
+
+def test_unreadable_keys_folder_is_a_finding_not_a_traceback(capsys, kp_home, monkeypatch):
+    from pathlib import Path
+
+    keys = kp_home / "keys"
+    keys.mkdir(mode=0o700)
+    real = Path.iterdir
+
+    def deny(self):
+        if self == keys:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", deny)
+    rc, doc = doctor(capsys, "--check", "keys")
+    assert (rc, ids(doc)) == (0, {"keys:folder-unreadable"})
+
+
+def test_history_in_a_folder_whose_name_is_not_uri_safe(capsys, isolated, monkeypatch):
+    db = isolated / "odd#dir?x" / "history.sqlite"
+    db.parent.mkdir()
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE history (session integer, line integer, source text, "
+                    "source_raw text)")  # fmt: skip
+        con.executemany(
+            "INSERT INTO history VALUES (1, ?, 'x', ?)",
+            [(i, f"model.fit(x, y)  # run {i}") for i in range(1, 5000)],
+        )
+        con.execute("INSERT INTO history VALUES (2, 1, 'x', 'Passphrase = \"hunter2hunter2\"')")
+    con.close()
+    from kprivacy_nb.doctor import run_checks
+
+    report = run_checks(checks=["keys"], history_file=db)
+    (f,) = [f for f in report.findings if f.id == "keys:secret-in-history"]
+    assert "session 2 line 1" in f.evidence and "hunter2" not in repr(report)
+
+
+def test_requirements_include_loops_are_read_once(capsys, tmp_path):
+    req = tmp_path / "requirements.txt"
+    (tmp_path / "other.txt").write_text("-r requirements.txt\ncryptography==41.0.0\n")
+    req.write_text("keras==3.8.0\n" + "-r requirements.txt\n-r ./other.txt\n" * 3)
+    rc, doc = doctor(capsys, "-r", str(req), "--check", "advisories")
+    found = [(f["id"], f["evidence"]) for f in doc["findings"]]
+    assert rc == 1 and len(found) == len(set(found))
+    assert {"CVE-2025-1550", "CVE-2024-26130"} <= ids(doc, "high")
+    assert "requirements:unparsed" not in ids(doc)
+
+
+def test_huge_requirements_file_is_a_usage_error(capsys, tmp_path):
+    req = tmp_path / "requirements.txt"
+    req.write_text("numpy>=1\n" * 600_000)
+    assert main(["doctor", "-r", str(req), "--check", "advisories"]) == 2
+    assert "larger than" in capsys.readouterr().err
+
+
+def test_a_range_that_excludes_every_fix_is_as_bad_as_a_pin(capsys, tmp_path):
+    req = tmp_path / "requirements.txt"
+    req.write_text(
+        'keras>=3,<3.9\ncryptography~=41.0\njupyterlab==4.0.*\nnotebook>=7 ; extra == "x"\n'
+    )
+    rc, doc = doctor(capsys, "-r", str(req), "--check", "advisories")
+    assert rc == 1
+    assert {"CVE-2025-1550", "CVE-2024-26130", "CVE-2024-43805"} <= ids(doc, "high")
+    f = next(f for f in doc["findings"] if f["id"] == "CVE-2025-1550")
+    assert (
+        "every version it allows is affected" in f["title"]
+        and f["fix"] == 'require "keras>=3.15.0"'
+    )
+    # jupyterlab 4.0.11+ closes CVE-2024-22420: that one stays a low "range" finding.
+    assert "unpinned:jupyterlab" in ids(doc, "low")
+    assert any("marker" in n and "notebook" in n for n in doc["notes"])
+
+
+def test_packages_the_snapshot_does_not_cover_are_said_to_be_unchecked(capsys, tmp_path):
+    req = tmp_path / "requirements.txt"
+    req.write_text("tensorflow==2.12.0\nprotobuf==3.20.0\nkeras==3.15.0\n")
+    rc, doc = doctor(capsys, "-r", str(req), "--check", "advisories")
+    (note,) = [n for n in doc["notes"] if "no entries for" in n]
+    assert rc == 0 and "protobuf, tensorflow" in note and "keras" not in note
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/cmdline"), reason="reads /proc (Linux)")
+def test_running_server_options_given_on_the_command_line(capsys, isolated):
+    # allow_origin / disable_check_xsrf passed as options are not in the runtime file.
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             "--ServerApp.allow_origin=*", "--ServerApp.disable_check_xsrf",
+                             "True"])  # fmt: skip
+    try:
+        info = {"hostname": "localhost", "port": 1, "token": "t" * 48, "pid": proc.pid}
+        (isolated / "runtime" / "jpserver-9.json").write_text(json.dumps(info))
+        (isolated / "runtime" / "jpserver-9.json").chmod(0o600)
+        rc, doc = doctor(capsys, "--check", "server")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert rc == 0 and ids(doc) == {"server:allow-origin-any", "server:xsrf-off"}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net (Linux)")
+def test_kernel_file_left_by_a_dead_kernel_is_ignored(capsys, isolated):
+    ports = dict.fromkeys(("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"), 1)
+    conn = isolated / "runtime" / "kernel-dead.json"
+    conn.write_text(json.dumps({"transport": "tcp", "ip": "0.0.0.0", "key": "k" * 32, **ports}))
+    conn.chmod(0o600)
+    rc, doc = doctor(capsys, "--check", "server")
+    assert (rc, doc["findings"]) == (0, []) and any("kernel-dead.json" in n for n in doc["notes"])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("0.0.0.0", 0))
+        sock.listen(1)
+        conn.write_text(json.dumps({"transport": "tcp", "ip": "0.0.0.0", "key": "k" * 32,
+                                    **ports, "hb_port": sock.getsockname()[1]}))  # fmt: skip
+        rc, doc = doctor(capsys, "--check", "server")
+    assert rc == 1 and ids(doc) == {"kernel:tcp-exposed"}
+    # A kernel on another machine: nothing local can tell it is gone, so it is reported.
+    conn.write_text(json.dumps({"transport": "tcp", "ip": "10.1.2.3", "key": "k" * 32, **ports}))
+    rc, doc = doctor(capsys, "--check", "server")
+    assert rc == 1 and ids(doc) == {"kernel:tcp-exposed"}

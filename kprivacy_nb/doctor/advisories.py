@@ -36,6 +36,7 @@ from .report import Finding
 
 SNAPSHOT = "advisories.json"
 _MAX_INCLUDE_DEPTH = 5
+_MAX_REQUIREMENTS_BYTES = 4 * 1024 * 1024  # a hashed lock file of hundreds of packages is < 1 MiB
 _SEVERITY = {
     "critical": "high",
     "high": "high",
@@ -163,6 +164,10 @@ def installed_pins(names: tuple[str, ...]) -> Iterator[Pin]:
 def _logical_lines(path: Path) -> Iterator[tuple[int, str]]:
     """Lines of a requirements file, continuations joined, comments dropped (pip's rules)."""
     try:
+        if path.stat().st_size > _MAX_REQUIREMENTS_BYTES:
+            raise InvalidParameterError(
+                f"{path} is larger than {_MAX_REQUIREMENTS_BYTES >> 20} MiB: not a requirements file"
+            )
         text = path.read_bytes().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidParameterError(
@@ -186,14 +191,20 @@ def _logical_lines(path: Path) -> Iterator[tuple[int, str]]:
         yield start, buf.strip()
 
 
-def requirement_pins(path: Path, ctx: Context, depth: int = 0) -> tuple[list[Pin], list[str]]:
+def requirement_pins(
+    path: Path, ctx: Context, depth: int = 0, seen: set[Path] | None = None
+) -> tuple[list[Pin], list[str]]:
     """Parse ``path`` like pip does; returns the pins and lines that could not be understood.
 
-    ``-r``/``-c`` includes are followed; editable installs, local paths and URLs are noted as
+    ``-r``/``-c`` includes are followed, each file once (an include loop, or a file included
+    from several places, is read once); editable installs, local paths and URLs are noted as
     not checked (their version is not in the file).
     """
     pins: list[Pin] = []
     bad: list[str] = []
+    seen = set() if seen is None else seen
+    with contextlib.suppress(OSError, RuntimeError):
+        seen.add(path.resolve())
     for no, line in _logical_lines(path):
         where = f"{path.name} line {no}"
         head, _, rest = line.partition(" ")
@@ -203,11 +214,17 @@ def requirement_pins(path: Path, ctx: Context, depth: int = 0) -> tuple[list[Pin
             target = (
                 rest.strip() if rest else re.sub(r"^(-r|-c|--requirement=|--constraint=)", "", line)
             )
-            inc = (path.parent / target).expanduser()
+            inc = (path.parent / Path(target).expanduser()).expanduser()
             if depth >= _MAX_INCLUDE_DEPTH or not inc.is_file():
                 bad.append(f"{where}: included file {target!r} not found (or nested too deep)")
                 continue
-            more, more_bad = requirement_pins(inc, ctx, depth + 1)
+            try:
+                key = inc.resolve()
+            except (OSError, RuntimeError):
+                key = inc
+            if key in seen:
+                continue  # already read (an include loop or a shared include)
+            more, more_bad = requirement_pins(inc, ctx, depth + 1, seen)
             pins.extend(more)
             bad.extend(more_bad)
             continue
@@ -225,7 +242,8 @@ def requirement_pins(path: Path, ctx: Context, depth: int = 0) -> tuple[list[Pin
         except InvalidRequirement:
             bad.append(f"{where}: {spec!r}")
             continue
-        if req.marker is not None and not req.marker.evaluate():
+        if req.marker is not None and not _marker_holds(req):
+            ctx.note(f"{where}: {req.name} skipped (its marker {req.marker} is false here)")
             continue
         if req.url:
             ctx.note(f"{where}: {req.name} comes from a URL; not checked (no version)")
@@ -240,6 +258,28 @@ def requirement_pins(path: Path, ctx: Context, depth: int = 0) -> tuple[list[Pin
                 continue
         pins.append(Pin(req.name, version, None if version else req.specifier, where))
     return pins, bad
+
+
+def _marker_holds(req: Requirement) -> bool:
+    try:
+        return bool(req.marker.evaluate()) if req.marker is not None else True
+    except Exception:  # an undefined marker variable: assume it applies (check it)
+        return True
+
+
+def _entirely_affected(spec: SpecifierSet, adv: Advisory) -> bool:
+    """Is every version ``spec`` allows affected (``keras>=3,<3.9``: the fix is excluded)?
+
+    Candidates for an allowed, unaffected version: each fixed version, the specifier's own
+    boundaries, and versions below and above everything. Checked only when ``spec`` admits an
+    affected version (see :func:`_admits_affected`).
+    """
+    candidates = {Version("0"), Version("99999")}
+    candidates.update(Version(r["fixed"]) for r in adv.ranges if "fixed" in r)
+    for s in spec:
+        with contextlib.suppress(InvalidVersion):
+            candidates.add(Version(s.version.rstrip(".*")))
+    return not any(spec.contains(v, prereleases=True) and not adv.affects(v) for v in candidates)
 
 
 def _admits_affected(spec: SpecifierSet, adv: Advisory) -> bool:
@@ -285,18 +325,35 @@ def findings_for(pin: Pin, snapshot: Snapshot) -> list[Finding]:
     if not hits:
         return []
     fixes = [Version(r["fixed"]) for a in hits for r in a.ranges if "fixed" in r]
+    target = f'"{canonicalize_name(pin.name)}>={max(fixes)}"' if fixes else None
+    # A range that excludes every fixed release is as vulnerable as a pin: one finding per
+    # advisory, at its severity (``keras>=3,<3.9`` can only install affected versions).
+    whole = [a for a in hits if _entirely_affected(pin.specifier, a)]
+    found = [
+        Finding(
+            id=a.display_id,
+            severity=a.severity,
+            title=f"{pin.shown}: every version it allows is affected: {a.summary}",
+            evidence=f"{pin.shown} ({pin.origin}); {a.id} affects {a.range_text()}",
+            fix=f"require {target}" if target else f"remove {pin.name} or avoid the feature",
+            check="advisories",
+        )
+        for a in whole
+    ]
+    hits = [a for a in hits if a not in whole]
+    if not hits:
+        return found
     ids = ", ".join(a.display_id for a in hits[:6]) + (" …" if len(hits) > 6 else "")
     return [
+        *found,
         Finding(
             id=f"unpinned:{canonicalize_name(pin.name)}",
             severity="low",
             title=f"{pin.shown} still allows versions with {len(hits)} known advisories",
             evidence=f"{pin.shown} ({pin.origin}) admits affected versions ({ids})",
-            fix=f'require "{canonicalize_name(pin.name)}>={max(fixes)}"'
-            if fixes
-            else f"pin {pin.name} exactly",
+            fix=f"require {target}" if target else f"pin {pin.name} exactly",
             check="advisories",
-        )
+        ),
     ]
 
 
@@ -351,7 +408,21 @@ def check_advisories(ctx: Context) -> list[Finding]:
         pins, bad = requirement_pins(ctx.requirements, ctx)
     else:
         pins, bad = list(installed_pins(snapshot.watched)), []
-    findings = [f for pin in pins for f in findings_for(pin, snapshot)]
+    findings: list[Finding] = []
+    for pin in dict.fromkeys(pins):  # the same line reached twice is reported once
+        for f in findings_for(pin, snapshot):
+            if f not in findings:
+                findings.append(f)
+    covered = {canonicalize_name(a.package) for a in snapshot.advisories}
+    uncovered = sorted(
+        {canonicalize_name(p.name) for p in pins if p.version is not None}
+        & ({canonicalize_name(w) for w in snapshot.watched} - covered)
+    )
+    if uncovered:
+        ctx.note(
+            f"the advisory snapshot has no entries for {', '.join(uncovered)}: their versions "
+            "were not checked (python tools/refresh_advisories.py, or --online with pip-audit)"
+        )
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         findings.append(

@@ -25,6 +25,19 @@ from .report import Finding, mode_finding
 
 _APPS = ("ServerApp", "NotebookApp")
 _CONFIG_STEMS = ("jupyter_server_config", "jupyter_notebook_config")
+_MAX_CONFIG = 4 * 1024 * 1024
+_WILDCARDS = ("", "*", "0.0.0.0", "::")
+
+
+def _read_text(path: Path) -> str | None:
+    """A config or runtime file's text; ``None`` for anything but a regular file of sane size
+    (a FIFO or ``/dev/zero`` planted in a shared runtime folder must not hang the doctor)."""
+    from .keys import read_regular
+
+    data = read_regular(path, _MAX_CONFIG)
+    if data is None or len(data) > _MAX_CONFIG:
+        return None
+    return data.decode("utf-8", errors="replace")
 
 
 def runtime_dir() -> Path:
@@ -59,9 +72,10 @@ def config_dirs() -> list[Path]:
 
 def _py_config(path: Path) -> dict[str, Any]:
     """``c.ServerApp.ip = "0.0.0.0"`` style assignments with literal values (never executed)."""
+    text = _read_text(path)
     try:
-        tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
-    except (OSError, SyntaxError, ValueError):
+        tree = ast.parse(text or "")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return {}
     out: dict[str, Any] = {}
     for node in ast.walk(tree):
@@ -82,8 +96,8 @@ def _py_config(path: Path) -> dict[str, Any]:
 
 def _json_config(path: Path) -> dict[str, Any]:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        doc = json.loads(_read_text(path) or "null")
+    except (ValueError, RecursionError):
         return {}
     out: dict[str, Any] = {}
     if isinstance(doc, dict):
@@ -142,7 +156,7 @@ class ServerView:
 def _server_findings(s: ServerView) -> list[Finding]:
     found = []
     exposed = s.ip is not None and not is_loopback(s.ip)
-    shown_ip = "all interfaces" if s.ip in ("", "*", "0.0.0.0", "::") else s.ip
+    shown_ip = "all interfaces" if s.ip in _WILDCARDS else s.ip
     auth_off = s.token_off and not s.password
     if auth_off:
         found.append(
@@ -272,6 +286,34 @@ def _listen_addrs(port: int) -> list[str]:
     return addrs
 
 
+def _cmdline_settings(pid: int) -> dict[str, str]:
+    """``--ServerApp.allow_origin=*`` style options on a running server's command line
+    (``/proc/PID/cmdline``; empty elsewhere). Keys are ``Section.name`` as in config files."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return {}
+    args = [a.decode("utf-8", errors="replace") for a in raw.split(b"\0") if a]
+    out: dict[str, str] = {}
+    for i, arg in enumerate(args):
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            continue
+        name, eq, value = arg[2:].partition("=")
+        if not eq:  # --ServerApp.allow_origin '*' (traitlets also takes the next argument)
+            nxt = args[i + 1] if i + 1 < len(args) else ""
+            value = "True" if nxt.startswith("--") or not nxt else nxt
+        out[name] = value
+    return out
+
+
+def _option(cmd: dict[str, str], name: str) -> str | None:
+    return next((cmd[f"{a}.{name}"] for a in _APPS if f"{a}.{name}" in cmd), None)
+
+
+def _truthy(value: str | None) -> bool:
+    return str(value).strip().strip("'\"").lower() in ("true", "1", "yes")
+
+
 def _owner_only(path: Path) -> bool:
     try:
         return not (path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO))
@@ -283,8 +325,8 @@ def _runtime_servers(rt: Path, ctx: Context) -> Iterator[tuple[Path, ServerView]
     stale = 0
     for path in sorted([*rt.glob("jpserver-*.json"), *rt.glob("nbserver-*.json")]):
         try:
-            info = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            info = json.loads(_read_text(path) or "null")
+        except (ValueError, RecursionError):
             continue
         if not isinstance(info, dict):
             continue
@@ -299,12 +341,17 @@ def _runtime_servers(rt: Path, ctx: Context) -> Iterator[tuple[Path, ServerView]
             if wide and is_loopback(ip):
                 where += f"; its file says {ip} but a socket listens on {wide[0]}"
                 ip = wide[0]
+        # Options given on the command line are not in the runtime file.
+        cmd = _cmdline_settings(info["pid"])
+        origin = _option(cmd, "allow_origin")
         view = ServerView(
             where=where,
             ip=ip,
             token_off=not info.get("token"),
             password=bool(info.get("password")),
             tls=bool(info.get("secure")),
+            allow_origin=origin.strip("'\"") if origin is not None else None,
+            xsrf_off=_truthy(_option(cmd, "disable_check_xsrf")),
         )
         yield path, view
     if stale:
@@ -316,12 +363,32 @@ def _mode_finding(path: Path, fid: str, what: str) -> Finding:
     return mode_finding(path, id=fid, severity="high", title=title, check="server")
 
 
-def _kernel_findings(path: Path) -> list[Finding]:
+_KERNEL_PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+
+
+def _kernel_gone(info: dict[str, Any]) -> bool:
+    """A local TCP kernel none of whose five ports is listening: its process is gone (the file
+    was left behind by a crash). Only judged where ``/proc/net`` can tell, and only for kernels
+    on this machine (loopback or all interfaces); a remote address is always reported."""
+    ip = str(info.get("ip", "127.0.0.1"))
+    ports = [info.get(p) for p in _KERNEL_PORTS]
+    if info.get("transport", "tcp") != "tcp" or not all(isinstance(p, int) for p in ports):
+        return False
+    if not (is_loopback(ip) or ip in _WILDCARDS) or not Path("/proc/net/tcp").exists():
+        return False
+    return not any(_listen_addrs(p) for p in ports)
+
+
+def _kernel_findings(path: Path, ctx: Context | None = None, own: bool = False) -> list[Finding]:
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        info = json.loads(_read_text(path) or "null")
+    except (ValueError, RecursionError):
         return []
     if not isinstance(info, dict):
+        return []
+    if not own and _kernel_gone(info):
+        if ctx is not None:
+            ctx.note(f"kernel file {path.name} ignored: no kernel listens on its ports")
         return []
     found = []
     transport, ip = info.get("transport", "tcp"), str(info.get("ip", "127.0.0.1"))
@@ -386,9 +453,12 @@ def check_server(ctx: Context) -> list[Finding]:
         if secret.is_file() and not _owner_only(secret):
             found.append(_mode_finding(secret, "server:cookie-secret-mode", "cookie secret"))
     kernels = sorted(rt.glob("kernel-*.json")) if rt.is_dir() else []
-    if ctx.kernel_connection_file is not None:
-        own = ctx.kernel_connection_file
-        kernels = [own] + [k for k in kernels if k.resolve() != own.resolve()]
+    own = ctx.kernel_connection_file
+    if own is not None:
+        from .keys import safe_resolve
+
+        mine = safe_resolve(own) or own
+        kernels = [own] + [k for k in kernels if (safe_resolve(k) or k) != mine]
     for path in kernels:
-        found.extend(_kernel_findings(path))
+        found.extend(_kernel_findings(path, ctx, own=path == own))
     return found
