@@ -607,3 +607,14 @@ def test_kernel_file_left_by_a_dead_kernel_is_ignored(capsys, isolated):
     conn.write_text(json.dumps({"transport": "tcp", "ip": "10.1.2.3", "key": "k" * 32, **ports}))
     rc, doc = doctor(capsys, "--check", "server")
     assert rc == 1 and ids(doc) == {"kernel:tcp-exposed"}
+
+
+def test_jupyter_server_allow_origin_pat_advisory_is_in_the_snapshot(capsys, tmp_path):
+    # CVE-2026-40110 (unanchored allow_origin_pat), 2.17.0 and earlier, fixed in 2.18.0.
+    req = tmp_path / "requirements.txt"
+    req.write_text("jupyter-server==2.17.0\n")
+    rc, doc = doctor(capsys, "-r", str(req), "--check", "advisories")
+    assert rc == 1 and "CVE-2026-40110" in ids(doc, "high")
+    req.write_text("jupyter-server==2.18.0\n")
+    rc, doc = doctor(capsys, "-r", str(req), "--check", "advisories")
+    assert "CVE-2026-40110" not in ids(doc)
