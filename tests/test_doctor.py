@@ -618,3 +618,14 @@ def test_jupyter_server_allow_origin_pat_advisory_is_in_the_snapshot(capsys, tmp
     req.write_text("jupyter-server==2.18.0\n")
     rc, doc = doctor(capsys, "-r", str(req), "--check", "advisories")
     assert "CVE-2026-40110" not in ids(doc)
+
+
+def test_jupyterlab_token_leak_advisory_is_in_the_snapshot(capsys, tmp_path):
+    # CVE-2024-22421: < 3.6.7 and 4.0.0 <= v < 4.0.11 (PYSEC-2026-2534).
+    req = tmp_path / "requirements.txt"
+    req.write_text("jupyterlab==3.6.6\n")
+    rc, doc = doctor(capsys, "-r", str(req), "--check", "advisories")
+    assert rc == 1 and "CVE-2024-22421" in ids(doc, "high")
+    req.write_text("jupyterlab==3.6.8\n")
+    rc, doc = doctor(capsys, "-r", str(req), "--check", "advisories")
+    assert "CVE-2024-22421" not in ids(doc)
