@@ -158,11 +158,11 @@ def test_tpr_at_fpr_is_the_best_tpr_within_the_fpr():
 # --------------------------------------------------------------------------- training helpers
 
 
-def _data(n=600, seed=0, scale=1.0):
+def _data(n=600, seed=0, scale=1.0, d=D):
     rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(K, D)) * scale
+    centers = rng.normal(size=(K, d)) * scale
     y = rng.integers(0, K, n)
-    x = (centers[y] + rng.normal(size=(n, D))).astype("float32")
+    x = (centers[y] + rng.normal(size=(n, d))).astype("float32")
     return x, y
 
 
@@ -177,6 +177,9 @@ def make_model():
 # Same training in every one-run test; only the privacy differs.
 RUN = dict(canaries=200, epochs=30, batch_size=50, optimizer="adam", learning_rate=1e-2,
            l2_norm_clip=10.0, delta=1e-5, seed=1)  # fmt: skip
+# The grouped-convolution audit: a small clipping norm, so a missing clip factor is a large leak
+# (RDP: its σ is calibrated in milliseconds).
+GCONV_RUN = dict(RUN, l2_norm_clip=0.1, accountant="rdp")
 
 
 # --------------------------------------------------------------------------- membership inference
@@ -267,6 +270,11 @@ def test_one_run_with_dp_stays_below_the_proven_epsilon():
     assert not result.contradicts
     assert "Consistent" in result.verdict or "proves nothing" in result.verdict
     assert result.run is not None and result.run.epsilon == result.epsilon
+    # The audit is on the run's card (model.privacy), so a saved run carries it.
+    assert result.model.privacy is result.run
+    (entry,) = result.run.summary()["audits"]
+    assert entry == result.summary() and entry["kind"] == "one_run"
+    assert "audit (one run)" in result.run._repr_html_()
 
 
 def test_one_run_catches_an_engine_that_lies_about_epsilon(monkeypatch):
@@ -287,6 +295,103 @@ def test_one_run_catches_an_engine_that_lies_about_epsilon(monkeypatch):
         result = audit.one_run(make_model, x, y, target_epsilon=1.0, **RUN)
     assert result.contradicts and result.epsilon_lower_bound > 1.5
     assert "CONTRADICTS THE GUARANTEE" in result._repr_html_()
+    (entry,) = result.run.summary()["audits"]  # the card says so too
+    assert entry["contradicts"] is True and "⚠ THE AUDIT CONTRADICTS" in result.run._repr_html_()
+
+
+# A model whose every trainable layer is a grouped convolution: Conv2D(64, 2×2, 2 groups) on 2×2×6
+# inputs, then Conv2D(4, 1×1, 2 groups) to the logits.
+def _conv_data(n=600):
+    x, y = _data(n, seed=2, d=24)
+    return x.reshape(n, 2, 2, 6), y
+
+
+def make_grouped_conv_model():
+    model = keras.Sequential(
+        [
+            keras.Input((2, 2, 6)),
+            keras.layers.Conv2D(64, 2, groups=2, activation="relu"),
+            keras.layers.Conv2D(K, 1, groups=2),
+            keras.layers.Flatten(),
+        ]
+    )
+    model.compile(loss=LOSS)
+    return model
+
+
+def _break_grouped_clipping(monkeypatch):
+    """Grouped convolutions' clipped sum without the clip factor (each example's full gradient),
+    with the traced-step probe of the self-check (which catches exactly this) switched off: a
+    clipping bug that got past the engine's own checks."""
+    import tensorflow as tf
+
+    from kprivacy_nb.dp.clipping import conv, selfcheck
+    from kprivacy_nb.dp.clipping.registry import LayerGrads
+
+    real = conv._grouped
+
+    def unclipped(*args, **kwargs):
+        grads = real(*args, **kwargs)
+        return LayerGrads(
+            grads.sq, lambda c, rows: grads.clipped(tf.ones_like(c), rows), grads.method
+        )
+
+    monkeypatch.setattr(conv, "_grouped", unclipped)
+    monkeypatch.setattr(selfcheck, "probe_sensitivity", lambda *args, **kwargs: 1.0)
+
+
+@pytest.mark.parametrize("clipping", ["correct", "broken"])
+def test_one_run_audits_grouped_convolutions(monkeypatch, clipping):
+    """The engine's regression test on grouped convolutions: at ε = 1 the audit's bound stays
+    below the proven ε; with the grouped layers' clipping broken (and the self-check's probe
+    off) the same audit contradicts the guarantee."""
+    if clipping == "broken":
+        _break_grouped_clipping(monkeypatch)
+    x, y = _conv_data()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        result = audit.one_run(make_grouped_conv_model, x, y, target_epsilon=1.0, **GCONV_RUN)
+    assert all("groups" in how and "verified" in how for how in result.run.clipping.values())
+    contradiction = [w for w in caught if "contradicts the guarantee" in str(w.message).lower()]
+    if clipping == "correct":
+        assert result.epsilon_lower_bound <= result.epsilon <= 1.0 and not contradiction, result
+    else:
+        assert result.contradicts and contradiction, result
+
+
+def test_audits_go_on_the_card_and_into_saved_files(tmp_path):
+    """membership_inference on a model trained with DP attaches itself to the model's card; the
+    card shows it and secure_save'd files carry it; audits of something else are refused."""
+    import kprivacy_nb
+
+    x, y = _data(300)
+    run = trainer.dp_fit(
+        make_model(), x[:200], y[:200], epochs=1, batch_size=50, noise_multiplier=1.0,
+        delta=1e-4, optimizer="adam", verbose=0, seed=0,
+    )  # fmt: skip
+    train, holdout = (x[:200], y[:200]), (x[200:], y[200:])
+    assert "audits" not in run.summary()
+    report = audit.membership_inference(run.model, train, holdout)  # brings model.privacy
+    assert report.proven_epsilon == run.epsilon and report.delta == run.delta
+    card = run.summary()
+    assert card["audits"] == [report.summary()] and "NOT covered by ε" in card["audit_note"]
+    assert "audit (membership inference)" in run._repr_html_()
+    run.attach_audit(report)  # the same audit twice is kept once
+    assert len(run.summary()["audits"]) == 1
+
+    other = audit.membership_inference(run, train, holdout, epsilon=2 * run.epsilon)
+    assert len(run.summary()["audits"]) == 1  # compared with another ε: not attached
+    with pytest.raises(InvalidParameterError, match="attach it to the run it audited"):
+        run.attach_audit(other)
+    with pytest.raises(InvalidParameterError, match="no proven ε"):
+        run.attach_audit(audit.membership_inference(make_model(), train, holdout))
+
+    kprivacy_nb.secure_save(run, tmp_path / "run.age", passphrase="audit-test", work_factor=18)
+    with pytest.warns(UserWarning, match="unsigned"):
+        loaded = kprivacy_nb.secure_load(tmp_path / "run.age", passphrase="audit-test")
+    (saved,) = loaded.privacy_card["audits"]
+    assert saved["kind"] == "membership_inference" and saved["auc"] == report.auc
+    assert saved["verdict"] == report.verdict and loaded.privacy_card["audit_note"]
 
 
 def test_one_run_refuses_what_it_cannot_audit():

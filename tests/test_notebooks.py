@@ -34,6 +34,7 @@ EXPECTED = {
     "02_budget_planning.ipynb",
     "03_secure_sharing.ipynb",
     "04_intrusion_detection.ipynb",
+    "05_privacy_audit.ipynb",
 }
 SECRET_MARKERS = ("AGE-SECRET-KEY-1", "KPRIVACY-SIGNING-KEY-1")
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
@@ -194,10 +195,41 @@ def check_secure_sharing(nb: Any, workdir: Path) -> None:
     assert "bundle round-trips exactly: True" in all_text(nb)
 
 
+def check_privacy_audit(nb: Any, workdir: Path) -> None:
+    result = json_line(all_text(nb), "one_run_no_dp_bound")
+    # Without DP the canary audit proves a leak; with DP every bound stays ≤ the proven ε.
+    assert result["one_run_no_dp_bound"] > 1.0, result
+    assert [r["target"] for r in result["one_run"]] == [1.0, 8.0]  # CI size
+    for run in result["one_run"]:
+        assert 0 < run["epsilon"] <= run["target"] and not run["contradicts"], run
+        assert 0 <= run["bound"] <= run["epsilon"], run
+    for key in ("mia_no_dp_auc", "mia_dp_auc"):
+        assert 0.3 < result[key] < 0.8, result
+    assert 0 < result["mia_dp_epsilon"] <= 3.0
+    # The audits went onto the DP runs' cards, and the exported card carries them.
+    assert result["mia_dp_attached"] == ["membership_inference"]
+    assert result["exported_audits"] == ["one_run"]
+    assert result["exported_bound"] == result["one_run"][0]["bound"]
+    check_age_file(Path(result["export"]))
+    assert Path(result["export"]).parent == workdir
+    # The views: ROC + ε plots in every audit card, the figure, the verdicts and the caveat.
+    for part in ("mia_baseline = audit.membership_inference", "%dp_audit mia private", "no_dp"):
+        html = cell_text(code_cell(nb, part))
+        assert "data:image/png;base64," in html and "not a guarantee" in html, part
+    assert "proves nothing" in cell_text(code_cell(nb, "%dp_audit mia private"))
+    assert "Leak shown" in cell_text(code_cell(nb, "no_dp = audit.one_run"))
+    assert "image/png" in mimetypes(code_cell(nb, "plt.subplots"))
+    card = cell_text(code_cell(nb, "card = one_runs"))
+    assert "DP-SGD privacy card" in card and "audit (one run)" in card, card
+    assert "Consistent with the guarantee" in card or "proves nothing" in card, card
+    assert "verified" in cell_text(code_cell(nb, "%secure_load audited_detector.age"))
+
+
 CHECKS: dict[str, Callable[[Any, Path], None]] = {
     "02_budget_planning.ipynb": check_budget_planning,
     "03_secure_sharing.ipynb": check_secure_sharing,
     "04_intrusion_detection.ipynb": check_intrusion_detection,
+    "05_privacy_audit.ipynb": check_privacy_audit,
 }
 
 

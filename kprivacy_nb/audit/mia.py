@@ -206,8 +206,10 @@ def membership_inference(
     bound implied by the best (TPR, FPR) pair with Clopper–Pearson confidence (threshold picked
     on half the scores, measured on the other half). That ε is a valid test only if members and
     non-members were split at random; :func:`kprivacy_nb.audit.one_run` is the rigorous audit.
-    ``run`` (a ``DPFitResult``, which may also be passed as ``model``) or ``epsilon``/``delta``
-    give the proven ε to compare with.
+    ``run`` (a ``DPFitResult``, which may also be passed as ``model``; a model trained with
+    ``make_private`` brings its ``model.privacy``) or ``epsilon``/``delta`` give the proven ε to
+    compare with. Compared with a run's own ε and δ, the report is attached to the run's card
+    (:meth:`~kprivacy_nb.dp.trainer.DPFitResult.attach_audit`), so saved files carry it.
 
     >>> membership_inference(model, (x_train, y_train), (x_test, y_test))   # doctest: +SKIP
     MIAReport(attack=loss, AUC=0.731 [0.702, 0.760], ε ≥ 0.912 at 95%, ...)
@@ -219,6 +221,9 @@ def membership_inference(
     confidence = stats.check_confidence(confidence)
     if run is None and hasattr(model, "epsilon") and hasattr(model, "model"):
         model, run = model.model, model  # a DPFitResult: audit its model against its ε
+    if run is None and hasattr(getattr(model, "privacy", None), "attach_audit"):
+        run = model.privacy  # a model trained with make_private: its card
+    attach = run is not None and epsilon is None and delta is None
     if run is not None:
         epsilon = run.epsilon if epsilon is None else epsilon
         delta = run.delta if delta is None else delta
@@ -265,4 +270,6 @@ def membership_inference(
         slices=[] if labels is None else _slices(labels_in, labels_out, s_in, s_out, confidence),
         notes=notes, scores_in=s_in, scores_out=s_out,
     )  # fmt: skip
+    if attach and hasattr(run, "attach_audit"):
+        run.attach_audit(report)  # compared with the run's own ε and δ: its card carries it
     return report

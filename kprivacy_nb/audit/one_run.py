@@ -55,7 +55,7 @@ class OneRunAudit:
     shapes_tried: int
     roc: ROC | None
     model: Any = field(repr=False)
-    run: Any = field(default=None, repr=False)  # the DPFitResult of a private run
+    run: Any = field(default=None, repr=False)  # the DPFitResult of a private run (carries this)
     n_train: int = 0
     seconds: float = 0.0
 
@@ -332,6 +332,8 @@ def one_run(
         included=included, scores=scores, guess=guess, shapes_tried=shapes, roc=curve,
         model=model, run=run, n_train=n_train, seconds=time.perf_counter() - started,
     )  # fmt: skip
+    if run is not None and hasattr(run, "attach_audit"):
+        run.attach_audit(audit)  # the run's card (model.privacy) carries its audit
     if audit.contradicts:
         warnings.warn(audit.verdict, RuntimeWarning, stacklevel=2)
     return audit

@@ -31,6 +31,11 @@ __all__ = ["dp_fit", "DPFitResult", "TrainingPlan", "TrainingCallback", "LogRepo
 
 #: What the card says when training-set metrics are kept (they are computed without noise).
 TRAINING_METRICS_NOTE = "included — training-set loss/accuracy are NOT covered by ε"
+#: What the card says about attached audits (counts over the training data, without noise).
+AUDIT_NOTE = (
+    "empirical lower bounds from attacks on this run's training data: evidence, not a guarantee; "
+    "their counts and AUC are computed without noise and are NOT covered by ε"
+)
 
 
 @dataclass
@@ -85,9 +90,39 @@ class DPFitResult:
     validation_split: float = 0.0  # validation rows split off the training data passed in
     delta_source: str = "given"  # where δ came from (given, the ledger's, defaulted)
     fresh_data: bool = False  # earlier private runs of the model declared on other data
+    audits: list[dict[str, Any]] = field(default_factory=list)  # see attach_audit
+
+    def attach_audit(self, audit: Any) -> None:
+        """Put an empirical audit of this run (:func:`kprivacy_nb.audit.one_run`,
+        :func:`~kprivacy_nb.audit.membership_inference`) on its card: ``summary()``, the card
+        view and saved files carry it. An audit done against another ε or δ, or of a model
+        trained without DP, is refused. ``one_run`` and ``membership_inference(run, …)`` attach
+        themselves.
+        """
+        entry = dict(audit if isinstance(audit, dict) else audit.summary())
+        proven = entry.get("epsilon", entry.get("proven_epsilon"))
+        if entry.get("private") is False or proven is None or entry.get("delta") is None:
+            raise InvalidParameterError(
+                "this audit has no proven ε to compare with (trained without DP, or run without "
+                "run=): audit this run with membership_inference(run, …) or one_run(…)"
+            )
+        if not math.isclose(proven, self.epsilon, rel_tol=1e-9) or not math.isclose(
+            entry["delta"], self.delta, rel_tol=1e-9
+        ):
+            raise InvalidParameterError(
+                f"this audit compared with ε={proven:.4g}, δ={entry['delta']:g}, but this run has "
+                f"ε={self.epsilon:.4g}, δ={self.delta:g}: attach it to the run it audited"
+            )
+        if entry not in self.audits:
+            self.audits.append(entry)
 
     def summary(self) -> dict[str, Any]:
         """The privacy card: what the ε covers (this is what saved files carry)."""
+        return self._card() | (
+            {"audits": self.audits, "audit_note": AUDIT_NOTE} if self.audits else {}
+        )
+
+    def _card(self) -> dict[str, Any]:
         return {
             "epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
             "l2_norm_clip": self.l2_norm_clip, "sampling": self.sampling, "steps": self.steps,
@@ -138,6 +173,10 @@ class DPFitResult:
         rows.append(
             ("clipping", "verified by the self-check" if self.verified else "see .clipping")
         )
+        for entry in self.audits:
+            lower = entry.get("epsilon_lower_bound")  # None: ∞
+            alarm = "⚠ " if lower is None or lower > self.epsilon + 1e-9 else ""
+            rows.append((f"audit ({entry['kind'].replace('_', ' ')})", alarm + entry["verdict"]))
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             if self.history.get(key):
                 label = f"{key} (not private)" if key in ("loss", "accuracy") else key
