@@ -369,9 +369,7 @@ def dp_fit(
         n=n, batch_size=int(batch_size), epochs=int(epochs), steps_per_epoch=spe,
         noise_multiplier=sigma, l2_norm_clip=float(l2_norm_clip), delta=plan.delta,
         sampling=sampling, accountant=accountant,
-        planned_curve=accounting.epsilon_curve(
-            n, batch_size, epochs, sigma, plan.delta, sampling=sampling, accountant=accountant
-        ),
+        planned_curve=plan.planned_curve,
         target_epsilon=None if target_epsilon is None else float(target_epsilon),
         ledger_name=plan.ledger_name, ledger_cap=plan.ledger_cap,
         ledger_spent=plan.ledger_spent, clipping=plan.engine.report,
