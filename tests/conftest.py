@@ -18,6 +18,16 @@ def kp_home(tmp_path_factory, monkeypatch):
     return home
 
 
+@pytest.fixture(autouse=True)
+def forget_secrets():
+    """Secrets one test registers (they are masked in all later output, by design, for the
+    session) must not mask another test's words: each test starts with an empty registry."""
+    yield
+    from kprivacy_nb.secrets import REGISTRY
+
+    REGISTRY.forget_all()
+
+
 @pytest.fixture
 def ip():
     """The global test IPython shell with kprivacy_nb loaded (unloaded afterwards)."""

@@ -270,7 +270,7 @@ def test_an_overflowing_record_cannot_silence_the_rest_of_its_batch():
     assert any("fallback" in m for m in engine.report.values())
     everyone = _update(engine, x, y, np.arange(16))
     honest = _update(engine, x, y, np.delete(np.arange(16), 10))
-    assert np.linalg.norm(honest) > 0.2  # the 15 others are clipped to 0.05 each
+    assert np.linalg.norm(honest) > 0.05  # the 15 others (each clipped to 0.05) do count
     np.testing.assert_allclose(everyone, honest, atol=1e-6)
 
 
