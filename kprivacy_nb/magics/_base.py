@@ -240,6 +240,22 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def encryption_arguments(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every encrypting magic takes, in this order: ``-r/--recipient`` (``--to`` an
+    alias, repeatable), ``--passphrase`` (prompt) and ``--passphrase-env VAR``."""
+    from IPython.core.magic_arguments import argument
+
+    func = argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")(func)
+    func = argument("--passphrase", action="store_true", help="encrypt with a passphrase (prompt)")(
+        func
+    )
+    return argument(
+        "-r", "--recipient", "--to", dest="to", metavar="RECIPIENT", action="append", default=[],
+        help="recipient: public key (age1…, age1pq1…, ssh-…), name or recipients file "
+        "(repeatable; --to is an alias)",
+    )(func)  # fmt: skip
+
+
 def passphrase_from_args(args: Any, *, confirm: bool = False) -> Any:
     """The passphrase a magic's ``--passphrase`` (prompt) / ``--passphrase-env VAR`` asked for,
     or ``None`` when neither was given."""

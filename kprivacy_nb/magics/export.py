@@ -26,7 +26,7 @@ from ..notebook_file import find_notebook_path
 from ..quiet.fdcapture import FdCapture
 from ..quiet.safe_mime import safe_output
 from ..quiet.streams import hold_streams, terminal_streams
-from ._base import lookup, passphrase_from_args, user_errors
+from ._base import encryption_arguments, lookup, passphrase_from_args, user_errors
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
@@ -224,19 +224,7 @@ class ExportMagics(Magics):
     @magic_arguments()
     @argument("items", nargs="*", help="variables to export (none: open the export panel)")
     @argument("-o", "--output", metavar="FILE", help="output .age file")
-    @argument(
-        "-r",
-        "--recipient",
-        "--to",
-        dest="to",
-        metavar="RECIPIENT",
-        action="append",
-        default=[],
-        help="recipient: public key (age1…, age1pq1…, ssh-…), name or recipients file "
-        "(repeatable; --to is an alias)",
-    )
-    @argument("--passphrase", action="store_true", help="encrypt with a passphrase (prompt)")
-    @argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
+    @encryption_arguments
     @argument("--sign-with", metavar="KEY", help="signing key name or file")
     @argument(
         "--notebook",
@@ -301,19 +289,7 @@ class ExportMagics(Magics):
 
     # -- %%secure_output --------------------------------------------------------------------
     @magic_arguments("%secure_output")  # a cell magic: the usage line says %%secure_output
-    @argument(
-        "-r",
-        "--recipient",
-        "--to",
-        dest="to",
-        metavar="RECIPIENT",
-        action="append",
-        default=[],
-        help="recipient: public key (age1…, age1pq1…, ssh-…), name or recipients file "
-        "(repeatable; --to is an alias)",
-    )
-    @argument("--passphrase", action="store_true", help="encrypt with a passphrase (prompt)")
-    @argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
+    @encryption_arguments
     @argument("--sign-with", metavar="KEY", help="signing key name or file")
     @cell_magic
     @user_errors

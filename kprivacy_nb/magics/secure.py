@@ -20,7 +20,13 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Bool, Int, List, Unicode
 
 from ..crypto.age import DEFAULT_SCRYPT_WORK_FACTOR
-from ._base import PlainText, lookup, passphrase_from_args, user_errors
+from ._base import (
+    PlainText,
+    encryption_arguments,
+    lookup,
+    passphrase_from_args,
+    user_errors,
+)
 
 
 class LoadResult:
@@ -95,19 +101,7 @@ class SecureMagics(Magics):
     @magic_arguments()
     @argument("obj", help="variable to save (with --path: a file or folder to save)")
     @argument("path", help="output .age file")
-    @argument(
-        "-r",
-        "--recipient",
-        "--to",
-        dest="to",
-        metavar="RECIPIENT",
-        action="append",
-        default=[],
-        help="recipient: public key (age1…, age1pq1…, ssh-…), name or recipients file "
-        "(repeatable; --to is an alias)",
-    )
-    @argument("--passphrase", action="store_true", help="encrypt with a passphrase (prompt)")
-    @argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
+    @encryption_arguments
     @argument("--sign-with", metavar="KEY", help="signing key name or file")
     @argument("--force", action="store_true", help="overwrite an existing file")
     @argument("--allow-pickle", action="store_true", help="pickle unknown types (unsafe)")
