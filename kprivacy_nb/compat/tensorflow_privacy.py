@@ -41,6 +41,7 @@ Privacy's orders in ``compute_noise``), with ``dp_accounting`` accountants doing
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import enum
 import functools
 import math
@@ -117,6 +118,10 @@ class DPSettings:
             )
         object.__setattr__(self, "l2_norm_clip", clip)
         object.__setattr__(self, "noise_multiplier", sigma)
+
+    def config(self) -> dict:
+        """The keyword arguments that rebuild these settings (for ``get_config``)."""
+        return dataclasses.asdict(self)
 
     def same_mechanism(self, other: DPSettings) -> bool:
         return (self.l2_norm_clip, self.noise_multiplier) == (
@@ -262,13 +267,7 @@ def make_dp_model_class(cls: type) -> type:
 
         def get_config(self) -> dict:
             config = super().get_config()
-            s = self.dp_settings
-            config.update(
-                l2_norm_clip=s.l2_norm_clip,
-                noise_multiplier=s.noise_multiplier,
-                num_microbatches=s.num_microbatches,
-                use_xla=self.use_xla,
-            )
+            config.update(self.dp_settings.config(), use_xla=self.use_xla)
             return config
 
         @classmethod
@@ -337,12 +336,7 @@ def make_dp_optimizer_class(cls: type) -> type:
 
         def get_config(self) -> dict:
             config = super().get_config()
-            s = self.dp_settings
-            config.update(
-                l2_norm_clip=s.l2_norm_clip,
-                noise_multiplier=s.noise_multiplier,
-                num_microbatches=s.num_microbatches,
-            )
+            config.update(self.dp_settings.config())
             return config
 
     DPOptimizerClass.__doc__ = (
