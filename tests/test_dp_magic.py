@@ -70,23 +70,28 @@ def test_dp_fit_magic_has_help(ip):
 
 
 def test_monitor_updates_one_display_in_place(monkeypatch):
+    """One figure updated per epoch, and above it one status line that appears before anything
+    slow (σ calibration, the self-check) and follows the epoch step by step."""
     import IPython.display
 
-    class Handle:
-        def __init__(self):
-            self.updates = 0
+    from kprivacy_nb.widgets import monitor as monitor_module
 
-        def update(self, obj):
-            assert isinstance(obj, IPython.display.Image)
-            self.updates += 1
+    class Handle:
+        def __init__(self, first):
+            self.seen = [first]
+
+        def update(self, obj, raw=False):
+            assert isinstance(obj, type(self.seen[0]))
+            self.seen.append(obj)
 
     shown = []
 
-    def fake_display(obj, display_id=False):
-        shown.append(obj)
-        return Handle()
+    def fake_display(obj, display_id=False, raw=False):
+        shown.append(Handle(obj))
+        return shown[-1]
 
     monkeypatch.setattr(IPython.display, "display", fake_display)
+    monkeypatch.setattr(monitor_module, "STEP_UPDATE_SECONDS", 0.0)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(100, 4)).astype("float32")
     y = (x[:, 0] > 0).astype("int64")
@@ -94,11 +99,18 @@ def test_monitor_updates_one_display_in_place(monkeypatch):
     monitor = TrainingMonitor(notebook=True)
     from kprivacy_nb import dp_fit
 
-    dp_fit(model, x, y, epochs=3, batch_size=20, target_epsilon=4.0, delta=1e-3, verbose=0,
-           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-           validation_data=(x, y), callbacks=[monitor])  # fmt: skip
-    assert len(shown) == 1  # one display, then updates in place
-    assert monitor._handle.updates == 4  # 3 epochs + final
+    run = dp_fit(model, x, y, epochs=3, batch_size=20, target_epsilon=4.0, delta=1e-3,
+                 verbose=0, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                 validation_data=(x, y), callbacks=[monitor])  # fmt: skip
+    status, figure = shown  # two displays, then updates in place
+    lines = [item["text/plain"] for item in status.seen]
+    assert lines[0].startswith("calibrating σ for ε = 4 at δ = 0.001")  # first, before σ
+    assert lines[1].startswith(f"σ = {run.noise_multiplier:.4g}; checking per-example clipping")
+    spe = run.planned_curve.steps[0]
+    assert f"training: epoch 3/3, step {spe}/{spe}" in " ".join(lines)
+    assert lines[-1].startswith(f"done: {run.steps} steps in")
+    assert all(isinstance(obj, IPython.display.Image) for obj in figure.seen)
+    assert len(figure.seen) == 5  # the first frame, 3 epochs, the final frame
     fig = monitor.figure()
     eps_ax, loss_ax, acc_ax = fig.axes
     labels = [line.get_label() for line in eps_ax.get_lines()]
@@ -122,4 +134,5 @@ def test_monitor_text_mode_prints_one_line_per_epoch():
     dp_fit(model, x, x[:, :1], epochs=2, batch_size=20, noise_multiplier=1.0, delta=1e-2,
            loss="mse", verbose=0, callbacks=[monitor])  # fmt: skip
     lines = out.getvalue().strip().splitlines()
-    assert len(lines) == 3 and lines[2].startswith("epoch 2/2")
+    assert lines[0].startswith("σ = 1; checking per-example clipping")  # said before it runs
+    assert len(lines) == 4 and lines[3].startswith("epoch 2/2")

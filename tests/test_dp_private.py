@@ -313,3 +313,19 @@ def test_retraining_composes_unless_fresh_data_is_declared(tmp_path):
     charged = kprivacy_nb.dp_fit(_binary(), x, y, epochs=1, batch_size=20, noise_multiplier=1.0,
                                  ledger=("synth", ledger), verbose=0)  # fmt: skip
     assert charged.delta == 1e-5 and "ledger" in charged.delta_source
+
+
+def test_a_verbose_fit_says_what_it_does_before_the_first_step(capsys):
+    """Calibrating σ takes seconds: a verbose fit says so (and the σ it chose) before Keras'
+    first progress line; verbose=0 prints nothing of ours."""
+    x, y = _data()
+    model = _binary()
+    kprivacy_nb.make_private(model, target_epsilon=2.0, delta=1e-4)
+    model.fit(x, y, epochs=1, batch_size=60, verbose=2)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "calibrating σ for ε = 2 at δ = 0.0001 (1 epochs, batch 60 of 600)…"
+    sigma = model.privacy.noise_multiplier
+    assert out[1].startswith(f"σ = {sigma:.4g}; checking per-example clipping on 60 real")
+    assert "epsilon:" in out[-1]  # then Keras' own progress
+    model.fit(x, y, epochs=1, batch_size=60, verbose=0)
+    assert capsys.readouterr().out == ""

@@ -440,15 +440,19 @@ def plan_fit(
     initial_epoch: int = 0,
     accuracy: Any = None,
     build_metrics: bool = True,
+    status: Any = None,
 ) -> FitPlan:
-    """Check the data, fix δ and σ, build the engine and run its self-check (nothing spent)."""
+    """Check the data, fix δ and σ, build the engine and run its self-check (nothing spent).
+
+    ``status(message)``, if given, hears what is being done while it takes time (calibrating
+    σ, the self-check) — the slow part of a cold start has something on screen."""
     from .distribute import check_distributable, first_replica, strategy_for
 
     strategy = strategy_for(model)
     kwargs = dict(
         batch_size=batch_size, epochs=epochs, validation_split=validation_split,
         validation_data=validation_data, class_weight=class_weight, sample_weight=sample_weight,
-        initial_epoch=initial_epoch, accuracy=accuracy,
+        initial_epoch=initial_epoch, accuracy=accuracy, status=status or (lambda message: None),
     )  # fmt: skip
     if strategy is None:
         plan = _plan_fit(model, x, y, build_metrics=build_metrics, **kwargs)
@@ -483,6 +487,7 @@ def _plan_fit(
     initial_epoch: int,
     accuracy: Any,
     build_metrics: bool,
+    status: Any,
 ) -> FitPlan:
     from .clipping import per_example_loss_fn
     from .engine import DPSGDEngine
@@ -543,6 +548,10 @@ def _plan_fit(
         allow_no_noise=no_noise,
     )  # fmt: skip
     if state.target_epsilon is not None:
+        status(
+            f"calibrating σ for ε = {state.target_epsilon:g} at δ = {delta:g} "
+            f"({epochs - initial_epoch} epochs, batch {batch_size} of {n})…"
+        )
         sigma = accounting.calibrate_noise(
             state.target_epsilon, n, batch_size, epochs - initial_epoch, delta,
             sampling=state.sampling, accountant=state.accountant, prior=state.event(),
@@ -554,6 +563,7 @@ def _plan_fit(
 
     X = tf.nest.map_structure(tf.constant, _take(x, rows))
     Y = tf.constant(_take(y, rows))
+    status(f"σ = {sigma:.4g}; checking per-example clipping on {len(rows)} real examples…")
     engine = DPSGDEngine(
         model, per_example_loss_fn(model.loss), None, l2_norm_clip=state.l2_norm_clip,
         noise_multiplier=sigma, X=X, Y=Y, accuracy=accuracy,
@@ -764,6 +774,12 @@ def diverged(steps: int) -> TrainingError:
     )
 
 
+def _say(message: str) -> None:
+    """What a verbose private ``fit`` prints before its first step (where Keras prints its own
+    progress), so a calibration that takes seconds does not look like a hang."""
+    print(message, flush=True)
+
+
 def _private_fit(
     model: Any,
     x: Any = None,
@@ -795,7 +811,7 @@ def _private_fit(
     plan = plan_fit(
         model, x, y, batch_size=batch_size, epochs=epochs, validation_split=validation_split,
         validation_data=validation_data, class_weight=class_weight, sample_weight=sample_weight,
-        initial_epoch=initial_epoch,
+        initial_epoch=initial_epoch, status=_say if verbose else None,
     )  # fmt: skip
     m = plan.mechanism
     reserve(plan, f"fit {getattr(model, 'name', 'model')}: {plan.run_epochs} epochs, batch "

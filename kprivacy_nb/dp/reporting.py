@@ -19,11 +19,17 @@ __all__ = ["TrainingCallback", "LogReporter", "default_reporter_factory"]
 class TrainingCallback(Protocol):
     """What ``dp_fit`` tells its callbacks (every method optional).
 
+    ``on_prepare`` hears what is being done before the first step when it takes time
+    (calibrating σ for a target ε, the clipping self-check); ``on_step`` follows an epoch step
+    by step (keep it cheap: it runs after every step).
+
     ``on_epoch_end`` logs hold ``loss``/``accuracy``/``val_*`` (when known), ``epsilon`` (spent
     so far), ``delta``, ``epochs``, ``steps`` and ``seconds``.
     """
 
+    def on_prepare(self, message: str) -> None: ...
     def on_train_begin(self, plan: Any) -> None: ...
+    def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None: ...
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None: ...
     def on_train_end(self, result: Any) -> None: ...
 
@@ -41,6 +47,9 @@ class LogReporter:
     def _print(self, text: str) -> None:
         stream = self.stream or sys.stdout
         print(text, file=stream, flush=True)
+
+    def on_prepare(self, message: str) -> None:
+        self._print(message)
 
     def on_train_begin(self, plan: Any) -> None:
         self._print(

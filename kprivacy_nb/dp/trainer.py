@@ -348,6 +348,10 @@ def dp_fit(
     else:
         opt = engine.resolve_optimizer(optimizer, learning_rate)
     accuracy = engine.accuracy_fn(loss_obj)
+    keras_callbacks = [cb for cb in callbacks or [] if isinstance(cb, keras.callbacks.Callback)]
+    ours = [cb for cb in callbacks or [] if not isinstance(cb, keras.callbacks.Callback)]
+    if verbose:
+        ours.insert(0, _default_reporter())
     model.compile(optimizer=opt, loss=loss_obj, metrics=["accuracy"] if accuracy else None)
     private.make_private(
         model, l2_norm_clip=float(l2_norm_clip), noise_multiplier=noise_multiplier,
@@ -357,7 +361,7 @@ def dp_fit(
     )  # fmt: skip
     plan = private.plan_fit(
         model, x, y, batch_size=batch_size, epochs=epochs, validation_data=validation_data,
-        accuracy=accuracy,
+        accuracy=accuracy, status=lambda message: _call(ours, "on_prepare", message),
     )  # fmt: skip
     sigma = plan.mechanism.noise_multiplier
     private.reserve(
@@ -375,10 +379,8 @@ def dp_fit(
         ledger_spent=plan.ledger_spent, clipping=plan.engine.report,
         delta_source=plan.delta_source,
     )  # fmt: skip
-    keras_callbacks = [cb for cb in callbacks or [] if isinstance(cb, keras.callbacks.Callback)]
-    ours = [cb for cb in callbacks or [] if not isinstance(cb, keras.callbacks.Callback)]
-    if verbose:
-        ours.insert(0, _default_reporter())
+    if any(hasattr(cb, "on_step") for cb in ours):
+        keras_callbacks = [*keras_callbacks, _StepRelay(ours, spe)]
 
     def on_epoch(epoch: int, train: dict, logs: dict, steps: int, seconds: float, dropped: int):
         val = {k: v for k, v in logs.items() if k.startswith("val_")}
@@ -402,6 +404,23 @@ def dp_fit(
     object.__setattr__(model, "privacy", result)
     _call(ours, "on_train_end", result)
     return result
+
+
+class _StepRelay:
+    """Tells our callbacks' ``on_step(epoch, step, steps_per_epoch)`` where an epoch is (a
+    Keras callback, made a subclass on first use so importing this module needs no Keras)."""
+
+    def __new__(cls, ours: list[Any], steps_per_epoch: int) -> Any:
+        import keras
+
+        class StepRelay(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+                self.epoch = epoch + 1
+
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                _call(ours, "on_step", self.epoch, batch + 1, steps_per_epoch)
+
+        return StepRelay()
 
 
 def _head(data: Any, what: str) -> Any:

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from typing import Any
 
 from ..dp.reporting import LogReporter
 
 __all__ = ["TrainingMonitor", "auto_monitor", "in_notebook"]
+
+#: Fewest seconds between two step-progress updates of the status line.
+STEP_UPDATE_SECONDS = 0.5
 
 
 def in_notebook() -> bool:
@@ -43,19 +47,44 @@ class TrainingMonitor:
         self.epochs: list[int] = []
         self.logs: list[dict[str, float]] = []
         self._handle: Any = None
+        self._status: Any = None  # one text line above the figure: what is happening now
+        self._status_at = 0.0
+        self._started = 0.0
         self.renders = 0
 
     # -- callback protocol
 
+    def on_prepare(self, message: str) -> None:
+        """Before the first step (σ calibration, self-check): say so at once."""
+        if self.notebook:
+            self._say(message)
+        else:
+            self._log.on_prepare(message)
+
     def on_train_begin(self, plan: Any) -> None:
         self.plan = plan
         self.epochs, self.logs = [], []
+        self._started = time.monotonic()
         if self.notebook:
             from IPython.display import display
 
+            self._say(f"training: epoch 1/{plan.epochs}, {plan.steps_per_epoch} steps per epoch…")
             self._handle = display(self._image(), display_id=True)
         else:
             self._log.on_train_begin(plan)
+
+    def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        """Progress inside an epoch, in the status line (at most a few updates a second)."""
+        if not self.notebook or self._status is None:
+            return
+        now = time.monotonic()
+        if now - self._status_at < STEP_UPDATE_SECONDS and step != steps_per_epoch:
+            return
+        epochs = self.plan.epochs if self.plan is not None else "?"
+        self._say(
+            f"training: epoch {epoch}/{epochs}, step {step}/{steps_per_epoch} "
+            f"({now - self._started:.0f} s)"
+        )
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
         self.epochs.append(epoch)
@@ -67,9 +96,21 @@ class TrainingMonitor:
 
     def on_train_end(self, result: Any) -> None:
         if self.notebook and self._handle is not None:
+            how = "interrupted" if result.interrupted else "done"
+            self._say(f"{how}: {result.steps} steps in {time.monotonic() - self._started:.1f} s")
             self._handle.update(self._image(final=result))
         else:
             self._log.on_train_end(result)
+
+    def _say(self, message: str) -> None:
+        from IPython.display import display
+
+        text = {"text/plain": message}
+        if self._status is None:
+            self._status = display(text, raw=True, display_id=True)
+        else:
+            self._status.update(text, raw=True)
+        self._status_at = time.monotonic()
 
     # -- drawing
 
