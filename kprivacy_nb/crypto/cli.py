@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "keygen",
         help="create an age identity (or --signing key); prints only the public key",
         description="Create a key file (mode 0600) and print its public key. With NAME it goes "
-        "to the keys folder and NAME can be used with -r/--to. Example: kprivacy-nb keygen alice",
+        "to the keys folder and NAME can be used with -r. Example: kprivacy-nb keygen alice",
     )
     p.add_argument("name", nargs="?", help="key name (keys/NAME.key, 'NAME: age1…' registered)")
     p.add_argument("-o", "--output", help="write the key file here instead")
@@ -185,14 +185,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="name colleagues' public keys (so -r NAME encrypts to them)",
         description="add/list/remove named public keys in recipients.txt of the home folder. "
         "KEY is the public key someone sent you: age1…, age1pq1…, 'ssh-ed25519 AAAA…', "
-        "'ssh-rsa AAAA…' (a recipient, for -r/--to NAME) or kppub1… (a signer, for -k / "
+        "'ssh-rsa AAAA…' (a recipient, for -r NAME) or kppub1… (a signer, for -k / "
         "--verify-with NAME). No key pair is made (that is `keygen NAME`, for your own keys). "
         "Example: kprivacy-nb recipients add bob age1ql3z…  |  kprivacy-nb recipients add carol "
         '"$(cat carol_id_ed25519.pub)"',
     )
     rsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     r = rsub.add_parser("add", help="name a public key: NAME KEY")
-    r.add_argument("name", help="the name to use with -r/--to (letters, digits, _ . @ -)")
+    r.add_argument("name", help="the name to use with -r (letters, digits, _ . @ -)")
     r.add_argument("key", nargs="+", help="the public key (an ssh key may be given unquoted)")
     r.add_argument("--force", action="store_true", help="replace a key already under NAME")
     r.set_defaults(func=cmd_recipients)

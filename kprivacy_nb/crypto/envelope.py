@@ -47,7 +47,7 @@ def recipients_for(
         return [age.ScryptRecipient(passphrase, work_factor)], ("passphrase (scrypt)",)
     if not recipients:
         raise InvalidParameterError(
-            "say who can decrypt: recipients=['alice' or 'age1…'] (--to) or a passphrase "
+            "say who can decrypt: recipients=['alice' or 'age1…'] (-r) or a passphrase "
             "(--passphrase)"
         )
     specs = (

@@ -104,7 +104,7 @@ def generate_identity(
 
     X25519 (``age1…``) by default; with ``pq`` a post-quantum hybrid one (``age1pq1…``,
     ML-KEM-768 + X25519, as ``age-keygen -pq``). With ``name`` it goes to ``keys/NAME.key`` and
-    ``NAME: age1…`` is added to recipients.txt, so ``--to NAME`` works. ``output`` writes it to
+    ``NAME: age1…`` is added to recipients.txt, so ``-r NAME`` works. ``output`` writes it to
     that path instead.
     """
     if name is not None:
@@ -198,7 +198,7 @@ def _key_type(value: str) -> str:
 
 
 def add_recipient(name: str, key: str, *, force: bool = False) -> NamedKey:
-    """Record a colleague's public key under ``name`` so ``-r NAME`` / ``--to NAME`` /
+    """Record a colleague's public key under ``name`` so ``-r NAME`` /
     ``recipients=["NAME"]`` encrypt to it. ``key`` is any supported public key: ``age1…``,
     ``age1pq1…``, ``ssh-ed25519 AAAA…``, ``ssh-rsa AAAA…`` (a recipient), or ``kppub1…`` (a
     signer, for ``--verify-with NAME``). No key pair is made: this is someone else's public key.

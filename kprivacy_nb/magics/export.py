@@ -246,8 +246,8 @@ class ExportMagics(Magics):
         With no items, shows the one-click export panel. Examples::
 
             %secure_export
-            %secure_export model run X_test -o share.age --to alice --sign-with me
-            %secure_export model --notebook --strip-outputs -o share.age --to alice
+            %secure_export model run X_test -o share.age -r alice --sign-with me
+            %secure_export model --notebook --strip-outputs -o share.age -r alice
 
         Open it with ``secure_load("share.age")`` (a dict-like bundle) or list it with
         ``python -m kprivacy_nb inspect share.age -i KEY``; ``age -d`` opens it too.
@@ -306,7 +306,7 @@ class ExportMagics(Magics):
         Pager output (``obj?``, ``%pinfo``) and ``set_next_input`` are encrypted with the rest. What a thread writes *after* the cell ended is not captured (a note
         says so when threads are still running: join them inside the cell). Example::
 
-            %%secure_output --to alice
+            %%secure_output -r alice
             df[df.patient_id == 1234]
 
         A key holder shows them again (transiently) with ``%secure_show``.
@@ -320,7 +320,7 @@ class ExportMagics(Magics):
         passphrase = passphrase_from_args(args)
         recipients = args.to or (None if passphrase is not None else self.default_recipients)
         if not recipients and passphrase is None:
-            raise UsageError("say who can read the output: -r/--to NAME|age1… or --passphrase")
+            raise UsageError("say who can read the output: -r NAME|age1… or --passphrase")
         # Resolve keys before running the cell, so a typo doesn't run (and lose) the cell.
         recipients_for(recipients or None, passphrase, DEFAULT_SCRYPT_WORK_FACTOR)
         signer = load_signing_key(args.sign_with) if args.sign_with else None

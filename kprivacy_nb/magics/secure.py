@@ -115,9 +115,9 @@ class SecureMagics(Magics):
 
         Example::
 
-            %secure_save model models/detector.age --to alice --sign-with me
+            %secure_save model models/detector.age -r alice --sign-with me
             %secure_save df data.age --passphrase-env DATA_PASS
-            %secure_save --path results/ results.age --to alice
+            %secure_save --path results/ results.age -r alice
         """
         args = parse_argstring(self.secure_save, line)
         from pathlib import Path
@@ -203,7 +203,7 @@ class SecureMagics(Magics):
 
         Example::
 
-            %secure_keygen alice            # age identity; then: %secure_save x f.age --to alice
+            %secure_keygen alice            # age identity; then: %secure_save x f.age -r alice
             %secure_keygen me --signing     # signing key; then: --sign-with me / --verify-with me
             %secure_keygen carol --pq       # post-quantum (ML-KEM-768 + X25519): age1pq1…
         """
@@ -218,7 +218,7 @@ class SecureMagics(Magics):
 
     @magic_arguments()
     @argument("action", nargs="?", default="list", help="add, list (default) or remove")
-    @argument("name", nargs="?", help="the name to use with --to / -r / recipients=")
+    @argument("name", nargs="?", help="the name to use with -r / recipients=")
     @argument("key", nargs="*", help="(add) the public key: age1…, age1pq1…, ssh-…, kppub1…")
     @argument("--force", action="store_true", help="(add) replace a key already under NAME")
     @line_magic
@@ -232,7 +232,7 @@ class SecureMagics(Magics):
 
             %secure_recipients add bob age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p
             %secure_recipients add carol ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA… carol@laptop
-            %secure_save df results.age --to bob
+            %secure_save df results.age -r bob
             %secure_recipients                  # list
             %secure_recipients remove bob
         """
