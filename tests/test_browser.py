@@ -1,7 +1,8 @@
 """The widgets in a real browser: JupyterLab on localhost, driven in headless Chromium.
 
 Checks that the budget planner renders and reacts to a slider, that the training monitor
-renders, and that clicking the export panel's button writes the encrypted file. Screenshots go
+renders, that clicking the export panel's button writes the encrypted file, and that output
+decrypted on screen by ``%secure_show`` is not in the notebook the user saves meanwhile. Screenshots go
 to ``test-artifacts/``. Needs Debian's ``chromium`` (``.ci/run`` installs it); without it the
 test is skipped with a notice — except under CI, where a missing browser is a failure.
 """
@@ -42,7 +43,11 @@ CELLS = [
     " metrics=['accuracy'])\n"
     "%dp_fit model x y --epochs 3 --batch-size 64 --noise-multiplier 1.0 --accountant rdp -o run",
     "X_share = np.arange(10)\n%secure_export -o exported.age",
+    # The marker is computed, so it is in outputs only, never in a cell's source.
+    '%%secure_output -r alice\nprint("ROW-" + str(4321 * 2))',
+    "%secure_show -i alice --for 0",
 ]
+MARKER = "ROW-" + str(4321 * 2)
 
 # Draw 🔒 with the page's fallback fonts: a colour emoji has coloured pixels, a missing glyph's
 # box is drawn in the (black) text colour.
@@ -127,6 +132,27 @@ def test_widgets_render_and_work_in_jupyterlab(tmp_path, monkeypatch):
                 time.sleep(0.2)
             assert out.exists() and out.stat().st_mode & 0o777 == 0o600
             assert out.read_bytes().startswith(b"age-encryption.org/v1\n")
+
+            # %secure_show: a click shows the decrypted output; saving the notebook (Ctrl-S, as
+            # a user would, while it is on screen) keeps it out of the file.
+            reveal = cells.nth(5).locator(".jp-Cell-outputArea")
+            expect(reveal.get_by_text(MARKER)).to_have_count(0)
+            reveal.locator("button", has_text="Show 1 decrypted output").click()
+            expect(reveal.get_by_text(MARKER)).to_be_visible(timeout=30_000)
+            reveal.screenshot(path=str(ARTIFACTS / "reveal.png"))
+            saved = root / "ui.ipynb"
+            before_save = saved.stat().st_mtime_ns
+            cells.nth(5).click()
+            page.keyboard.press("Escape")  # command mode, where Ctrl-S saves the notebook
+            page.keyboard.press("Control+s")
+            deadline = time.monotonic() + 30
+            while saved.stat().st_mtime_ns == before_save and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert saved.stat().st_mtime_ns != before_save, "the notebook was not saved"
+            text_saved = saved.read_text()
+            assert "Show 1 decrypted output" in text_saved  # the panel is there, the rows are not
+            assert MARKER not in text_saved
+            expect(reveal.get_by_text(MARKER)).to_be_visible()  # still on screen after the save
 
             # The panel's 🔒 is drawn as a colour emoji, not an empty box (needs an emoji font).
             assert page.evaluate(EMOJI_IS_COLOURED), "🔒 rendered as a box: no emoji font"
