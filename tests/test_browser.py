@@ -46,6 +46,8 @@ CELLS = [
     # The marker is computed, so it is in outputs only, never in a cell's source.
     '%%secure_output -r alice\nprint("ROW-" + str(4321 * 2))',
     "%secure_show -i alice --for 0",
+    # A secret typed on a magic line: refused, and the cell's text replaced in the editor.
+    "%secure_save X_share s.age --passphrase hunter2-horse-staple-42",
 ]
 MARKER = "ROW-" + str(4321 * 2)
 
@@ -152,6 +154,10 @@ def test_widgets_render_and_work_in_jupyterlab(tmp_path, monkeypatch):
             text_saved = saved.read_text()
             assert "Show 1 decrypted output" in text_saved  # the panel is there, the rows are not
             assert MARKER not in text_saved
+            # The refused secret line: gone from the editor and from the saved file.
+            expect(cells.nth(6)).to_contain_text("removed by kprivacy_nb: it held a secret")
+            assert "hunter2-horse-staple-42" not in text_saved
+            assert "removed by kprivacy_nb: it held a secret" in text_saved
             expect(reveal.get_by_text(MARKER)).to_be_visible()  # still on screen after the save
 
             # The panel's 🔒 is drawn as a colour emoji, not an empty box (needs an emoji font).

@@ -64,10 +64,26 @@ def test_refused_secret_line_is_replaced_in_the_cell_text(kp_home):
     try:
         kc.execute_interactive("%load_ext kprivacy_nb", timeout=120)
         cell = "x = 1\n%secure_save x out.age --passphrase hunter2-horse-staple\nprint('after')"
-        reply = kc.execute_interactive(cell, timeout=120)
+        stderr = []
+
+        def output(msg):
+            if msg["msg_type"] == "stream" and msg["content"]["name"] == "stderr":
+                stderr.append(msg["content"]["text"])
+
+        reply = kc.execute_interactive(cell, timeout=120, output_hook=output)
         content = reply["content"]
-        assert content["status"] == "error" and content["ename"] == "UsageError"
-        assert "the cell's text was replaced by a copy without that line" in content["evalue"]
+        # JupyterLab applies set_next_input only from an "ok" reply: the refusal must not fail
+        # the cell, or the secret would stay in the cell's text and the saved notebook.
+        assert content["status"] == "ok"
+        said = "".join(stderr)
+        assert said.startswith("UsageError: refused") and "hunter2" not in said
+        assert "the cell's text was replaced by a copy without that line" in said
+        stdout = []
+        kc.execute_interactive(
+            "import os; print(os.path.exists('out.age'))", timeout=60,
+            output_hook=lambda m: stdout.append(m["content"].get("text", "")),
+        )  # fmt: skip
+        assert "".join(stdout).strip() == "False"  # nothing of the refused line ran
         (payload,) = [p for p in content["payload"] if p["source"] == "set_next_input"]
         assert payload["replace"] is True
         assert payload["text"] == (

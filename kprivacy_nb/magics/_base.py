@@ -18,6 +18,27 @@ from ..errors import KPrivacyError, MissingEnvVarError, SecretOnLineError
 REDACTED_INPUT = "# [kprivacy_nb] input removed: it contained a secret"
 
 
+class Refused(UsageError):
+    """A magic line refused because it may hold a secret. ``replaced``: the cell's text is being
+    replaced by a redacted copy (:func:`replace_cell_text`)."""
+
+    def __init__(self, message: str, replaced: bool) -> None:
+        super().__init__(_with_note(message, replaced))
+        self.replaced = replaced
+
+
+def report_refusal(exc: Refused) -> None:
+    """Show a refusal as IPython shows a UsageError, without failing the cell.
+
+    Jupyter frontends apply ``set_next_input(replace=True)`` only from a reply whose status is
+    "ok" (JupyterLab's cell executor reads the payload of an ok reply alone), so a refusal that
+    asked for the cell's text to be replaced must not raise, or the secret would stay in the
+    cell and in the saved notebook. Nothing of the refused line ran."""
+    import sys
+
+    print(f"UsageError: {exc}", file=sys.stderr, flush=True)
+
+
 class PlainText(str):
     """A string that displays as itself (no quotes) — for reports returned by magics."""
 
@@ -152,7 +173,7 @@ def refuse_secret_line(shell: Any, line: str, cell: str | None = None) -> None:
     try:
         secrets.check_line(line)
     except SecretOnLineError as exc:
-        raise UsageError(_with_note(str(exc), replaced)) from None
+        raise Refused(str(exc), replaced) from None
 
 
 _UNRECOGNIZED_RE = re.compile(r"^unrecognized arguments: (.*)$", re.DOTALL)
@@ -202,11 +223,9 @@ def refuse_unparsed_line(shell: Any, line: str, parser: Any, magic: str) -> None
     if not line.strip():
         raise UsageError(message)
     replaced = scrub_line(shell, line, magic=magic)
-    raise UsageError(
-        _with_note(
-            f"{message} — the line was removed from the input history, in case it held a secret",
-            replaced,
-        )
+    raise Refused(
+        f"{message} — the line was removed from the input history, in case it held a secret",
+        replaced,
     )
 
 
@@ -217,6 +236,15 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(self: Any, line: str = "", cell: str | None = None, *args: Any, **kw: Any) -> Any:
         shell = getattr(self, "shell", None)
+        try:
+            return checked(self, shell, line, cell, *args, **kw)
+        except Refused as exc:
+            if not exc.replaced:  # (IPython shows only an exact UsageError in one line)
+                raise UsageError(str(exc)) from None
+            report_refusal(exc)  # the cell's text is being replaced: the reply must be "ok"
+            return None
+
+    def checked(self: Any, shell: Any, line: str, cell: Any, *args: Any, **kw: Any) -> Any:
         refuse_secret_line(shell, line)
         _strict_parser(wrapper)
         if func.__name__.startswith(SECURE_PREFIX):
@@ -225,16 +253,18 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             if cell is None:
                 return func(self, line, *args, **kw)
             return func(self, line, cell, *args, **kw)
+        except Refused:
+            raise
         except MissingEnvVarError as exc:
             # the "name" may have been a passphrase: out of the history and the cell
-            raise UsageError(_with_note(str(exc), scrub_line(shell, line))) from None
+            raise Refused(str(exc), scrub_line(shell, line)) from None
         except KPrivacyError as exc:
             raise UsageError(secrets.redact(str(exc))) from None
         except UsageError as exc:
             message = argument_error(str(exc))
             if message != str(exc) and "passphrase" in line:
                 # a stray word next to a passphrase option
-                message = _with_note(message, scrub_line(shell, line))
+                raise Refused(message, scrub_line(shell, line)) from None
             raise UsageError(message) from None
 
     return wrapper

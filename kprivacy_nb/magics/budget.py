@@ -147,17 +147,15 @@ class BudgetMagics(Magics):
 
             password = url_password(url)
             if password:
-                from ._base import scrub_line
+                from ._base import Refused, scrub_line
 
                 secrets.register_secret(password)  # masked if anything prints it later
-                replaced = scrub_line(self.shell, url)
-                raise UsageError(
+                raise Refused(
                     "refused: the --url has a password in it, and secrets never go on a magic "
-                    "line (the line was removed from the input history"
-                    f"{'; the cell’s text was replaced by a copy without it' if replaced else ''})."
-                    " Leave it out and let "
+                    "line (the line was removed from the input history). Leave it out and let "
                     "PostgreSQL find it in PGPASSWORD or ~/.pgpass, or set the whole URL in "
-                    "KPRIVACY_NB_LEDGER_URL (%env) and drop --url"
+                    "KPRIVACY_NB_LEDGER_URL (%env) and drop --url",
+                    scrub_line(self.shell, url),
                 )
         return Ledger(url or self.ledger_path or None)
 
