@@ -167,3 +167,173 @@ def test_bad_ssh_inputs(sshkeys, tools, tmp_path):
     blob = age.encrypt(b"z", [age.parse_recipient(sshkeys["rsa.pub"].read_text())])
     with pytest.raises(errors.NoIdentityMatchError):
         age.decrypt(blob, keys.load_identities(str(sshkeys["ed"])))
+
+
+# --- passphrases of encrypted identities: never from stdin, one clear line on every failure ----
+
+
+def _detached(*args: str, stdin: bytes = b"", env: dict | None = None):
+    """The real CLI with no controlling terminal (setsid), as under cron/CI or in a pipe."""
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "kprivacy_nb", *args],
+        input=stdin,
+        capture_output=True,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+def _one_line(stderr: bytes) -> str:
+    text = stderr.decode()
+    assert text.count("\n") == 1 and text.startswith("kprivacy-nb: "), text
+    assert "Traceback" not in text and "Warning" not in text, text
+    return text
+
+
+@pytest.fixture
+def locked_file(tools, sshkeys, tmp_path) -> Path:
+    pub = sshkeys["locked.pub"].read_text().strip()
+    path = tmp_path / "c.age"
+    path.write_bytes(age_cli(tools, "-r", pub, stdin=b"locked data").stdout)
+    return path
+
+
+def test_no_terminal_passphrase_is_never_read_from_stdin(sshkeys, locked_file, tmp_path):
+    out = tmp_path / "out"
+    # the ciphertext itself on stdin: a line of it must not be taken for the passphrase
+    r = _detached(
+        "decrypt", "-i", str(sshkeys["locked"]), "-o", str(out), stdin=locked_file.read_bytes()
+    )
+    text = _one_line(r.stderr)
+    assert r.returncode == 1 and "no terminal" in text and "--identity-passphrase-env VAR" in text
+    # the right passphrase, but on stdin (or invalid UTF-8 bytes): refused the same way
+    for typed in (b"open sesame\n", b"\xffopen sesame\n"):
+        r = _detached(
+            "decrypt", "-i", str(sshkeys["locked"]), "-o", str(out), str(locked_file), stdin=typed
+        )
+        assert r.returncode == 1 and "no terminal" in _one_line(r.stderr)
+        assert b"open sesame" not in r.stderr and b"\xff" not in r.stderr
+    assert not out.exists()
+    # --passphrase-env is for scrypt files: the advice never points at it for an identity
+    r = _detached(
+        "decrypt", "-i", str(sshkeys["locked"]), "--passphrase-env", "P", str(locked_file),
+        env={"P": "open sesame"},
+    )  # fmt: skip
+    assert r.returncode == 1 and "--identity-passphrase-env VAR" in _one_line(r.stderr)
+
+
+def test_identity_passphrase_env(sshkeys, locked_file, tmp_path):
+    help_text = _detached("decrypt", "--help").stdout.decode()
+    assert "--identity-passphrase-env VAR" in help_text
+    ok = {"SSH_PASS": "open sesame"}
+    key = str(sshkeys["locked"])
+    r = _detached(
+        "decrypt", "-i", key, "--identity-passphrase-env", "SSH_PASS", str(locked_file), env=ok
+    )
+    assert (r.returncode, r.stdout) == (0, b"locked data"), r.stderr
+    r = _detached(
+        "decrypt", "-i", key, "--identity-passphrase-env", "SSH_PASS", str(locked_file),
+        env={"SSH_PASS": "not it"},
+    )  # fmt: skip
+    assert r.returncode == 1 and "passphrase" in _one_line(r.stderr) and r.stdout == b""
+    r = _detached(
+        "decrypt", "-i", key, "--identity-passphrase-env", "UNSET_VAR_XYZ", str(locked_file)
+    )
+    assert r.returncode == 1 and "not set" in _one_line(r.stderr)
+    # a passphrase that is not UTF-8 (bytes in the environment): one line, nothing of it shown
+    import os
+
+    r = subprocess.run(
+        [sys.executable, "-m", "kprivacy_nb", "decrypt", "-i", key, "--identity-passphrase-env",
+         "SSH_PASS", str(locked_file)],
+        capture_output=True, start_new_session=True, timeout=120,
+        env={**os.environb, b"SSH_PASS": b"\xffopen"},
+    )  # fmt: skip
+    assert r.returncode == 1 and "not UTF-8" in _one_line(r.stderr) and b"open" not in r.stderr
+    # inspect and verify take it too (they decrypt with -i)
+    r = _detached(
+        "inspect", str(locked_file), "-i", key, "--identity-passphrase-env", "SSH_PASS", env=ok
+    )
+    assert r.returncode == 0 and b"not a kprivacy-nb container" in r.stdout, r.stderr
+
+
+def test_secure_load_magic_takes_identity_passphrase_env(sshkeys, tmp_path, ip, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "locked").write_bytes(sshkeys["locked"].read_bytes())
+    (tmp_path / "locked").chmod(0o600)
+    secure_save(
+        b"for the locked key", tmp_path / "s.age", recipients=[sshkeys["locked.pub"].read_text()]
+    )
+    monkeypatch.setenv("SSH_PASS", "open sesame")
+    ip.run_line_magic("secure_load", "s.age -o got -i locked --identity-passphrase-env SSH_PASS")
+    assert ip.user_ns["got"] == b"for the locked key"
+
+
+def _pty_decrypt(sshkeys, locked_file, typed: bytes):
+    pexpect = __import__("pexpect")
+    argv = ["-m", "kprivacy_nb", "decrypt", "-i", str(sshkeys["locked"]), str(locked_file)]
+    child = pexpect.spawn(sys.executable, argv, timeout=60)
+    child.expect("Passphrase for .*locked")
+    child.send(typed)
+    child.expect(pexpect.EOF)
+    child.close()
+    return child.exitstatus, child.before.replace(b"\r", b"")
+
+
+def test_terminal_prompt_failures_are_one_clear_line(sshkeys, locked_file):
+    status, shown = _pty_decrypt(sshkeys, locked_file, b"\xffpass\n")  # not UTF-8
+    assert status == 1 and b"not valid UTF-8" in shown
+    assert b"Traceback" not in shown and b"pass" not in shown.replace(b"passphrase", b"")
+    status, shown = _pty_decrypt(sshkeys, locked_file, b"\x04")  # Ctrl-D at the prompt
+    assert status == 1 and b"no passphrase entered" in shown and b"Traceback" not in shown
+
+
+def test_encrypt_passphrase_prompt_without_terminal_and_at_confirm(tmp_path):
+    pexpect = __import__("pexpect")
+    r = _detached("encrypt", "-p", "-o", str(tmp_path / "p.age"), stdin=b"pass\n")
+    text = _one_line(r.stderr)
+    assert (
+        r.returncode == 1 and "--passphrase-env VAR" in text and not (tmp_path / "p.age").exists()
+    )
+    (tmp_path / "in").write_bytes(b"x")
+    argv = [
+        "-m",
+        "kprivacy_nb",
+        "encrypt",
+        "-p",
+        "-o",
+        str(tmp_path / "p.age"),
+        str(tmp_path / "in"),
+    ]
+    child = pexpect.spawn(sys.executable, argv, timeout=60)
+    child.expect("Passphrase")
+    child.sendline("correct horse")
+    child.expect("Confirm")
+    child.send(b"\x04")  # Ctrl-D
+    child.expect(pexpect.EOF)
+    child.close()
+    shown = child.before.replace(b"\r", b"")
+    assert child.exitstatus == 1 and b"Traceback" not in shown and b"EOFError" not in shown
+    assert b"correct horse" not in shown and not (tmp_path / "p.age").exists()
+
+
+def test_encrypted_signing_pem_without_terminal_names_password_env(tmp_path):
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = tmp_path / "enc.pem"
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem.write_bytes(
+        key.private_bytes(
+            ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.BestAvailableEncryption(b"pem pass")
+        )
+    )
+    pem.chmod(0o600)
+    (tmp_path / "m.bin").write_bytes(b"model")
+    argv = ["sign", "--format", "oms", "--private-key", str(pem), str(tmp_path / "m.bin")]
+    r = _detached(*argv, stdin=b"pem pass\n")
+    assert r.returncode == 1 and "--password-env VAR" in _one_line(r.stderr)
+    assert not (tmp_path / "m.bin.sig").exists()

@@ -17,13 +17,17 @@ from typing import BinaryIO
 
 from ..errors import InvalidParameterError, KPrivacyError, SerializationError
 from ..paths import atomic_write
-from ..secrets import resolve_passphrase
-from . import age, envelope, keys, signing, trust
+from . import age, envelope, keys, prompt, signing, trust
 from .printable import printable
 
 FORMATS = ("kprivacy", "oms")
 FORMAT_HELP = "kprivacy (default: Ed25519, kppub1… keys) or oms (OpenSSF model signing)"
 PASS_ENV_HELP = "read the passphrase from $VAR"
+ID_PASS_OPTION = prompt.IDENTITY_OPTION
+ID_PASS_ENV_HELP = (
+    "read the passphrase of an encrypted SSH identity (-i) from $VAR, instead of asking on the "
+    "terminal"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -84,6 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "only if the whole file authenticated. Example: kprivacy-nb decrypt -i key.txt data.age",
     )
     p.add_argument("-i", "--identity", action="append", default=[], help="identity file or name")
+    p.add_argument(ID_PASS_OPTION, metavar="VAR", help=ID_PASS_ENV_HELP)
     p.add_argument("-p", "--passphrase", action="store_true", help="prompt for a passphrase")
     p.add_argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
     p.add_argument("-o", "--output", help="output file (default stdout)")
@@ -131,6 +136,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--public-key", metavar="PEM", help="EC public key (--format oms)")
     p.add_argument("-s", "--signature", help="detached signature file (default FILE.sig)")
     p.add_argument("-i", "--identity", action="append", default=[], help="identity file or name")
+    p.add_argument(ID_PASS_OPTION, metavar="VAR", help=ID_PASS_ENV_HELP)
     p.add_argument("--passphrase-env", metavar="VAR", help=PASS_ENV_HELP)
     p.add_argument("file", help="the signed file (or model folder)")
     p.set_defaults(func=cmd_verify)
@@ -145,6 +151,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("file", help="the age file to describe")
     p.add_argument("-i", "--identity", action="append", default=[], help="identity file or name")
+    p.add_argument(ID_PASS_OPTION, metavar="VAR", help=ID_PASS_ENV_HELP)
     p.add_argument("--passphrase-env", metavar="VAR", help=PASS_ENV_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_inspect)
@@ -254,19 +261,36 @@ def _output(path: str | None, force: bool, *, binary: bool) -> Iterator[BinaryIO
         yield f
 
 
+def _passphrase(args: argparse.Namespace, *, confirm: bool = False):
+    """The scrypt passphrase: ``--passphrase-env VAR``, else asked on the terminal."""
+    return prompt.resolve(args.passphrase_env, confirm=confirm)
+
+
+def _load_identities(args: argparse.Namespace, specs: list) -> list:
+    """Identities from key files; an encrypted SSH key's passphrase comes from
+    ``--identity-passphrase-env VAR``, else the terminal (never stdin)."""
+    source = prompt.source(getattr(args, "identity_passphrase_env", None), ID_PASS_OPTION)
+    return keys.load_identities(specs, passphrase=source)
+
+
+def _given_identities(args: argparse.Namespace) -> list | None:
+    """The ``-i`` identities, loaded (for the container readers), or None when none was given."""
+    return _load_identities(args, args.identity) if args.identity else None
+
+
 def _identities(args: argparse.Namespace, types: list[str]) -> list:
     ids: list = []
     if args.passphrase_env or getattr(args, "passphrase", False):
-        ids.append(age.ScryptIdentity(resolve_passphrase(args.passphrase_env)))
+        ids.append(age.ScryptIdentity(_passphrase(args)))
     elif "scrypt" in types and not args.identity:
-        ids.append(age.ScryptIdentity(resolve_passphrase(None)))
+        ids.append(age.ScryptIdentity(prompt.resolve(None)))
     if args.identity:
-        ids += keys.load_identities(args.identity)
+        ids += _load_identities(args, args.identity)
     elif not ids:
         files = keys.default_identity_files()
         if not files:
             raise InvalidParameterError("no identity: pass -i FILE (or create one with keygen)")
-        ids += keys.load_identities(files)
+        ids += _load_identities(args, files)
     return ids
 
 
@@ -290,7 +314,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
     if use_pass and (args.recipient or args.recipients_file):
         raise InvalidParameterError("use either recipients (-r/-R) or a passphrase, not both")
     if use_pass:
-        recips: list = [age.ScryptRecipient(resolve_passphrase(args.passphrase_env, confirm=True))]
+        recips: list = [age.ScryptRecipient(_passphrase(args, confirm=True))]
     else:
         recips = _recipients(args)
     with _input(args.input) as src, _output(args.output, args.force, binary=not args.armor) as dst:
@@ -350,11 +374,12 @@ def _decrypt_signed_only(args: argparse.Namespace) -> int:
         types = age.AgeFile(src).stanza_types()
     passphrase = None
     if args.passphrase_env or args.passphrase or ("scrypt" in types and not args.identity):
-        passphrase = resolve_passphrase(args.passphrase_env)
+        passphrase = _passphrase(args)
+    given = _given_identities(args)
     try:
         reader = envelope.open_container(
             args.input,
-            identities=args.identity or None,
+            identities=given,
             passphrase=passphrase,
             require_signature=True,
         )
@@ -363,8 +388,8 @@ def _decrypt_signed_only(args: argparse.Namespace) -> int:
             raise
         raise trust_refusal(args.input) from None
     ids = [age.ScryptIdentity(passphrase)] if passphrase is not None else []
-    if args.identity or passphrase is None:
-        ids += keys.load_identities(args.identity or keys.default_identity_files())
+    if given or passphrase is None:
+        ids += given or _load_identities(args, keys.default_identity_files())
     reader.check_all_parts()
     with _input(args.input) as src, _output(args.output, args.force, binary=False) as dst:
         age.AgeFile(src).decrypt_to(dst, ids)
@@ -386,11 +411,9 @@ def _extract(args: argparse.Namespace) -> int:
 
     if args.output or args.input in (None, "-"):
         raise InvalidParameterError("--extract DIR reads a file (IN) and takes no -o")
-    passphrase = None
-    if args.passphrase_env or args.passphrase:
-        passphrase = resolve_passphrase(args.passphrase_env)
+    passphrase = _passphrase(args) if args.passphrase_env or args.passphrase else None
     reader = envelope.open_container(
-        args.input, identities=args.identity or None, passphrase=passphrase
+        args.input, identities=_given_identities(args), passphrase=passphrase
     )
     if not reader.signature_status.verified:
         print(f"kprivacy-nb: warning: {reader.signature_status}", file=sys.stderr)
@@ -441,9 +464,12 @@ def _verify_oms(args: argparse.Namespace) -> int:
         oms.verify_path(args.file, args.signature, key)
         print(f"good OpenSSF model signature by {key} on {args.file}")
         return 0
-    passphrase = resolve_passphrase(args.passphrase_env) if args.passphrase_env else None
+    passphrase = _passphrase(args) if args.passphrase_env else None
     reader = envelope.open_container(
-        args.file, identities=args.identity or None, passphrase=passphrase, require_signature=False
+        args.file,
+        identities=_given_identities(args),
+        passphrase=passphrase,
+        require_signature=False,
     )
     entry = reader.entry(None)
     oms.check_embedded(entry, reader.read_parts(entry["name"]), key)
@@ -466,10 +492,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             signing.verify_detached(f, sig, expected)
         print(f"good signature by {expected} on {args.file}")
         return 0
-    passphrase = resolve_passphrase(args.passphrase_env) if args.passphrase_env else None
+    passphrase = _passphrase(args) if args.passphrase_env else None
     reader = envelope.open_container(
         args.file,
-        identities=args.identity or None,
+        identities=_given_identities(args),
         passphrase=passphrase,
         verify_with=expected,
     )
@@ -513,7 +539,12 @@ def cmd_trust(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe(path: str, identities: list[str], passphrase_env: str | None) -> dict:
+def describe(
+    path: str,
+    identities: list[str],
+    passphrase_env: str | None,
+    identity_passphrase_env: str | None = None,
+) -> dict:
     """What :func:`cmd_inspect` reports, as a dict (no secrets)."""
     p = Path(path)
     with _input(path) as f:
@@ -526,10 +557,15 @@ def describe(path: str, identities: list[str], passphrase_env: str | None) -> di
         "recipients": agefile.stanza_types(),
     }
     if identities or passphrase_env:
-        passphrase = resolve_passphrase(passphrase_env) if passphrase_env else None
+        passphrase = prompt.resolve(passphrase_env) if passphrase_env else None
+        source = prompt.source(identity_passphrase_env, ID_PASS_OPTION)
         try:
             reader = envelope.open_container(
-                path, identities=identities or None, passphrase=passphrase
+                path,
+                identities=keys.load_identities(identities, passphrase=source)
+                if identities
+                else None,
+                passphrase=passphrase,
             )
         except KPrivacyError as exc:
             if "not a kprivacy-nb container" in str(exc):
@@ -547,7 +583,7 @@ def describe(path: str, identities: list[str], passphrase_env: str | None) -> di
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    info = describe(args.file, args.identity, args.passphrase_env)
+    info = describe(args.file, args.identity, args.passphrase_env, args.identity_passphrase_env)
     if args.json:
         print(json.dumps(info))
         return 0

@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from ..errors import CryptoError, KeyFileError, KPrivacyError
 from ..paths import atomic_write
-from ..secrets import Secret, prompt_secret, read_key_file, register_secret
-from . import age
+from ..secrets import Secret, read_key_file, register_secret
+from . import age, prompt
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 MAX_TOKEN_BYTES = 4 << 30  # a Fernet token is decrypted whole, in memory
@@ -82,9 +82,9 @@ def fernet_key_unwrapped(
     try:
         key = serialization.load_pem_private_key(pem, None)
     except TypeError:
-        secret = (passphrase or prompt_secret)(f"Passphrase for {private_key}: ")
+        secret = (passphrase or prompt.ask)(f"Passphrase for {private_key}: ")
         try:
-            key = serialization.load_pem_private_key(pem, secret.reveal().encode())
+            key = serialization.load_pem_private_key(pem, prompt.password_bytes(secret))
         except ValueError:
             raise KeyFileError(f"{private_key}: wrong passphrase (or a damaged key)") from None
     except ValueError:

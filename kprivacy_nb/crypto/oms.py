@@ -176,9 +176,10 @@ def load_private_key(spec: Any, password_env: str | None = None) -> OMSSigningKe
     text = read_key_file(spec).reveal().encode()
     password = None
     if b"ENCRYPTED" in text.split(b"\n", 1)[0] or b"Proc-Type: 4,ENCRYPTED" in text:
-        from ..secrets import resolve_passphrase
+        from . import prompt
 
-        password = resolve_passphrase(password_env, prompt="Key password: ").reveal().encode()
+        secret = prompt.resolve(password_env, prompt="Key password: ", option="--password-env")
+        password = prompt.password_bytes(secret)
     try:
         key = serialization.load_pem_private_key(text, password)
     except (ValueError, TypeError):

@@ -147,6 +147,11 @@ class SecureMagics(Magics):
     @argument("-o", "--output", metavar="VAR", help="variable to store the object in")
     @argument("--verify-with", metavar="PUB", help="required signer: name, kppub1… or .pub file")
     @argument("-i", "--identity", action="append", default=[], help="identity file or key name")
+    @argument(
+        "--identity-passphrase-env",
+        metavar="VAR",
+        help="read the passphrase of an encrypted SSH identity (-i) from $VAR",
+    )
     @argument("--passphrase", action="store_true", help="prompt for the passphrase")
     @argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
     @argument("--allow-pickle", action="store_true", help="allow loading a pickle (unsafe)")
@@ -160,10 +165,19 @@ class SecureMagics(Magics):
 
             %secure_load models/detector.age -o detector --verify-with me
             %secure_load data.age -o df --passphrase
+            %secure_load data.age -o df -i ~/.ssh/id_ed25519 --identity-passphrase-env SSH_PASS
         """
         args = parse_argstring(self.secure_load, line)
+        from ..crypto import keys, prompt
         from ..crypto.envelope import stanza_types_of
         from ..crypto.store import load_with_status
+
+        identities = None
+        if args.identity_passphrase_env and not args.identity:
+            raise UsageError("--identity-passphrase-env is for an encrypted key given with -i FILE")
+        if args.identity:
+            source = prompt.source(args.identity_passphrase_env, prompt.IDENTITY_OPTION)
+            identities = keys.load_identities(args.identity, passphrase=source)
 
         passphrase = passphrase_from_args(args, confirm=False)
         if passphrase is None and not args.identity:
@@ -177,7 +191,7 @@ class SecureMagics(Magics):
             raise UsageError(f"{args.output!r} is not a valid variable name")
         obj, status = load_with_status(
             args.path,
-            identities=args.identity or None,
+            identities=identities,
             passphrase=passphrase,
             verify_with=args.verify_with,
             allow_pickle=args.allow_pickle,

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from ...errors import InvalidParameterError, KeyFileError
-from ...secrets import Secret, prompt_secret, register_secret
+from ...secrets import Secret, register_secret
+from .. import prompt as _prompt
 from .format import Stanza, b64encode
 from .registry import PassphraseSource, register_identity_file
 
@@ -136,13 +137,13 @@ class EncryptedSSHIdentity:
             return None
         if self._inner is None:
             secret = self._passphrase(f"Passphrase for {self._origin}: ")
-            key = _load_private(self._data.encode(), secret.reveal().encode(), self._origin)
+            key = _load_private(self._data.encode(), _prompt.password_bytes(secret), self._origin)
             self._inner = identity_for(key, self._origin)
         return self._inner.unwrap(stanza)
 
 
 def _default_prompt(prompt: str) -> Secret:
-    return prompt_secret(prompt)
+    return _prompt.ask(prompt, option=_prompt.IDENTITY_OPTION)
 
 
 def _parse_key_file(text: str, origin: str, passphrase: PassphraseSource | None) -> list:
@@ -154,7 +155,9 @@ def _parse_key_file(text: str, origin: str, passphrase: PassphraseSource | None)
     elif "ENCRYPTED" in text:  # PEM "Proc-Type: 4,ENCRYPTED": the public key is not in clear
         secret = (passphrase or _default_prompt)(f"Passphrase for {origin}: ")
         return [
-            identity_for(_load_private(text.encode(), secret.reveal().encode(), origin), origin)
+            identity_for(
+                _load_private(text.encode(), _prompt.password_bytes(secret), origin), origin
+            )
         ]
     return [identity_for(_load_private(text.encode(), None, origin), origin)]
 
