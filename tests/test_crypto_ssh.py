@@ -320,6 +320,14 @@ def test_encrypt_passphrase_prompt_without_terminal_and_at_confirm(tmp_path):
     assert b"correct horse" not in shown and not (tmp_path / "p.age").exists()
 
 
+def test_dsa_identity_refused_without_library_warning(tools, tmp_path, locked_file):
+    subprocess.run(
+        [tools["ssh-keygen"], "-q", "-t", "dsa", "-N", "", "-f", tmp_path / "dsa"], check=True
+    )
+    r = _detached("decrypt", "-i", str(tmp_path / "dsa"), str(locked_file))
+    assert r.returncode == 1 and "unsupported SSH key type" in _one_line(r.stderr)
+
+
 def test_encrypted_signing_pem_without_terminal_names_password_env(tmp_path):
     from cryptography.hazmat.primitives import serialization as ser
     from cryptography.hazmat.primitives.asymmetric import ec
