@@ -112,3 +112,42 @@ def test_wrong_key_or_loose_key_file_leaves_nothing(tmp_path, alice):
     r = run("import-fernet", "--key", str(tmp_path / "junk.txt"), *args)
     assert r.returncode == 1 and b"not a Fernet key" in r.stderr
     assert b"not a key" not in r.stderr
+
+
+def test_key_pasted_instead_of_key_file_is_never_shown(tmp_path, alice):
+    import base64
+
+    from test_crypto_cli import run_subprocess
+
+    key = Fernet.generate_key()
+    dash_key = base64.urlsafe_b64encode(b"\xf8" + os.urandom(31))  # starts with "-"
+    assert dash_key.startswith(b"-")
+    (tmp_path / "enc.bin").write_bytes(Fernet(key).encrypt(b"model"))
+    for pasted in (key, dash_key):
+        r = run_subprocess(
+            "import-fernet", "--key", pasted.decode(), str(tmp_path / "enc.bin"),
+            "-r", str(alice[0].recipient()), "-o", str(tmp_path / "m.age"),
+        )  # fmt: skip
+        err = r.stderr.decode()
+        assert r.returncode == 2 and "--key takes the FILE" in err and err.count("\n") == 1, err
+        assert pasted.decode() not in err and pasted[1:20].decode() not in err
+        assert not (tmp_path / "m.age").exists()
+    # a mistyped path is still named (it is no secret)
+    r = run("import-fernet", "--key", str(tmp_path / "kye.txt"), str(tmp_path / "enc.bin"), "-r",
+            str(alice[0].recipient()), "-o", str(tmp_path / "m.age"))  # fmt: skip
+    assert r.returncode == 1 and b"kye.txt does not exist" in r.stderr
+
+
+def test_output_dash_is_stdout_not_a_file_named_dash(tmp_path, alice, monkeypatch):
+    from test_crypto_cli import run_subprocess
+
+    monkeypatch.chdir(tmp_path)
+    key = Fernet.generate_key()
+    write_secret(tmp_path / "key.txt", key)
+    (tmp_path / "enc.bin").write_bytes(Fernet(key).encrypt(b"to stdout"))
+    r = run_subprocess(
+        "import-fernet", "--key", "key.txt", "enc.bin", "-r", str(alice[0].recipient()), "-o", "-"
+    )
+    assert r.returncode == 0, r.stderr
+    assert age.decrypt(r.stdout, [alice[0]]) == b"to stdout"
+    assert b"-> stdout" in r.stderr and not (tmp_path / "-").exists()

@@ -166,6 +166,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "encrypted) opened with --rsa-key PEM. Example: kprivacy-nb import-fernet --key key.txt "
         "encrypted_model.h5 -r alice -o model.age",
     )
+    _key_file_errors(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--key", metavar="FILE", help="Fernet key file (mode 0600)")
     src.add_argument("--wrapped-key", metavar="FILE", help="the Fernet key, RSA-OAEP encrypted")
@@ -182,7 +183,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-R", "--recipients-file", action="append", default=[], help="recipients file")
     p.add_argument("-a", "--armor", action="store_true", help="ASCII-armored output")
-    p.add_argument("-o", "--output", required=True, help="the age file to write")
+    p.add_argument("-o", "--output", required=True, help="the age file to write ('-': stdout)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("input", help="the Fernet-encrypted file")
     p.set_defaults(func=cmd_import_fernet)
@@ -232,6 +233,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
+
+def _key_file_errors(parser: argparse.ArgumentParser) -> None:
+    """A Fernet key pasted after ``--key`` that starts with ``-`` looks like an option to argparse
+    ("expected one argument"): say what ``--key`` wants instead (the key itself is never shown)."""
+    from .fernet_import import KEY_GIVEN_INSTEAD_OF_FILE
+
+    plain = parser.error
+
+    def error(message: str):
+        if message.startswith("argument --key:"):
+            message = KEY_GIVEN_INSTEAD_OF_FILE
+        return plain(message)
+
+    parser.error = error  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -341,12 +357,19 @@ def cmd_import_fernet(args: argparse.Namespace) -> int:
         raise InvalidParameterError("--wrapped-key needs --rsa-key PEM (the RSA private key)")
     else:
         fernet = fernet_import.fernet_key_unwrapped(args.wrapped_key, args.rsa_key)
-    res = fernet_import.import_fernet(
-        args.input, fernet, recips, args.output, armor=args.armor, force=args.force
-    )
+    if args.output == "-":
+        with _output(None, args.force, binary=not args.armor) as dst:
+            res = fernet_import.import_fernet(args.input, fernet, recips, dst, armor=args.armor)
+    else:
+        res = fernet_import.import_fernet(
+            args.input, fernet, recips, args.output, armor=args.armor, force=args.force
+        )
     if res.warning:
         print(f"kprivacy-nb: warning: {res.warning}", file=sys.stderr)
-    print(f"imported {args.input} -> {res.path} ({res.size:,} bytes, age, mode 0600)")
+    if res.path is None:  # stdout holds the age file: the note goes to stderr
+        print(f"imported {args.input} -> stdout ({res.size:,} bytes, age)", file=sys.stderr)
+    else:
+        print(f"imported {args.input} -> {res.path} ({res.size:,} bytes, age, mode 0600)")
     return 0
 
 

@@ -16,12 +16,13 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from ..errors import CryptoError, KeyFileError, KPrivacyError
+from ..errors import CryptoError, InvalidParameterError, KeyFileError, KPrivacyError
 from ..paths import atomic_write
 from ..secrets import Secret, read_key_file, register_secret
 from . import age, prompt
@@ -42,9 +43,9 @@ class FernetImportError(CryptoError):
 
 @dataclass(frozen=True)
 class ImportResult:
-    """What ``import-fernet`` wrote (no plaintext, no key)."""
+    """What ``import-fernet`` wrote (no plaintext, no key); ``path`` is None for a stream."""
 
-    path: Path
+    path: Path | None
     size: int
     hdf5: bool
 
@@ -53,8 +54,26 @@ class ImportResult:
         return HDF5_WARNING if self.hdf5 else None
 
 
+KEY_GIVEN_INSTEAD_OF_FILE = (
+    "--key takes the FILE that holds the Fernet key, not the key itself (what was given is not "
+    "shown): save the key in a file, chmod 600 it, and pass the file's path"
+)
+
+
+def looks_like_fernet_key(value: str) -> bool:
+    """Whether ``value`` is a Fernet key itself (urlsafe base64 of 32 bytes), not a path."""
+    try:
+        Fernet(value.strip().encode())
+    except (ValueError, binascii.Error, UnicodeEncodeError):
+        return False
+    return True
+
+
 def fernet_key_from_file(path: str | os.PathLike) -> Fernet:
     """A Fernet key file (urlsafe base64 of 32 bytes, as ``Fernet.generate_key()`` writes)."""
+    if not Path(path).expanduser().exists() and looks_like_fernet_key(str(path)):
+        register_secret(str(path))  # masked if anything prints it later
+        raise InvalidParameterError(KEY_GIVEN_INSTEAD_OF_FILE)
     text = read_key_file(path).reveal().strip()
     return _fernet(text.encode(), str(path))
 
@@ -122,12 +141,13 @@ def import_fernet(
     src: str | os.PathLike,
     fernet: Fernet,
     recipients: Sequence,
-    output: str | os.PathLike,
+    output: str | os.PathLike | BinaryIO,
     *,
     armor: bool = False,
     force: bool = False,
 ) -> ImportResult:
-    """Re-encrypt the Fernet file ``src`` as an age file for ``recipients`` at ``output``."""
+    """Re-encrypt the Fernet file ``src`` as an age file for ``recipients`` at ``output`` (a
+    path, written atomically, or a binary stream such as stdout)."""
     token = _read(src, MAX_TOKEN_BYTES)
     try:
         plain = fernet.decrypt(token.strip())
@@ -135,6 +155,10 @@ def import_fernet(
         raise FernetImportError(
             f"{src} does not authenticate with this Fernet key (wrong key, or not a Fernet file)"
         ) from None
+    hdf5 = plain.startswith(HDF5_MAGIC)
+    if hasattr(output, "write"):
+        age.encrypt_stream(io.BytesIO(plain), output, recipients, armor=armor, threads=False)
+        return ImportResult(None, len(plain), hdf5)
     with atomic_write(output, force=force) as f:
         age.encrypt_stream(io.BytesIO(plain), f, recipients, armor=armor, threads=False)
-    return ImportResult(Path(output), len(plain), plain.startswith(HDF5_MAGIC))
+    return ImportResult(Path(output), len(plain), hdf5)
