@@ -241,3 +241,32 @@ def test_stream_final_chunk_rule(ident):
         with pytest.raises(errors.PayloadError):
             age.decrypt(_stream_file(ident, chunks), [ident])
             pytest.fail(f"accepted a stream with {why}")
+
+
+def test_encrypt_refuses_more_stanzas_than_decrypt_accepts(ident, tmp_path):
+    from test_crypto_cli import run_subprocess
+
+    from kprivacy_nb import secure_save
+    from kprivacy_nb.crypto.age.format import MAX_STANZAS
+
+    others = [str(age.X25519Identity.generate().recipient()) for _ in range(MAX_STANZAS - 1)]
+    rfile = tmp_path / "team.txt"
+    rfile.write_text("\n".join([*others, str(ident.recipient())]) + "\n")
+    (tmp_path / "in").write_bytes(b"for the team")
+    # exactly the limit: written, and our own decrypt opens it
+    blob = run_subprocess("encrypt", "-R", str(rfile), str(tmp_path / "in")).stdout
+    assert len(age.stanza_types(io.BytesIO(blob))) == MAX_STANZAS
+    assert age.decrypt(blob, [ident]) == b"for the team"
+    # one more: refused before anything is written, by the CLI and the Python API
+    rfile.write_text(rfile.read_text() + f"{age.X25519Identity.generate().recipient()}\n")
+    r = run_subprocess(
+        "encrypt", "-R", str(rfile), "-o", str(tmp_path / "c.age"), str(tmp_path / "in")
+    )
+    err = r.stderr.decode()
+    assert r.returncode == 2 and f"at most {MAX_STANZAS:,}" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "c.age").exists() and r.stdout == b""
+    with pytest.raises(errors.InvalidParameterError, match="too many recipients"):
+        secure_save(b"x", tmp_path / "s.age", recipients=str(rfile))
+    assert not (tmp_path / "s.age").exists()
+    with pytest.raises(errors.InvalidParameterError, match="too many recipients"):
+        age.encrypt(b"x", [ident.recipient()] * (MAX_STANZAS + 1))

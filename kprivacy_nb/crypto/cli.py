@@ -344,6 +344,7 @@ def _recipients(args: argparse.Namespace) -> list:
         recips += keys.recipients_from_file(f)
     if not recips:
         raise InvalidParameterError("give at least one -r RECIPIENT / -R FILE")
+    age.check_recipients(recips)  # before any output is opened
     return recips
 
 

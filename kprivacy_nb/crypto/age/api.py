@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from ...errors import HeaderError, HMACError, InvalidParameterError, NoIdentityMatchError
 from .. import armor as _armor
 from . import registry
-from .format import INTRO, Header, Source, Stanza, encode_header, parse_header
+from .format import INTRO, MAX_STANZAS, Header, Source, Stanza, encode_header, parse_header
 from .pipeline import drain
 from .primitives import FILE_KEY_LEN, TAG, header_mac
 from .stream import (
@@ -52,6 +52,7 @@ def check_recipients(recipients: Sequence[Recipient]) -> None:
     (an X25519 stanza beside them would make the file as breakable as X25519 alone)."""
     if not recipients:
         raise InvalidParameterError("at least one recipient (or a passphrase) is required")
+    _check_stanza_count(len(recipients))
     labels = [getattr(r, "labels", frozenset()) for r in recipients]
     if "passphrase" in set().union(*labels) and len(recipients) != 1:
         raise InvalidParameterError("a passphrase can't be combined with other recipients")
@@ -59,6 +60,16 @@ def check_recipients(recipients: Sequence[Recipient]) -> None:
         raise InvalidParameterError(
             "post-quantum (age1pq1…) recipients can't be combined with other recipient types "
             "(the file would be only as strong as the weakest); encrypt to age1pq1… keys only"
+        )
+
+
+def _check_stanza_count(n: int) -> None:
+    """Refuse a header our own reader would refuse (:data:`~.format.MAX_STANZAS`)."""
+    if n > MAX_STANZAS:
+        raise InvalidParameterError(
+            f"too many recipients: {n:,} stanzas, and an age file may hold at most "
+            f"{MAX_STANZAS:,} (more would not decrypt with kprivacy-nb); split the recipients "
+            "over several files"
         )
 
 
@@ -96,6 +107,7 @@ def _start_file(dst: BinaryIO, recipients: Sequence[Recipient], armor: bool):
     check_recipients(recipients)
     file_key = os.urandom(FILE_KEY_LEN)
     stanzas = [s for r in recipients for s in r.wrap(file_key)]
+    _check_stanza_count(len(stanzas))
     out = _armor.ArmorWriter(dst) if armor else dst
     payload_nonce = os.urandom(NONCE_LEN)
     out.write(encode_header(stanzas, file_key) + payload_nonce)
