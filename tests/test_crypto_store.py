@@ -163,6 +163,30 @@ def test_signature_survives_reencryption(alice, me, tmp_path):
     assert np.array_equal(secure_load(q, identities=[bob.path], verify_with="me"), np.ones(3))
 
 
+def test_bytes_after_the_declared_data_are_refused(alice, me, tmp_path):
+    """A co-recipient re-encrypts a signed container with bytes appended: the signature still
+    checks (it covers the manifest), so the reader must refuse data the manifest does not declare."""
+    from test_crypto_cli import run
+
+    from kprivacy_nb.crypto import trust
+
+    trust.add_trusted("me")  # so that inspect would say "signature verified"
+    p = tmp_path / "s.age"
+    secure_save(np.ones(3), p, recipients="alice", sign_with="me")
+    plaintext = age.decrypt(p.read_bytes(), keys.load_identities("alice"))
+    assert b"signature verified" in run("inspect", str(p), "-i", "alice").stdout
+    for label, blob in (("added", plaintext + b"EXTRA"), ("truncated", plaintext[:-1])):
+        q = tmp_path / f"{label}.age"
+        q.write_bytes(age.encrypt(blob, keys.resolve_recipients("alice")))
+        with pytest.raises(errors.SerializationError, match=f"manifest declares .*{label}"):
+            secure_load(q, verify_with="me")
+        r = run("verify", "-k", "me", "-i", "alice", str(q))
+        assert r.returncode == 1 and b"good signature" not in r.stdout
+        assert b"manifest declares" in r.stderr and r.stderr.count(b"\n") == 1
+        r = run("inspect", str(q), "-i", "alice")
+        assert r.returncode == 1 and b"signature verified" not in r.stdout
+
+
 def test_passphrase_save_load_and_secret_hygiene(tmp_path):
     pw = "tr0ub4dor&3-horse"
     res = secure_save(b"data", tmp_path / "p.age", passphrase=pw)

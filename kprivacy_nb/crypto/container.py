@@ -189,6 +189,14 @@ class ContainerReader:
         if not isinstance(entries, list) or not entries:
             raise SerializationError("container manifest lists no entries")
         end = self._buf.seek(0, io.SEEK_END) - self._data_start
+        declared = m.get("data_size")
+        if type(declared) is not int or declared < 0:
+            raise SerializationError("malformed manifest: 'data_size' must be a byte count")
+        if end != declared:
+            raise SerializationError(
+                f"container data is {end:,} bytes but its manifest declares {declared:,}: "
+                + ("bytes were added after it" if end > declared else "it is truncated")
+            )
         names = set()
         for e in entries:
             ok = (
