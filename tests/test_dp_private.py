@@ -293,6 +293,24 @@ def test_the_first_hour_label_and_data_mistakes_get_their_fix():
     model = kprivacy_nb.make_private(_binary(), noise_multiplier=1.0)
     with pytest.raises(InvalidParameterError, match="'f3'"):
         model.fit(frame, y, epochs=1, batch_size=10)
+    # A binary model with a categorical loss would spend ε learning nothing: refused with the fix.
+    wrong = _binary()
+    wrong.compile(optimizer="adam", loss="categorical_crossentropy")
+    with pytest.raises(InvalidParameterError, match="one output unit .*binary_crossentropy"):
+        kprivacy_nb.dp_fit(wrong, x, y, epochs=1, batch_size=10, noise_multiplier=1.0)
+    # The wrong number of features: one line with both shapes (the data's, not the probe's).
+    with pytest.raises(InvalidParameterError) as caught:
+        kprivacy_nb.dp_fit(_binary(d=12), x, y, epochs=1, batch_size=10, noise_multiplier=1.0)
+    message = str(caught.value)
+    assert message.startswith(
+        "x does not fit the model's input: the model expects rows of shape (12,), x has rows "
+        "of shape (10,) ("
+    )
+    assert "\n" not in message and "\x1b" not in message and "(2, " not in message
+    # A tf.data Dataset is refused for what it is (it carries its own y).
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(10)
+    with pytest.raises(InvalidParameterError, match="tf.data.Dataset: .*Poisson"):
+        kprivacy_nb.make_private(_binary(), noise_multiplier=1.0).fit(dataset, epochs=1)
 
 
 def test_retraining_composes_unless_fresh_data_is_declared(tmp_path):
@@ -303,11 +321,17 @@ def test_retraining_composes_unless_fresh_data_is_declared(tmp_path):
     again = kprivacy_nb.dp_fit(model, x, y, epochs=1, batch_size=20, noise_multiplier=1.0,
                                delta=1e-4, verbose=0)  # fmt: skip
     assert again.steps == 20 and again.epsilon > first.epsilon
-    assert again.summary()["composition"] == "every private run of this model"
+    assert again.summary()["composition"] == "every private run of this model (2 fits, composed)"
+    assert (again.summary()["fits"], again.summary()["fit_steps"]) == (2, 10)
+    card = again._repr_html_()  # what the notebook shows says it too
+    assert "20 over 2 fits (this fit: 10 steps, 1 epochs)" in card
+    assert "every private run of this model (2 fits, composed)" in card
+    assert "fits=2" in repr(again)
     fresh = kprivacy_nb.dp_fit(model, x, y, epochs=1, batch_size=20, noise_multiplier=1.0,
                                delta=1e-4, verbose=0, fresh_data=True)  # fmt: skip
     assert fresh.steps == 10 and fresh.epsilon == pytest.approx(first.epsilon)
     assert "fresh data" in fresh.summary()["composition"]
+    assert "fresh data declared" in fresh._repr_html_() and "fresh_data=True" in repr(fresh)
     ledger = Ledger(tmp_path / "l.db")
     ledger.create("synth", epsilon=20.0, delta=1e-5)
     charged = kprivacy_nb.dp_fit(_binary(), x, y, epochs=1, batch_size=20, noise_multiplier=1.0,
@@ -329,3 +353,25 @@ def test_a_verbose_fit_says_what_it_does_before_the_first_step(capsys):
     assert "epsilon:" in out[-1]  # then Keras' own progress
     model.fit(x, y, epochs=1, batch_size=60, verbose=0)
     assert capsys.readouterr().out == ""
+
+
+def test_a_target_mostly_spent_by_earlier_fits_is_said_out_loud():
+    """A second fit under the same target ε gets what is left: when that is little, the user
+    hears it (σ would otherwise jump silently to mostly noise)."""
+    from kprivacy_nb.errors import PrivacyBudgetWarning
+
+    x, y = _data(n=400)
+    model = _binary()
+    kprivacy_nb.make_private(model, target_epsilon=2.0, delta=1e-4)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrivacyBudgetWarning)  # the first fit: nothing to say
+        model.fit(x, y, epochs=2, batch_size=40, verbose=0)
+    first_sigma = model.privacy.noise_multiplier
+    with pytest.warns(
+        PrivacyBudgetWarning, match=r"already spent ε = 2 of its target 2 .*fresh_data=True"
+    ):
+        model.fit(x, y, epochs=1, batch_size=40, verbose=0)
+    assert model.privacy.noise_multiplier > 5 * first_sigma  # why it matters
+    assert model.privacy.epsilon <= 2.0 + 1e-9

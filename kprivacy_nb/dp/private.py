@@ -467,6 +467,35 @@ def plan_fit(
     return plan
 
 
+#: A fit under ``target_epsilon`` whose model has already spent at least this share of the
+#: target gets a warning: its σ is calibrated to the little that is left.
+MOSTLY_SPENT = 0.5
+
+
+def _warn_if_mostly_spent(state: PrivacyState, delta: float, sigma: float, status: Any) -> None:
+    """Say so when earlier private fits of this model already spent most of ``target_epsilon``:
+    this fit then trains on almost pure noise, which nobody wants to find out from the card."""
+    prior = state.event()
+    if prior is None:
+        return
+    spent = accounting.epsilon_of_event(prior, delta, state.accountant)
+    target = float(state.target_epsilon)
+    if spent < MOSTLY_SPENT * target:
+        return
+    message = (
+        f"this model's earlier private fits already spent ε = {spent:.3g} of its target "
+        f"{target:g} (ε covers every private fit of a model), so this fit gets σ = {sigma:.3g}: "
+        "mostly noise. If it trains on other people's data, say so with fresh_data=True "
+        "(--fresh-data); otherwise raise target_epsilon or stop training"
+    )
+    import warnings
+
+    from ..errors import PrivacyBudgetWarning
+
+    status(message)
+    warnings.warn(message, PrivacyBudgetWarning, stacklevel=2)
+
+
 def _build_optimizer(plan: FitPlan) -> None:
     optimizer = plan.engine.optimizer
     if not getattr(optimizer, "built", True):  # its slots exist before the step is traced
@@ -498,9 +527,9 @@ def _plan_fit(
             "compile the model first (model.compile(optimizer=..., loss=..., metrics=...)): "
             "make_private uses the compiled optimizer, loss and metrics"
         )
+    _refuse_streams(x)  # first: a tf.data Dataset comes without y
     if x is None or y is None:
         raise InvalidParameterError("fit needs x and y (unsupervised losses are not supported)")
-    _refuse_streams(x)
     x, y = _as_columns(x, "x"), _as_columns(y, "y")
     if isinstance(y, (dict, list, tuple)):
         raise InvalidParameterError("models with several outputs/losses are not supported yet")
@@ -556,6 +585,7 @@ def _plan_fit(
             state.target_epsilon, n, batch_size, epochs - initial_epoch, delta,
             sampling=state.sampling, accountant=state.accountant, prior=state.event(),
         )  # fmt: skip
+        _warn_if_mostly_spent(state, delta, sigma, status)
     else:
         sigma = float(state.noise_multiplier)
     rows = np.arange(min(n, max(16, min(batch_size, 512))))
@@ -827,6 +857,21 @@ def run_seed(state: PrivacyState) -> int | None:
     return None if state.seed is None else int(state.seed) + 7919 * len(state.runs)
 
 
+def padded_rows(rows: int) -> int:
+    """The number of rows a Poisson batch of ``rows`` is padded to (with masked rows).
+
+    A Poisson batch's size changes every step; every new size costs TensorFlow's CPU kernels
+    new buffers and set-up (measured: a one-block transformer's process grew 170 MiB over 8
+    epochs with Poisson batches, 25 MiB with fixed ones). Rounding up to a multiple of
+    1/16 of the size (at least 4) leaves a handful of shapes per run for ≤ 1/8 more rows (about
+    3% on average). Masked rows (weight 0) add nothing to the clipped sum or the statistics.
+    """
+    if rows <= 0:
+        return 0
+    grain = max(4, 1 << max(0, rows.bit_length() - 4))
+    return -(-rows // grain) * grain
+
+
 class Element:
     """One step's inputs as the traced step sees them: the rows, the step's flat noise vector,
     ``meta = [denominator, weight]``, the labels, the per-row weights (and an input-reading
@@ -850,7 +895,8 @@ class Element:
         self.dtypes = [spec.dtype for spec in self.specs]
 
     def arrays(self, idx: np.ndarray, denominator: float, noise: np.ndarray) -> list[np.ndarray]:
-        """Rows ``idx`` (sorted) with their noise; an empty batch becomes one masked row."""
+        """Rows ``idx`` (sorted) with their noise, padded with masked rows to
+        :func:`padded_rows`; an empty batch becomes masked rows only."""
         import tensorflow as tf
 
         plan, engine = self.plan, self.plan.engine
@@ -860,6 +906,10 @@ class Element:
         w = np.full(len(idx), weight, np.float32)
         if plan.weights is not None and weight:
             w = plan.weights[idx].astype(np.float32)
+        size = padded_rows(len(idx))
+        if size > len(idx):  # masked copies of the last row (weight 0: they add nothing)
+            idx = np.concatenate([idx, np.full(size - len(idx), idx[-1], idx.dtype)])
+            w = np.concatenate([w, np.zeros(size - len(w), np.float32)])
         meta = np.array([denominator, weight], np.float32)
         rows = _take(plan.x, idx)
         repeated = self.repeat_structure
@@ -956,6 +1006,6 @@ def _set_card(
         training_metrics=state.include_training_metrics,
         self_check_seconds=engine.clipper.self_check_seconds or 0.0,
         validation_split=plan.validation_split, delta_source=plan.delta_source,
-        fresh_data=state.fresh_data,
+        fresh_data=state.fresh_data, fits=len(state.runs), fit_steps=steps,
     )  # fmt: skip
     object.__setattr__(plan.model, "privacy", card)
