@@ -44,6 +44,11 @@ class BudgetExceededError(KPrivacyError):
     """A DP run would spend more privacy budget than its ledger has left."""
 
 
+class PrivacyBudgetWarning(UserWarning):
+    """A run that is allowed but probably not what was meant (e.g. a target ε mostly spent by
+    the model's earlier fits, so the new fit gets almost pure noise)."""
+
+
 class LedgerError(KPrivacyError):
     """The ledger database is unknown, corrupted, locked or otherwise unusable."""
 

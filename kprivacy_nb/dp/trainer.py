@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +91,8 @@ class DPFitResult:
     validation_split: float = 0.0  # validation rows split off the training data passed in
     delta_source: str = "given"  # where δ came from (given, the ledger's, defaulted)
     fresh_data: bool = False  # earlier private runs of the model declared on other data
+    fits: int = 1  # private fits of the model the ε covers (this one included)
+    fit_steps: int | None = None  # the steps of this fit alone (None: all of ``steps``)
     audits: list[dict[str, Any]] = field(default_factory=list)  # see attach_audit
 
     def attach_audit(self, audit: Any) -> None:
@@ -131,10 +134,8 @@ class DPFitResult:
             "ledger": self.ledger_name, "clipping_verified": self.verified,
             "training_metrics": TRAINING_METRICS_NOTE if self.training_metrics else "not included",
             "delta_source": self.delta_source,
-            "composition": (
-                "this run only (fresh data declared: earlier runs were on other data)"
-                if self.fresh_data else "every private run of this model"
-            ),
+            "composition": self.covers,
+            "fits": self.fits, "fit_steps": self.steps if self.fit_steps is None else self.fit_steps,
             "validation_metrics": (
                 f"computed on the last {self.validation_split:.0%} of the data passed in "
                 "(validation_split): if those rows are private, the val_* values are NOT "
@@ -143,16 +144,36 @@ class DPFitResult:
         }  # fmt: skip
 
     @property
+    def covers(self) -> str:
+        """What the ε covers, in words (the card's "ε covers" line)."""
+        if self.fresh_data:
+            return "this run only (fresh data declared: earlier runs were on other data)"
+        if self.fits > 1:
+            return f"every private run of this model ({self.fits} fits, composed)"
+        return "every private run of this model"
+
+    def _steps_text(self) -> str:
+        this = self.steps if self.fit_steps is None else self.fit_steps
+        if self.fits > 1:
+            return (
+                f"{self.steps} over {self.fits} fits (this fit: {this} steps, "
+                f"{self.epochs_completed} epochs)"
+            )
+        return f"{self.steps} ({self.epochs_completed} epochs)"
+
+    @property
     def verified(self) -> bool:
         """Every layer's clipping path passed the engine's self-check."""
         return bool(self.clipping) and all("verified" in v for v in self.clipping.values())
 
     def __repr__(self) -> str:
         stop = ", interrupted" if self.interrupted else ""
+        fits = f", fits={self.fits}" if self.fits > 1 else ""
+        fresh = ", fresh_data=True" if self.fresh_data else ""
         return (
             f"DPFitResult(ε={_fmt(self.epsilon)}, δ={self.delta:g}, σ={self.noise_multiplier:.4g}, "
             f"C={self.l2_norm_clip:g}, sampling={self.sampling}, steps={self.steps}, "
-            f"epochs={self.epochs_completed}, accountant={self.accountant}{stop})"
+            f"epochs={self.epochs_completed}{fits}{fresh}, accountant={self.accountant}{stop})"
         )
 
     def _repr_html_(self) -> str:
@@ -163,7 +184,8 @@ class DPFitResult:
             ("σ (noise multiplier)", f"{self.noise_multiplier:.4g}"),
             ("C (clipping norm)", f"{self.l2_norm_clip:g}"),
             ("sampling", f"{self.sampling} (batch {self.batch_size} of n={self.n})"),
-            ("steps", f"{self.steps} ({self.epochs_completed} epochs)"),
+            ("steps", self._steps_text()),
+            ("ε covers", self.covers),
             ("accountant", self.accountant.upper()),
         ]  # fmt: skip
         if self.target_epsilon is not None:
@@ -470,7 +492,7 @@ def _check_fits(model: Any, loss_fn: Callable, X: Any, Y: Any) -> None:
     try:
         preds = model(xs, training=False)
     except Exception as exc:  # Keras raises many types; re-word them once
-        raise InvalidParameterError(f"x does not fit the model's input: {exc}") from None
+        raise InvalidParameterError(_input_mismatch(model, xs, exc)) from None
     hint = _label_hint(loss_fn, Y, preds)
     if hint:
         raise InvalidParameterError(hint)
@@ -488,20 +510,48 @@ def _check_fits(model: Any, loss_fn: Callable, X: Any, Y: Any) -> None:
         )
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _input_mismatch(model: Any, xs: Any, exc: Exception) -> str:
+    """One line for "x does not fit the model": the shapes on both sides and Keras' own reason
+    (its first informative line, without terminal colour codes)."""
+    import tensorflow as tf
+
+    lines = [_ANSI.sub("", line).strip() for line in str(exc).splitlines()]
+    reason = next(
+        (line for line in lines if line and not line.startswith("Exception encountered")),
+        type(exc).__name__,
+    )
+    reason = reason.replace("(2, ", "(batch, ")  # the check runs on two rows, not the data's n
+    rows = ", ".join(str(tuple(t.shape[1:])) for t in tf.nest.flatten(xs))
+    inputs = getattr(model, "inputs", None) or []
+    want = ", ".join(str(tuple(i.shape[1:])) for i in inputs)
+    expects = f"the model expects rows of shape {want}, " if want else ""
+    return f"x does not fit the model's input: {expects}x has rows of shape {rows} ({reason})"
+
+
 def _label_hint(loss_fn: Callable, Y: Any, preds: Any) -> str | None:
     """The usual label mistakes, with their fix (None when nothing is recognisably wrong)."""
     loss = getattr(loss_fn, "keras_loss", None)
     name = loss if isinstance(loss, str) else getattr(loss, "name", getattr(loss, "__name__", ""))
     name = str(name).lower()
-    y_shape, p_shape = tuple(Y.shape), tuple(preds.shape)
-    if "sparse" in name and len(y_shape) == 2 and y_shape[-1] > 1 and y_shape[-1] == p_shape[-1]:
+    y_rows, p_rows = tuple(Y.shape[1:]), tuple(preds.shape[1:])
+    if "categorical" in name and "crossentropy" in name and p_rows and p_rows[-1] == 1:
         return (
-            f"y looks one-hot (shape {y_shape}) but the loss is sparse (integer labels): pass "
-            "y.argmax(1), or use a categorical (non-sparse) loss"
+            f"the model has one output unit but the loss is {name}: over one class it is "
+            "constant and nothing would be learned (ε would be spent for nothing). For two "
+            "classes use a sigmoid output with loss='binary_crossentropy', or Dense(K) with "
+            "softmax and a categorical loss"
         )
-    if "sparse" not in name and "categorical" in name and len(y_shape) == 1 and p_shape[-1] > 1:
+    if "sparse" in name and len(y_rows) == 1 and y_rows[-1] > 1 and y_rows[-1] == p_rows[-1]:
         return (
-            f"y holds class ids (shape {y_shape}) but the loss is categorical (one-hot labels): "
-            "use loss='sparse_categorical_crossentropy', or one-hot encode y"
+            f"y looks one-hot (rows of shape {y_rows}) but the loss is sparse (integer labels): "
+            "pass y.argmax(1), or use a categorical (non-sparse) loss"
+        )
+    if "sparse" not in name and "categorical" in name and not y_rows and p_rows[-1] > 1:
+        return (
+            "y holds class ids (one number per row) but the loss is categorical (one-hot "
+            "labels): use loss='sparse_categorical_crossentropy', or one-hot encode y"
         )
     return None
