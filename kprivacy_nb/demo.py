@@ -64,10 +64,26 @@ def progress_hook(nb: Any) -> Callable[..., None]:
     order = {index: n for n, index in enumerate(sorted(titles), start=1)}
 
     def on_cell_start(cell: Any = None, cell_index: int = -1, **_: Any) -> None:
+        on_cell_start.cell = cell_index  # type: ignore[attr-defined]
         if cell_index in titles:
+            on_cell_start.section = titles[cell_index]  # type: ignore[attr-defined]
             print(f"  [{order[cell_index]}/{len(titles)}] {titles[cell_index]}", flush=True)
 
+    on_cell_start.cell = -1  # type: ignore[attr-defined]  # the cell running now (for errors)
+    on_cell_start.section = ""  # type: ignore[attr-defined]
     return on_cell_start
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def failure_line(exc: Exception, cell: int, section: str) -> str:
+    """The one line a failed demo prints: where (cell number, section) and the error's last
+    line, without terminal colour codes (it may go to a log or a pipe)."""
+    text = _ANSI.sub("", str(exc)).strip()
+    first = text.splitlines()[-1] if text else type(exc).__name__
+    where = f" in cell {cell + 1}" + (f" ({section})" if section else "") if cell >= 0 else ""
+    return f"demo failed{where}: {first}"
 
 
 def kernel_output(log: Any, held: HeldBack) -> tuple[int, Callable[[], None]]:
@@ -147,13 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="kp-demo-") as sockets,
         open(kernel_log, "wb") as log,
     ):
+        hook = progress_hook(nb)
         config = Config({"KernelManager": {"transport": "ipc", "ip": str(Path(sockets) / "k")}})
         client = NotebookClient(
             nb,
             timeout=1800,
             kernel_name="python3",
             resources={"metadata": {"path": str(out_dir)}},
-            on_cell_start=progress_hook(nb),
+            on_cell_start=hook,
             config=config,
         )
         pipe, close_pipe = kernel_output(log, held)
@@ -162,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         except CellExecutionError as exc:
             close_pipe()
             nbformat.write(nb, executed)
-            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             print(
-                f"demo failed: {first}\n  partial notebook: {executed}\n  kernel log: {kernel_log}",
+                f"{failure_line(exc, hook.cell, hook.section)}\n  partial notebook: {executed}\n"
+                f"  kernel log: {kernel_log}",
                 file=sys.stderr,
             )
             return 1

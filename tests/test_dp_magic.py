@@ -53,6 +53,9 @@ def test_dp_fit_magic_options_and_errors(ip):
     with pytest.raises(UsageError, match="no variable named 'missing'"):
         ip.run_line_magic("dp_fit", "missing x_train y_train --epochs 1 --batch-size 5 "
                                     "--noise-multiplier 1")  # fmt: skip
+    with pytest.raises(UsageError, match=r"'y_train\[:90\]' is an expression.*assign it first"):
+        ip.run_line_magic("dp_fit", "model x_train y_train[:90] --epochs 1 --batch-size 5 "
+                                    "--noise-multiplier 1")  # fmt: skip
     with pytest.raises(UsageError, match="larger than the dataset"):
         ip.run_line_magic("dp_fit", "model x_train y_train --epochs 1 --batch-size 500 "
                                     "--noise-multiplier 1 --quiet")  # fmt: skip

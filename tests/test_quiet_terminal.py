@@ -142,3 +142,29 @@ def test_demo_kernel_output_goes_to_its_log_and_only_real_errors_to_the_terminal
     logged = (tmp_path / "kernel.log").read_text()
     assert all(line in logged for line in (FAKE_NOISE, FAKE_ERROR, crash))
     assert held.count() == 1
+
+
+def test_help_on_the_callable_package_explains_the_function():
+    """``help(kprivacy_nb.quiet)`` shows the package docstring: it must say how to call it."""
+    import kprivacy_nb
+
+    doc = kprivacy_nb.quiet.__doc__
+    assert "with kprivacy_nb.quiet():" in doc and "quiet(show=True)" in doc
+    assert "quiet(False)" in doc
+
+
+def test_a_failed_demo_says_where_in_one_plain_line():
+    """`make demo` failing: the cell and section it failed in and the error's last line, without
+    the colour codes nbclient's traceback carries (the terminal may be a pipe or a CI log)."""
+    from kprivacy_nb import demo
+
+    error = RuntimeError(
+        "An error occurred while executing the following cell:\n------------------\nx @ y\n"
+        "\x1b[31mValueError\x1b[39m: matmul: Input operand 1 has a mismatch"
+    )
+    line = demo.failure_line(error, 6, "Train with differential privacy")
+    assert line == (
+        "demo failed in cell 7 (Train with differential privacy): ValueError: matmul: Input "
+        "operand 1 has a mismatch"
+    )
+    assert demo.failure_line(RuntimeError(""), -1, "") == "demo failed: RuntimeError"

@@ -305,6 +305,11 @@ def split_line(line: str) -> list[str]:
 def lookup(shell: Any, name: str) -> Any:
     """Look ``name`` up in the user namespace (dotted attributes allowed), or raise UsageError."""
     head, *rest = name.split(".")
+    if not all(part.isidentifier() for part in (head, *rest)):
+        raise UsageError(
+            f"{name!r} is an expression, and magics take variable names: assign it first "
+            f"(e.g. subset = {name}) and pass the name"
+        )
     if head not in shell.user_ns:
         raise UsageError(f"no variable named {head!r} in the notebook namespace")
     obj = shell.user_ns[head]

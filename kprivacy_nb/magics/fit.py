@@ -59,7 +59,9 @@ class FitMagics(Magics):
         default=None,
         help="δ (default: the ledger's δ with --ledger, else the largest power of ten ≤ 1/(10·n))",
     )
-    @argument("--l2-norm-clip", type=float, default=1.0, help="per-example clipping norm C")
+    @argument(
+        "--l2-norm-clip", type=float, default=1.0, help="per-example clipping norm C (default 1.0)"
+    )
     @argument(
         "--optimizer", default=None,
         help="sgd, adam, … or a variable name (default: the model's compiled optimizer, else "
