@@ -267,3 +267,107 @@ def test_keras_model_signed_with_ec_key_loads_and_verifies_after_extraction(alic
     v = model_signing("verify", "key", "--public_key", str(k["pub"]), "--signature",
                       str(out / "model.sig"), str(out))  # fmt: skip
     assert v.returncode == 0, v.stderr
+
+
+# --- what an embedded signature covers: a co-recipient re-packs and re-encrypts the container ---
+
+
+def _repack(src: Path, dst: Path, edit) -> None:
+    """Re-encrypt ``src``'s container to alice after ``edit(entries, metadata)`` changed it, as
+    anyone who can decrypt the file (a co-recipient) can."""
+    from kprivacy_nb.crypto import age
+    from kprivacy_nb.crypto.container import Entry, write_container
+    from kprivacy_nb.crypto.envelope import open_container
+
+    reader = open_container(src, identities=["alice"])
+    entries = [
+        Entry(e["name"], e["type"], reader.read_parts(e["name"]), e.get("meta", {}))
+        for e in reader.entries
+    ]
+    metadata = dict(reader.manifest["metadata"])
+    edit(entries, metadata)
+    with open(dst, "wb") as f:
+        w = age.EncryptWriter(f, keys.resolve_recipients(["alice"]))
+        write_container(w, entries, created="now", metadata=metadata)
+        w.close()
+
+
+def test_embedded_signature_covers_entry_name_entries_and_metadata(alice, k, tmp_path):
+    from kprivacy_nb.crypto.container import Entry
+    from kprivacy_nb.crypto.store import load_with_status
+
+    target = tmp_path / "w.age"
+    secure_save(np.arange(5), target, recipients="alice", sign_with=k["priv"], name="weights",
+                metadata={"run": "r1"})  # fmt: skip
+    obj, status = load_with_status(target, verify_with=k["pub"])
+    assert list(obj) == list(range(5)) and status.verified
+    assert "it covers the entry 'weights' (its name, type, metadata" in str(status)
+    assert "container's metadata" in str(status)
+
+    def rename(entries, metadata):
+        entries[0].name = "renamed"
+
+    def new_metadata(entries, metadata):
+        metadata["run"] = "attacker"
+
+    def extra_entry(entries, metadata):
+        entries.append(Entry("evil", "text", {"text.txt": b"unsigned"}, {}))
+
+    for edit, why in ((rename, "'weights' was signed"), (new_metadata, "container's metadata"),
+                      (extra_entry, "entries were added")):  # fmt: skip
+        forged = tmp_path / f"{edit.__name__}.age"
+        _repack(target, forged, edit)
+        name = "weights" if edit is extra_entry else None
+        with pytest.raises(errors.SignatureError, match=why):
+            secure_load(forged, verify_with=k["pub"], name=name)
+        r = run("verify", "--format", "oms", "--public-key", str(k["pub"]), "-i", "alice",
+                str(forged))  # fmt: skip
+        assert r.returncode == 1 and b"good" not in r.stdout
+    # inspect and verify say what the signature covers
+    text = run("inspect", str(target), "-i", "alice").stdout.decode()
+    assert "embedded OpenSSF model signature (model.sig), not checked by inspect" in text
+    assert "it covers the entry 'weights'" in text
+    r = run("verify", "--format", "oms", "--public-key", str(k["pub"]), "-i", "alice", str(target))
+    assert r.returncode == 0 and b"it covers the entry 'weights'" in r.stdout, r.stderr
+
+
+def test_signed_folder_holds_only_what_is_signed(alice, k, model_dir, tmp_path):
+    import io
+    import tarfile
+
+    from kprivacy_nb.crypto.store import load_with_status
+
+    (model_dir / ".git").mkdir()
+    (model_dir / ".git" / "config").write_text("[core]\n")
+    target = tmp_path / "folder.age"
+    secure_save(model_dir, target, recipients="alice", sign_with=k["priv"])
+    restored, status = load_with_status(target, verify_with=k["pub"])
+    assert not any("/.git" in n for n in restored.files)  # git files: not signed, not stored
+    assert "not the folder's own name" in str(status)
+
+    def add_git_config(entries, metadata):
+        tar = entries[0].parts["files.tar"]
+        out = io.BytesIO()
+        with (
+            tarfile.open(fileobj=io.BytesIO(tar)) as src,
+            tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst,
+        ):
+            for m in src.getmembers():
+                dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+            evil = b'[core]\n\tfsmonitor = "touch pwned"\n'
+            info = tarfile.TarInfo("my_model/.git/config")
+            info.size = len(evil)
+            dst.addfile(info, io.BytesIO(evil))
+        entries[0].parts["files.tar"] = out.getvalue()
+
+    def add_metadata(entries, metadata):
+        metadata["note"] = "unsigned"
+
+    for edit, why in ((add_git_config, "does not cover"), (add_metadata, "container metadata")):
+        forged = tmp_path / f"{edit.__name__}.age"
+        _repack(target, forged, edit)
+        with pytest.raises(errors.SignatureError, match=why):
+            secure_load(forged, verify_with=k["pub"])
+    with pytest.raises(errors.InvalidParameterError, match="can't cover metadata"):
+        secure_save(model_dir, tmp_path / "m.age", recipients="alice", sign_with=k["priv"],
+                    metadata={"note": "x"})  # fmt: skip

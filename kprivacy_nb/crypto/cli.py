@@ -496,8 +496,11 @@ def _verify_oms(args: argparse.Namespace) -> int:
         require_signature=False,
     )
     entry = reader.entry(None)
-    oms.check_embedded(entry, reader.read_parts(entry["name"]), key)
-    print(f"good OpenSSF model signature by {key} on {args.file} (embedded; every file)")
+    oms.check_embedded(reader.manifest, entry, reader.read_parts(entry["name"]), key)
+    print(
+        f"good OpenSSF model signature by {key} on {args.file} (embedded; it covers the "
+        f"{oms.covers(entry['type'], entry['name'])})"
+    )
     return 0
 
 
@@ -603,7 +606,25 @@ def describe(
         info["signed_by"] = printable(signed_by) if signed_by is not None else None
         info["signature"] = reader.signature_status.state
         info["signature_note"] = str(reader.signature_status)
+        info["oms_signatures"] = _oms_notes(reader.entries)
     return info
+
+
+def _oms_notes(entries: list[dict]) -> list[dict]:
+    """The embedded OpenSSF model signatures of a container's entries: where, and what they cover
+    (inspect has no EC public key to check them with; ``verify --format oms`` does)."""
+    from . import oms
+
+    return [
+        {
+            "entry": e["name"],
+            "covers": oms.covers(e["type"], e["name"]),
+            "note": "embedded OpenSSF model signature (model.sig), not checked by inspect: check it with "
+            "kprivacy-nb verify --format oms --public-key KEY.pub -i IDENTITY FILE",
+        }
+        for e in entries
+        if any(p["name"] == oms.SIGNATURE_PART for p in e["parts"])
+    ]
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -627,6 +648,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             + printable(", ".join(f"{k} {v}" for k, v in sorted(m.get("library", {}).items())))
         )
         print(info["signature_note"])
+        for note in info["oms_signatures"]:
+            print(f"{note['note']}; it covers the {note['covers']}")
         for e in m["entries"]:
             size = sum(p["size"] for p in e["parts"])
             print(f"entry '{printable(e['name'])}': {printable(e['type'])}, {size:,} bytes")

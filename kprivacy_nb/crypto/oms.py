@@ -15,6 +15,13 @@ Two uses:
   gives back the files exactly as signed, so that once written out ``model_signing verify key``
   accepts them.
 
+What an embedded signature covers (:func:`covers`): the entry's name (the signed model name),
+that it is the container's only entry, and every file; for an object (not a saved folder) also
+its type, its metadata and the container's metadata (``kprivacy-entry.json``). The OMS format
+signs files only, so a saved folder's own name and kind, and the manifest's ``created`` and
+``library`` notes, are not covered; a folder signed this way is stored without its git files
+(which OMS leaves out) and without container metadata, and a verified load refuses either.
+
 >>> key = load_private_key("signer.pem")                       # doctest: +SKIP
 >>> sign_path("my_model/", key, "my_model.sig")                # doctest: +SKIP
 >>> verify_path("my_model/", "my_model.sig", load_public_key("signer.pub"))  # doctest: +SKIP
@@ -313,8 +320,9 @@ def _first_line(exc: BaseException) -> str:
     return printable(text[0] if text else type(exc).__name__)[:300]
 
 
-def verify_files(files: Mapping[str, bytes], signature: bytes, key: OMSVerifyKey) -> None:
-    """Check that ``signature`` is ``key``'s OMS signature of exactly ``files``."""
+def verify_files(files: Mapping[str, bytes], signature: bytes, key: OMSVerifyKey) -> str:
+    """Check that ``signature`` is ``key``'s OMS signature of exactly ``files``; returns the
+    model name it signed."""
     expected = _verified_manifest(signature, key)
     actual = _manifest(files, expected.model_name)
     if actual != expected:
@@ -333,6 +341,7 @@ def verify_files(files: Mapping[str, bytes], signature: bytes, key: OMSVerifyKey
         raise SignatureError(
             f"bad OpenSSF model signature: files differ from what {key} signed ({what})"
         )
+    return expected.model_name
 
 
 # --- files on disk (kprivacy-nb sign|verify --format oms) -----------------------------------------
@@ -401,54 +410,157 @@ def verify_path(path: str | os.PathLike, signature: str | os.PathLike, key: OMSV
 # --- inside a secure_save file --------------------------------------------------------------------
 
 
-def entry_description(type_name: str, meta: Mapping[str, Any]) -> bytes:
+def entry_description(
+    type_name: str, meta: Mapping[str, Any], container_metadata: Mapping[str, Any] | None = None
+) -> bytes:
     """The signed ``kprivacy-entry.json``: the entry's type and metadata, so a signature covers
-    how the files are loaded (and, for a DP run, its ε) as well as the files."""
+    how the files are loaded (and, for a DP run, its ε) as well as the files; and the
+    container's metadata, when there is any."""
     from .container import encode_json
 
     shown = {k: v for k, v in meta.items() if k != "_libraries"}
-    return encode_json({"type": type_name, "meta": shown})
+    described: dict[str, Any] = {"type": type_name, "meta": shown}
+    if container_metadata:
+        described["container_metadata"] = dict(container_metadata)
+    return encode_json(described)
+
+
+def covers(type_name: str, entry_name: str) -> str:
+    """What an embedded OMS signature of this entry vouches for, in words."""
+    name = printable(entry_name)
+    if type_name == "files":
+        return (
+            f"entry '{name}' (its name, and every file of the saved folder); not the folder's "
+            "own name or kind, nor the manifest's 'created'/'library' notes"
+        )
+    return (
+        f"entry '{name}' (its name, type, metadata and every part) and the container's "
+        "metadata; not the manifest's 'created'/'library' notes"
+    )
+
+
+def _is_git(relative: str) -> bool:
+    return relative.split("/", 1)[0] in GIT_PATHS
+
+
+def _folder_files(tar: bytes) -> dict[str, bytes]:
+    """A saved file or folder's files, named relative to the folder (as ``model_signing``)."""
+    from .archives import read_tar
+
+    files = read_tar(tar, "the stored files")
+    top = {n.split("/", 1)[0] for n in files}
+    if len(top) == 1 and all("/" in n for n in files):
+        files = {n.split("/", 1)[1]: d for n, d in files.items()}
+    return files
 
 
 def signed_files(type_name: str, parts: Mapping[str, bytes]) -> dict[str, bytes]:
-    """The files an embedded signature covers: a saved file or folder's own files; for any
-    other object, its parts and ``kprivacy-entry.json``."""
+    """The files an embedded signature covers: a saved file or folder's own files (git files
+    left out, as ``model_signing`` does); for any other object, its parts and
+    ``kprivacy-entry.json``."""
     if type_name == "files":
-        from .archives import read_tar
-
-        files = read_tar(parts["files.tar"], "the stored files")
-        top = {n.split("/", 1)[0] for n in files}
-        if len(top) == 1 and all("/" in n for n in files):
-            files = {n.split("/", 1)[1]: d for n, d in files.items()}
-        return {n: d for n, d in files.items() if n.split("/", 1)[0] not in GIT_PATHS}
+        return {n: d for n, d in _folder_files(parts["files.tar"]).items() if not _is_git(n)}
     return {n: d for n, d in parts.items() if n != SIGNATURE_PART}
 
 
+def _without_git(tar: bytes) -> bytes:
+    """The tar of a saved folder without its git files (``.git/``, ``.gitattributes``…): an OMS
+    signature leaves them out, so a signed file stores only what is signed."""
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as src,
+        tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst,
+    ):
+        members = src.getmembers()
+        names = [m.name for m in members]
+        nested = len({n.split("/", 1)[0] for n in names}) == 1 and any("/" in n for n in names)
+        for m in members:
+            relative = m.name.split("/", 1)[1] if nested and "/" in m.name else m.name
+            if (nested and "/" not in m.name) or not _is_git(relative):
+                dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+    return out.getvalue()
+
+
 def embed(
-    type_name: str, parts: dict[str, bytes], meta: Mapping[str, Any], key: OMSSigningKey, name: str
+    type_name: str,
+    parts: dict[str, bytes],
+    meta: Mapping[str, Any],
+    key: OMSSigningKey,
+    name: str,
+    container_metadata: Mapping[str, Any] | None = None,
 ) -> dict[str, bytes]:
-    """``parts`` with the OMS signature of the object's files (and its description) added."""
+    """``parts`` with the OMS signature of the object's files (and its description, with the
+    container's metadata) added; the signed model name is the entry's name."""
     out = dict(parts)
-    if type_name != "files":
-        out[ENTRY_PART] = entry_description(type_name, meta)
+    if type_name == "files":
+        out["files.tar"] = _without_git(out["files.tar"])
+        if container_metadata:
+            raise InvalidParameterError(
+                "an OpenSSF model signature of saved files signs only the files: it can't cover "
+                "metadata=; leave it out, or sign with an Ed25519 key (sign_with='me')"
+            )
+    else:
+        out[ENTRY_PART] = entry_description(type_name, meta, container_metadata)
     out[SIGNATURE_PART] = sign_files(signed_files(type_name, out), key, name)
     return out
 
 
-def check_embedded(entry: Mapping[str, Any], parts: Mapping[str, bytes], key: OMSVerifyKey) -> None:
-    """Verify the embedded OMS signature of an entry (its files, type and metadata) with
-    ``key``; refuse an entry that has none."""
+def check_embedded(
+    manifest: Mapping[str, Any],
+    entry: Mapping[str, Any],
+    parts: Mapping[str, bytes],
+    key: OMSVerifyKey,
+) -> None:
+    """Verify the embedded OMS signature of ``entry`` of a container whose ``manifest`` is given:
+    its files, name, type and metadata and the container's metadata (what :func:`covers` says)
+    with ``key``; refuse an entry that has none, and a container with entries it can't cover."""
     if SIGNATURE_PART not in parts:
         raise SignatureError(
             f"refused: the file has no OpenSSF model signature, but one by {key} was required"
         )
+    if len(manifest.get("entries", [])) != 1:
+        raise SignatureError(
+            "refused: an OpenSSF-signed file holds one entry, and this one holds "
+            f"{len(manifest['entries'])}: entries were added after signing"
+        )
     type_name = entry.get("type")
     files = signed_files(type_name, parts)
-    verify_files(files, parts[SIGNATURE_PART], key)
+    signed_name = verify_files(files, parts[SIGNATURE_PART], key)
+    metadata = manifest.get("metadata", {})
     if type_name != "files" and files.get(ENTRY_PART) != entry_description(
-        type_name, entry.get("meta", {})
+        type_name, entry.get("meta", {}), metadata
     ):
-        raise SignatureError("refused: the entry's type or metadata differ from what was signed")
+        raise SignatureError(
+            "refused: the entry's type or metadata, or the container's metadata, differ from what "
+            "was signed"
+        )
+    if type_name == "files":
+        _check_folder_signed_whole(parts, metadata)
+    if signed_name != entry.get("name"):
+        raise SignatureError(
+            f"refused: the entry is named '{printable(str(entry.get('name')))}', but "
+            f"'{printable(signed_name)}' was signed"
+        )
+
+
+def _check_folder_signed_whole(parts: Mapping[str, bytes], metadata: Mapping[str, Any]) -> None:
+    """Refuse what an OMS signature of a folder can't vouch for and kprivacy-nb never writes
+    beside one: git files (left out of the signature) and container metadata."""
+    unsigned = sorted(n for n in _folder_files(parts["files.tar"]) if _is_git(n))
+    if unsigned:
+        shown = ", ".join(printable(n) for n in unsigned[:5])
+        raise SignatureError(
+            f"refused: the folder holds files its OpenSSF signature does not cover ({shown}): "
+            "they were added after signing"
+        )
+    if metadata:
+        raise SignatureError(
+            "refused: container metadata beside an OpenSSF-signed folder (its signature can't "
+            "cover metadata, and kprivacy-nb never writes it there)"
+        )
 
 
 def strip(parts: Mapping[str, bytes]) -> dict[str, bytes]:
@@ -470,12 +582,18 @@ def verify_key_for(verify_with: Any) -> OMSVerifyKey | None:
     return load_public_key(verify_with)
 
 
-def judge(entry: Mapping[str, Any], parts: Mapping[str, bytes], key: OMSVerifyKey | None) -> Any:
-    """With ``key``: check the entry's embedded signature and return the ``verified`` status
-    (before anything is deserialised); without: None (the container signature decides)."""
+def judge(
+    manifest: Mapping[str, Any],
+    entry: Mapping[str, Any],
+    parts: Mapping[str, bytes],
+    key: OMSVerifyKey | None,
+) -> Any:
+    """With ``key``: check the entry's embedded signature and return the ``verified`` status,
+    saying what it covers (before anything is deserialised); without: None (the container
+    signature decides)."""
     if key is None:
         return None
     from .trust import VERIFIED, SignatureStatus
 
-    check_embedded(entry, parts, key)
-    return SignatureStatus(VERIFIED, str(key))
+    check_embedded(manifest, entry, parts, key)
+    return SignatureStatus(VERIFIED, str(key), covers=covers(entry["type"], entry["name"]))

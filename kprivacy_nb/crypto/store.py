@@ -90,7 +90,7 @@ def secure_save(
     entry_name = name or meta.get("name") or type_name.split(".")[-1]
     meta = serializers.json_safe(meta)
     if oms_key:
-        parts = oms.embed(type_name, parts, meta, oms_key, entry_name)
+        parts = oms.embed(type_name, parts, meta, oms_key, entry_name, metadata)
     entry = Entry(entry_name, type_name, parts, meta)
     with atomic_write(target, force=force) as f:
         writer = age.EncryptWriter(f, recips, armor=armor)
@@ -125,7 +125,9 @@ def secure_load(
     ``passphrase`` for passphrase files. The signature is checked before anything is
     deserialised: against ``verify_with`` (the signer's ``kppub1…`` key or name) if given, else
     against your trusted signers (:mod:`kprivacy_nb.crypto.trust`); an EC public key (PEM) as
-    ``verify_with`` checks the embedded OpenSSF model signature instead; an unsigned or unverified
+    ``verify_with`` checks the embedded OpenSSF model signature instead (it covers the entry's
+    name and files, and for an object its type and metadata and the container's metadata, not a
+    saved folder's own name: see :func:`kprivacy_nb.crypto.oms.covers`); an unsigned or unverified
     file gives an :class:`UnverifiedFileWarning`, or is refused when ``require_signature``
     (or ``%config SecureMagics.require_signature`` / ``KPRIVACY_NB_REQUIRE_SIGNATURE=1``).
     Archives inside are bounded by ``max_expanded_bytes`` (default: see
@@ -175,7 +177,7 @@ def load_with_status(
         return bundle, status
     entry = reader.entry(name)
     parts = reader.read_parts(entry["name"])
-    status = oms.judge(entry, parts, oms_key) or status
+    status = oms.judge(reader.manifest, entry, parts, oms_key) or status
     with expansion_limit(max_expanded_bytes):
         obj = serializers.load(
             entry["type"],

@@ -152,6 +152,7 @@ class SignatureStatus:
     state: str
     signer: str | None = None  # the kppub1… key (claimed, when unverified; always well-formed)
     name: str | None = None  # its trusted name, if any
+    covers: str | None = None  # what a verified signature vouches for, when not everything
 
     @property
     def fingerprint(self) -> str | None:
@@ -164,6 +165,8 @@ class SignatureStatus:
     def __str__(self) -> str:
         if self.state == VERIFIED:
             who = f"{self.name} ({self.signer})" if self.name else self.signer
+            if self.covers:
+                return f"signature verified: signed by {who}; it covers the {self.covers}"
             return f"signature verified: signed by {who}"
         if self.state == UNVERIFIED:
             return (
