@@ -295,6 +295,50 @@ def test_dp_fit_runs_every_transformer_layer_on_a_fast_path():
     assert all(p.startswith("EinsumDense: ") for p in projections)
 
 
+@pytest.mark.parametrize("masking", ["Masking", "mask_zero"])
+def test_masked_timesteps_do_not_count_in_a_sequence_loss(masking):
+    """As in plain Keras, labels at padded (masked) timesteps change nothing: the private step
+    with σ = 0 is the same whatever they are (it used to average the loss over them too)."""
+    rng = np.random.default_rng(11)
+    n, length = 12, 8
+    k = keras.layers
+    if masking == "Masking":
+        x = rng.normal(size=(n, length, 3)).astype("float32")
+        x[:, 5:] = 0.0  # padding
+        inputs = keras.Input((length, 3))
+        h = k.Masking(0.0)(inputs)
+    else:
+        x = rng.integers(1, 20, (n, length)).astype("int32")
+        x[:, 5:] = 0
+        inputs = keras.Input((length,), dtype="int32")
+        h = k.Embedding(20, 4, mask_zero=True)(inputs)
+    outputs = k.Dense(3)(k.LSTM(4, return_sequences=True)(h))
+    y = rng.integers(0, 3, (n, length))
+    other = y.copy()
+    other[:, 5:] = (y[:, 5:] + 1) % 3  # other labels where the input is padding
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def update(labels):
+        model = keras.Model(inputs, outputs)
+        model.set_weights([np.full_like(w, 0.1) + 0.01 * i for i, w in
+                           enumerate(keras.Model(inputs, outputs).get_weights())])  # fmt: skip
+        before = [w.copy() for w in model.get_weights()]
+        dp_fit(model, x, labels, epochs=1, batch_size=n, noise_multiplier=0.0, loss=loss,
+               optimizer=keras.optimizers.SGD(1.0), sampling="shuffle", l2_norm_clip=1e6,
+               verbose=0, seed=0)  # fmt: skip
+        return np.concatenate([(a - b).ravel() for a, b in zip(model.get_weights(), before)])
+
+    first, second = update(y), update(other)
+    assert np.abs(first).max() > 1e-4  # it did train
+    np.testing.assert_allclose(first, second, rtol=0, atol=1e-6)
+    # and each example's loss is the mean over its own unmasked steps
+    model = keras.Model(inputs, outputs)
+    preds = model(x, training=False)
+    per_step = loss.call(tf.constant(y), preds).numpy()
+    want = per_step[:, :5].mean(axis=1)
+    np.testing.assert_allclose(per_example_loss_fn(loss)(y, preds).numpy(), want, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- property test
 
 

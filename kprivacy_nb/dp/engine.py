@@ -71,14 +71,15 @@ def accuracy_fn(loss: Any) -> Callable[[Any, Any], tf.Tensor] | None:
     if "sparse_categorical" in name:
 
         def sparse(y: Any, p: Any) -> tf.Tensor:
-            y = tf.reshape(tf.cast(y, tf.int64), [-1])
-            return tf.cast(tf.equal(tf.argmax(p, axis=-1), y), tf.float32)
+            guess = tf.argmax(p, axis=-1)  # (B,) or, for sequence outputs, (B, T, …)
+            y = tf.reshape(tf.cast(y, tf.int64), tf.shape(guess))
+            return _per_example(tf.equal(guess, y))
 
         return sparse
     if "categorical_crossentropy" in name or "categorical_focal" in name:
 
         def categorical(y: Any, p: Any) -> tf.Tensor:
-            return tf.cast(tf.equal(tf.argmax(p, -1), tf.argmax(y, -1)), tf.float32)
+            return _per_example(tf.equal(tf.argmax(p, -1), tf.argmax(y, -1)))
 
         return categorical
     if "binary" in name:
@@ -93,6 +94,12 @@ def accuracy_fn(loss: Any) -> Callable[[Any, Any], tf.Tensor] | None:
 
         return binary
     return None
+
+
+def _per_example(hit: tf.Tensor) -> tf.Tensor:
+    """Each example's share of correct guesses (over its time steps, for sequence outputs)."""
+    hit = tf.cast(hit, tf.float32)
+    return tf.reduce_mean(tf.reshape(hit, [tf.shape(hit)[0], -1]), axis=1)
 
 
 def _spec(data: Any) -> Any:

@@ -37,10 +37,20 @@ def per_example_loss_fn(loss: Any) -> Callable[[Any, Any], tf.Tensor]:
         raise TrainingError(f"loss must be a name, a function or a keras Loss, got {loss!r}")
 
     def per_example(y_true: Any, y_pred: Any) -> tf.Tensor:
+        mask = getattr(y_pred, "_keras_mask", None)  # Masking / mask_zero upstream
         y_true, y_pred = _same_rank(y_true, y_pred)
         values = tf.convert_to_tensor(fn(y_true, y_pred))
         if values.shape.rank is not None and values.shape.rank > 1:
-            values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
+            axes = list(range(1, values.shape.rank))
+            if mask is not None and mask.shape.rank == values.shape.rank:
+                # Masked steps are left out, as Keras leaves them out; each example's loss is
+                # the mean over its own unmasked steps (Keras divides by the whole batch's
+                # count, which would let one example's padding weigh another's loss).
+                keep = tf.cast(mask, values.dtype)
+                total = tf.reduce_sum(values * keep, axis=axes)
+                values = total / tf.maximum(tf.reduce_sum(keep, axis=axes), 1.0)
+            else:
+                values = tf.reduce_mean(values, axis=axes)
         return values
 
     per_example.keras_loss = loss  # type: ignore[attr-defined]
