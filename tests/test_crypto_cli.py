@@ -13,6 +13,8 @@ import numpy as np
 import pyrage
 import pytest
 
+from kprivacy_nb.crypto import age
+
 
 class Result:
     def __init__(self, returncode: int, stdout: bytes, stderr: bytes) -> None:
@@ -168,3 +170,59 @@ def test_sign_verify_and_inspect(kp_home, tmp_path):
     r = run("verify", "-k", "me", str(doc))
     assert r.returncode == 1 and "modified" in r.stderr.decode()
     assert not Path(str(doc) + ".sig").read_text().count("KPRIVACY-SIGNING-KEY")
+
+
+def test_dangling_symlink_at_output_is_named_and_never_followed(kp_home, tmp_path):
+    run("keygen", "alice")
+    (tmp_path / "in").write_bytes(b"plain")
+    (tmp_path / "victim").mkdir()
+    link = tmp_path / "out.age"
+    link.symlink_to(tmp_path / "victim" / "new")
+    for argv in (
+        ["encrypt", "-r", "alice", "-o", str(link), str(tmp_path / "in")],
+        ["keygen", "-o", str(link)],
+    ):
+        r = run(*argv)
+        err = r.stderr.decode()
+        assert r.returncode == 1 and err.count("\n") == 1, err
+        assert "is a symbolic link to" in err and "does not exist" in err and "appeared" not in err
+        assert link.is_symlink() and list((tmp_path / "victim").iterdir()) == []
+    r = run("encrypt", "-r", "alice", "-o", str(link), "--force", str(tmp_path / "in"))
+    assert r.returncode == 0 and not link.is_symlink()  # the link itself replaced
+    assert list((tmp_path / "victim").iterdir()) == []
+
+
+def test_recipients_file_error_names_the_line(tmp_path):
+    good = age.X25519Identity.generate().recipient()
+    rfile = tmp_path / "team.txt"
+    rfile.write_text(f"# team\n\n{good}\nage1zzz\n")
+    r = run("encrypt", "-R", str(rfile), stdin=b"x")
+    err = r.stderr.decode()
+    assert r.returncode == 2 and f"{rfile}, line 4: " in err and err.count("\n") == 1, err
+
+
+def test_public_key_given_as_identity_is_named(kp_home, tmp_path):
+    me = age.X25519Identity.generate()
+    blob = age.encrypt(b"x", [me.recipient()])
+    (tmp_path / "id").write_text(me.reveal() + "\n")
+    (tmp_path / "id").chmod(0o600)
+    pub = tmp_path / "id.pub"
+    pub.write_text(f"# public\n{me.recipient()}\n")
+    pub.chmod(0o644)  # as public keys are: the complaint must not be about permissions
+    r = run("decrypt", "-i", str(pub), stdin=blob)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "is a public key" in err and "chmod" not in err, err
+    assert f"probably {tmp_path / 'id'}" in err
+    assert run("decrypt", "-i", str(tmp_path / "id"), stdin=blob).stdout == b"x"
+
+
+def test_verify_without_signature_file_says_so(kp_home, tmp_path):
+    from kprivacy_nb.crypto import signing
+
+    me = signing.generate_signing_key("me")
+    doc = tmp_path / "report.txt"
+    doc.write_text("not an age file")
+    r = run("verify", "-k", me.public, str(doc))
+    err = r.stderr.decode()
+    assert r.returncode == 1 and f"{doc}.sig does not exist" in err and "-s SIG" in err, err
+    assert err.count("\n") == 1

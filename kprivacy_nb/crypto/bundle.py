@@ -26,13 +26,13 @@ from typing import Any, BinaryIO
 
 from ..errors import InvalidParameterError, SerializationError
 from ..notebook_file import clean_notebook
-from ..paths import atomic_write, check_target
 from ..secrets import Secret
 from . import age, serializers
 from .container import ContainerReader, Entry, write_container
 from .envelope import RecipientSpec, open_container, open_container_from, recipients_for
 from .keys import now_iso
 from .limits import expansion_limit, loads_json
+from .outputs import atomic_output, check_output
 from .signing import SigningKey, load_signing_key
 from .trust import SignatureStatus
 
@@ -59,7 +59,7 @@ class NotebookFile:
     data: bytes
 
     def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
-        with atomic_write(path, force=force) as f:
+        with atomic_output(path, force=force) as f:
             f.write(self.data)
         return Path(path)
 
@@ -211,7 +211,7 @@ def export_bundle(
     """
     if not items and notebook is None:
         raise InvalidParameterError("nothing to export: choose at least one item")
-    target = check_target(path, force=force)  # before serialising anything
+    target = check_output(path, force=force)  # before serialising anything
     recips, shown = recipients_for(recipients, passphrase, work_factor)
     signer = load_signing_key(sign_with) if sign_with is not None else None
     entries = _entries_for(items, allow_pickle=allow_pickle, progress=progress)
@@ -223,7 +223,7 @@ def export_bundle(
             raise InvalidParameterError(f"an item is already named {entry.name!r}")
         entries.append(entry)
     total = sum(len(p) for e in entries for p in e.parts.values())
-    with atomic_write(target, force=force) as f:
+    with atomic_output(target, force=force) as f:
         sink = _HashingWriter(f, total, progress)
         writer = age.EncryptWriter(sink, recips, armor=armor)
         write_container(

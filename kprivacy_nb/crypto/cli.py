@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import InvalidParameterError, KPrivacyError, SerializationError
-from ..paths import atomic_write
 from . import age, envelope, keys, prompt, signing, trust
+from .outputs import atomic_output
 from .printable import printable
 
 FORMATS = ("kprivacy", "oms")
@@ -273,7 +273,7 @@ def _output(path: str | None, force: bool, *, binary: bool) -> Iterator[BinaryIO
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
-    with atomic_write(path, force=force) as f:
+    with atomic_output(path, force=force) as f:
         yield f
 
 
@@ -474,7 +474,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     with _input(args.file) as f:
         sig = signing.sign_detached(f, key)
     out = args.output or f"{args.file}.sig"
-    with atomic_write(out, force=args.force, mode=0o644) as f:
+    with atomic_output(out, force=args.force, mode=0o644) as f:
         f.write(sig.to_text().encode())
     print(f"signed {args.file} with {sig.key} -> {out}")
     return 0
@@ -519,6 +519,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             signing.verify_detached(f, sig, expected)
         print(f"good signature by {expected} on {args.file}")
         return 0
+    _check_age_file_to_verify(args.file)
     passphrase = _passphrase(args) if args.passphrase_env else None
     reader = envelope.open_container(
         args.file,
@@ -529,6 +530,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     reader.check_all_parts()  # a valid manifest signature vouches only for matching parts
     print(f"good signature by {expected} on {args.file} (manifest and every part)")
     return 0
+
+
+def _check_age_file_to_verify(path: str) -> None:
+    """With no detached signature, ``verify`` checks the container inside an age file: when the
+    file is no age file, the missing ``FILE.sig`` is the news, not the age header."""
+    from ..errors import HeaderError, SignatureError
+
+    try:
+        envelope.stanza_types_of(path)
+    except HeaderError as exc:
+        raise SignatureError(
+            f"no signature to check: {printable(path)}.sig does not exist (give the signature "
+            f"file with -s SIG), and {printable(path)} is not an age file holding a signed "
+            f"container ({exc})"
+        ) from None
 
 
 def cmd_recipients(args: argparse.Namespace) -> int:

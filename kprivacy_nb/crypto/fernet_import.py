@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from ..errors import CryptoError, InvalidParameterError, KeyFileError, KPrivacyError
-from ..paths import atomic_write
 from ..secrets import Secret, read_key_file, register_secret
 from . import age, prompt
+from .outputs import atomic_output
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 MAX_TOKEN_BYTES = 4 << 30  # a Fernet token is decrypted whole, in memory
@@ -159,6 +159,6 @@ def import_fernet(
     if hasattr(output, "write"):
         age.encrypt_stream(io.BytesIO(plain), output, recipients, armor=armor, threads=False)
         return ImportResult(None, len(plain), hdf5)
-    with atomic_write(output, force=force) as f:
+    with atomic_output(output, force=force) as f:
         age.encrypt_stream(io.BytesIO(plain), f, recipients, armor=armor, threads=False)
     return ImportResult(Path(output), len(plain), hdf5)

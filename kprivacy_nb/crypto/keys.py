@@ -30,6 +30,7 @@ from ..paths import atomic_write, home_dir
 from ..secrets import read_key_file
 from .age import HybridIdentity, X25519Identity, identities_from_text
 from .age.registry import PassphraseSource, parse_recipient, recipient_like
+from .outputs import atomic_output
 
 IDENTITY_SUFFIX = ".key"
 SIGNING_SUFFIX = ".sign.key"
@@ -89,7 +90,7 @@ class KeygenResult:
 
 def write_key_file(path: Path, text: str, *, force: bool) -> None:
     """Write a secret key file atomically, 0600."""
-    with atomic_write(path, force=force) as f:
+    with atomic_output(path, force=force) as f:
         f.write(text.encode())
 
 
@@ -127,19 +128,23 @@ def generate_identity(
 
 def read_named(path: Path | None = None) -> list[tuple[str | None, str]]:
     """``(name, value)`` pairs of a recipients file; unnamed lines give ``(None, value)``."""
-    path = path or recipients_file()
+    return [(name, value) for _, name, value in _named_lines(path or recipients_file())]
+
+
+def _named_lines(path: Path) -> list[tuple[int, str | None, str]]:
+    """``(line number, name, value)`` for each key line of a recipients file."""
     if not path.exists():
         return []
-    out: list[tuple[str | None, str]] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    out: list[tuple[int, str | None, str]] = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         name, sep, value = line.partition(":")
         if sep and _NAME_RE.fullmatch(name.strip()) and not value.startswith("//"):
-            out.append((name.strip(), value.strip()))
+            out.append((lineno, name.strip(), value.strip()))
         else:
-            out.append((None, line))
+            out.append((lineno, None, line))
     return out
 
 
@@ -254,9 +259,10 @@ def lookup_named(name: str, kind: str) -> list[str]:
     return [v for n, v in read_named() if n == name and _kind(v) == kind]
 
 
-def _parse_recipient_values(values: list[str], origin: str) -> list:
+def _parse_recipient_values(values: list[tuple[str, str]]) -> list:
+    """Recipients from ``(where, value)`` pairs; an error names where the bad value is."""
     out = []
-    for v in values:
+    for origin, v in values:
         if v.startswith("kppub1"):
             continue
         try:
@@ -281,7 +287,9 @@ def resolve_recipients(specs: list | str) -> list:
         if recipient_like(spec):
             out.append(parse_recipient(spec))
         elif _NAME_RE.fullmatch(spec) and lookup_named(spec, "age"):
-            out += _parse_recipient_values(lookup_named(spec, "age"), f"recipient {spec!r}")
+            out += _parse_recipient_values(
+                [(f"recipient {spec!r}", v) for v in lookup_named(spec, "age")]
+            )
         elif Path(spec).expanduser().is_file():
             out += recipients_from_file(spec)
         else:
@@ -305,10 +313,10 @@ def recipients_from_file(path: str | os.PathLike) -> list:
     ``#`` comments and blank lines (``name: key`` lines are accepted too)."""
     p = Path(path).expanduser()
     try:
-        values = [v for _, v in read_named(p)]
+        lines = _named_lines(p)
     except (OSError, UnicodeDecodeError) as exc:
         raise KeyFileError(f"cannot read recipients file {p}: {type(exc).__name__}") from None
-    out = _parse_recipient_values(values, str(p))
+    out = _parse_recipient_values([(f"{p}, line {n}", v) for n, _, v in lines])
     if not out:
         raise KeyFileError(f"recipients file {p} lists no age recipient")
     return out
@@ -346,10 +354,47 @@ def load_identities(
             out.append(spec)
             continue
         path = identity_path(spec)
+        _refuse_public_key(path)
         out += identities_from_text(
             read_key_file(path), origin=f"identity file {path}", passphrase=passphrase
         )
     return out
+
+
+# How public keys start (authorized_keys lines, age recipients, kppub1…, PEM public keys).
+_PUBLIC_KEY_STARTS = (
+    "ssh-ed25519 ",
+    "ssh-rsa ",
+    "ssh-dss ",
+    "ecdsa-sha2-",
+    "sk-ssh-",
+    "sk-ecdsa-",
+    "age1",
+    "kppub1",
+    "-----BEGIN PUBLIC KEY-----",
+    "-----BEGIN SSH2 PUBLIC KEY-----",
+)
+
+
+def _refuse_public_key(path: Path) -> None:
+    """A public key given where the identity (private key) file is wanted: say so, rather than
+    complain about its (public, so harmless) permissions or its format."""
+    try:
+        if not path.is_file():
+            return  # read_key_file says what is wrong
+        with open(path, "rb") as f:
+            head = f.read(8192).decode("utf-8", "replace")
+    except OSError:
+        return
+    first = next(
+        (ln.strip() for ln in head.splitlines() if ln.strip() and not ln.startswith("#")), ""
+    )
+    if first.startswith(_PUBLIC_KEY_STARTS) or first.lower().startswith(("age1", "kppub1")):
+        private = path.with_suffix("") if path.suffix == ".pub" else None
+        hint = f" (the private key is probably {private})" if private and private.exists() else ""
+        raise KeyFileError(
+            f"{path} is a public key: -i takes an identity, the private key file{hint}"
+        )
 
 
 def default_identity_files() -> list[Path]:

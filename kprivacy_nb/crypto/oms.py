@@ -369,7 +369,7 @@ def sign_path(
 ) -> OMSVerifyKey:
     """Write ``key``'s OMS signature of the model file or folder at ``path`` to ``output``, as
     ``model_signing sign key --signature OUTPUT PATH`` does (git files and OUTPUT left out)."""
-    from ..paths import atomic_write
+    from .outputs import atomic_output
 
     m = _ms()
     model, out = _model_path(path), pathlib.Path(output).expanduser()
@@ -378,7 +378,7 @@ def sign_path(
         bundle = _signer(key).sign(m.payloads.Payload(manifest)).bundle.to_json()
     except OSError as exc:
         raise SignatureError(f"cannot sign {printable(str(model))}: {_first_line(exc)}") from None
-    with atomic_write(out, force=force, mode=0o644) as f:
+    with atomic_output(out, force=force, mode=0o644) as f:
         f.write(bundle.encode())
     return key.public()
 

@@ -535,7 +535,7 @@ class RestoredFiles:
         outside ``folder``, where a file is in the way, or already there without ``force``), and
         every failure is one :class:`~kprivacy_nb.errors.KPrivacyError` line.
         """
-        from ..paths import atomic_write
+        from .outputs import atomic_output
 
         root = Path(folder).expanduser().resolve()
         targets = self._targets(root, force=force)
@@ -543,7 +543,7 @@ class RestoredFiles:
         for (rel, data), target in zip(self.files.items(), targets, strict=True):
             try:
                 target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                with atomic_write(target, force=force) as f:
+                with atomic_output(target, force=force) as f:
                     f.write(data)
             except KPrivacyError:
                 raise

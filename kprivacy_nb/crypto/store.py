@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..paths import atomic_write, check_target
 from ..secrets import Secret
 from . import age, oms, serializers
 from .bundle import Bundle
@@ -29,6 +28,7 @@ from .container import Entry, write_container
 from .envelope import IdentitySpec, RecipientSpec, VerifySpec, open_container, recipients_for
 from .keys import now_iso
 from .limits import expansion_limit
+from .outputs import atomic_output, check_output
 from .signing import SigningKey, load_signing_key
 from .trust import SignatureStatus, UnverifiedFileWarning
 
@@ -82,7 +82,7 @@ def secure_save(
     key for an OpenSSF model signature of the object's files (:mod:`.oms`). The file is written
     atomically with mode 0600 and never overwrites an existing one without ``force``.
     """
-    target = check_target(path, force=force)  # before serialising anything
+    target = check_output(path, force=force)  # before serialising anything
     recips, shown = recipients_for(recipients, passphrase, work_factor)
     oms_key = oms.signing_key_for(sign_with)
     signer = load_signing_key(sign_with) if sign_with is not None and not oms_key else None
@@ -92,7 +92,7 @@ def secure_save(
     if oms_key:
         parts = oms.embed(type_name, parts, meta, oms_key, entry_name, metadata)
     entry = Entry(entry_name, type_name, parts, meta)
-    with atomic_write(target, force=force) as f:
+    with atomic_output(target, force=force) as f:
         writer = age.EncryptWriter(f, recips, armor=armor)
         write_container(writer, [entry], created=now_iso(), sign_with=signer, metadata=metadata)
         writer.close()

@@ -358,9 +358,9 @@ def decrypt_to_path(
     armored: bool | None = None,
 ) -> int:
     """Decrypt into ``path`` atomically (0600): the file appears only if decryption succeeded."""
-    from ...paths import atomic_write
+    from ..outputs import atomic_output
 
-    with atomic_write(path, force=force) as f:
+    with atomic_output(path, force=force) as f:
         return decrypt_stream(src, f, identities, armored=armored)
 
 
