@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -185,6 +186,30 @@ def test_bytes_after_the_declared_data_are_refused(alice, me, tmp_path):
         assert b"manifest declares" in r.stderr and r.stderr.count(b"\n") == 1
         r = run("inspect", str(q), "-i", "alice")
         assert r.returncode == 1 and b"signature verified" not in r.stdout
+
+
+def test_data_must_end_where_the_parts_end(alice, tmp_path):
+    """Also in a hand-made container without ``data_size``: no byte outside every part."""
+    payload = b"covered"
+    manifest = {
+        "format": container.FORMAT,
+        "version": container.VERSION,
+        "entries": [
+            {"name": "b", "type": "bytes", "meta": {}, "parts": [
+                {"name": "data", "offset": 0, "size": len(payload),
+                 "sha256": hashlib.sha256(payload).hexdigest()}]}
+        ],
+    }  # fmt: skip
+    m = container.encode_json(manifest)
+    head = container.MAGIC + container._LEN.pack(len(m)) + m + container._LEN.pack(0)
+    for data, ok in ((payload, True), (payload + b"EXTRA", False)):
+        q = tmp_path / "hand.age"
+        q.write_bytes(age.encrypt(head + data, keys.resolve_recipients("alice")))
+        if ok:
+            assert secure_load(q) == payload
+        else:
+            with pytest.raises(errors.SerializationError, match="parts end at .* added after"):
+                secure_load(q)
 
 
 def test_passphrase_save_load_and_secret_hygiene(tmp_path):

@@ -130,6 +130,15 @@ def is_container(head: bytes) -> bool:
     return head.startswith(MAGIC)
 
 
+def _check_data_end(end: int, expected: int, what: str) -> None:
+    """Refuse data longer (bytes no digest or signature covers) or shorter than declared."""
+    if end != expected:
+        raise SerializationError(
+            f"container data is {end:,} bytes but {what} {expected:,}: "
+            + ("bytes were added after it" if end > expected else "it is truncated")
+        )
+
+
 class ContainerReader:
     """Read a container from a seekable plaintext buffer, verifying before anything else.
 
@@ -190,13 +199,10 @@ class ContainerReader:
             raise SerializationError("container manifest lists no entries")
         end = self._buf.seek(0, io.SEEK_END) - self._data_start
         declared = m.get("data_size")
-        if type(declared) is not int or declared < 0:
-            raise SerializationError("malformed manifest: 'data_size' must be a byte count")
-        if end != declared:
-            raise SerializationError(
-                f"container data is {end:,} bytes but its manifest declares {declared:,}: "
-                + ("bytes were added after it" if end > declared else "it is truncated")
-            )
+        if declared is not None:
+            if type(declared) is not int or declared < 0:
+                raise SerializationError("malformed manifest: 'data_size' must be a byte count")
+            _check_data_end(end, declared, "its manifest declares")
         names = set()
         for e in entries:
             ok = (
@@ -227,6 +233,8 @@ class ContainerReader:
                 if not ok:
                     raise SerializationError("manifest part out of bounds or malformed")
                 part_names.add(p["name"])
+        extent = max((p["offset"] + p["size"] for e in entries for p in e["parts"]), default=0)
+        _check_data_end(end, extent, "its parts end at")
         if not isinstance(m.get("metadata", {}), dict):
             raise SerializationError("malformed container metadata")
         library = m.get("library", {})
