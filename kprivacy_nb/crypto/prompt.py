@@ -149,7 +149,7 @@ def resolve(
     return ask(prompt, option=option, confirm=confirm)
 
 
-def source(env: str | None, option: str):
+def source(env: str | None, option: str) -> Callable[[str], Secret]:
     """A passphrase source for an encrypted key file (``keys.load_identities(...,
     passphrase=…)``): ``$env`` (read now, so a missing variable is reported at once), else a
     prompt whose no-terminal error names ``option``."""
