@@ -375,3 +375,48 @@ def test_a_target_mostly_spent_by_earlier_fits_is_said_out_loud():
         model.fit(x, y, epochs=1, batch_size=40, verbose=0)
     assert model.privacy.noise_multiplier > 5 * first_sigma  # why it matters
     assert model.privacy.epsilon <= 2.0 + 1e-9
+
+
+def test_fitting_again_reuses_the_checked_engine_and_its_trace_only_when_nothing_changed():
+    """A fit-per-epoch loop pays the self-check and the trace once; the same step keeps running
+    (ε composes as ever), and any change the check depends on — data, clip, loss, optimizer —
+    gets a fresh engine and check."""
+    x, y = _data(n=300)
+    model = _binary()
+    kprivacy_nb.make_private(model, noise_multiplier=1.0, delta=1e-4, seed=0)
+    model.fit(x, y, epochs=1, batch_size=30, verbose=0)
+    first = model.privacy
+    assert first.self_check_seconds > 0 and first.trace_count == 1
+    model.fit(x, y, epochs=1, batch_size=30, verbose=0)
+    again = model.privacy
+    assert again.self_check_seconds == 0.0 and again.trace_count == 0  # reused, not retraced
+    assert again.steps == 20 and again.fits == 2 and again.epsilon > first.epsilon
+    assert keras.Model.fit is not None and model.train_function is None  # not left on the model
+    # Changed data (same array object, edited in place): checked and traced again.
+    x[0, 0] += 1.0
+    model.fit(x, y, epochs=1, batch_size=30, verbose=0)
+    assert model.privacy.self_check_seconds > 0 and model.privacy.trace_count == 1
+    # Another batch size (the traced probe ran at the old one): checked again.
+    model.fit(x, y, epochs=1, batch_size=20, verbose=0)
+    assert model.privacy.self_check_seconds > 0
+    # Recompiled (new optimizer): checked again, and the new optimizer is the one that trains.
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="binary_crossentropy")
+    before = [w.copy() for w in model.get_weights()]
+    model.fit(x, y, epochs=1, batch_size=20, verbose=0)
+    assert model.privacy.self_check_seconds > 0
+    for a, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)  # learning rate 0: nothing moved
+
+
+def test_a_multi_input_model_takes_a_list_of_arrays_as_plain_fit_does():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(40, 6, 4)).astype("float32")
+    b = rng.normal(size=(40, 3)).astype("float32")
+    y = rng.normal(size=(40, 1)).astype("float32")
+    first, second = keras.Input((6, 4)), keras.Input((3,))
+    joined = keras.layers.Concatenate()([keras.layers.Flatten()(first), second])
+    model = keras.Model([first, second], keras.layers.Dense(1)(joined))
+    model.compile(optimizer="sgd", loss="mse")
+    kprivacy_nb.make_private(model, noise_multiplier=1.0, delta=1e-3)
+    history = model.fit([a, b], y, epochs=2, batch_size=10, verbose=0)
+    assert len(history.history["epsilon"]) == 2 and model.privacy.steps == 8

@@ -326,7 +326,9 @@ def test_masked_timesteps_do_not_count_in_a_sequence_loss(masking):
         dp_fit(model, x, labels, epochs=1, batch_size=n, noise_multiplier=0.0, loss=loss,
                optimizer=keras.optimizers.SGD(1.0), sampling="shuffle", l2_norm_clip=1e6,
                verbose=0, seed=0)  # fmt: skip
-        return np.concatenate([(a - b).ravel() for a, b in zip(model.get_weights(), before)])
+        return np.concatenate(
+            [(a - b).ravel() for a, b in zip(model.get_weights(), before, strict=True)]
+        )
 
     first, second = update(y), update(other)
     assert np.abs(first).max() > 1e-4  # it did train

@@ -61,7 +61,11 @@ class PrivacyState:
     runs: list[tuple[accounting.Mechanism, int]] = field(default_factory=list)
     fresh_data: bool = False
     original_fit: Any = None
-    engine: Any = None  # cached per loss/shape (see _Engine)
+    # The last fit's checked engine and traced step, reused by the next fit when nothing they
+    # depend on changed (see _reusable_engine): a fit-per-epoch loop pays the self-check once.
+    engine_key: Any = None
+    engine: Any = None
+    traced: Any = None  # (engine, counters, Keras train_function) of the last fit
 
     def event(self, extra: tuple[accounting.Mechanism, int] | None = None) -> Any:
         runs = [(m, s) for m, s in [*self.runs, *([extra] if extra else [])] if s > 0]
@@ -399,6 +403,7 @@ class FitPlan:
     ledger_cap: float | None = None
     ledger_spent: float | None = None
     strategy: Any = None  # a tf.distribute strategy with several replicas (distribute.py)
+    engine_reused: bool = False  # the last fit's checked engine (no self-check ran this time)
 
     @property
     def run_epochs(self) -> int:
@@ -494,6 +499,57 @@ def _warn_if_mostly_spent(state: PrivacyState, delta: float, sigma: float, statu
 
     status(message)
     warnings.warn(message, PrivacyBudgetWarning, stacklevel=2)
+
+
+def _engine_key(
+    model: Any, state: PrivacyState, x: Any, y: Any, batch_size: int, accuracy: Any
+) -> tuple[tuple, tuple]:
+    """What a checked engine depends on: ``(objects, values)``. The objects — the model's loss,
+    optimizer, trainable weights and the data arrays — must be the very same (compared with
+    ``is``; held here, so no new object can take an old one's id); the values — clipping
+    settings, the batch size of the traced probe, the data's shapes, dtypes and a hash of its
+    bytes — must be equal."""
+    import tensorflow as tf
+
+    leaves = [*tf.nest.flatten(x), *tf.nest.flatten(y)]
+    objects = (model.loss, getattr(model, "optimizer", None), accuracy,
+               *model.trainable_variables, *leaves)  # fmt: skip
+    values = (
+        state.l2_norm_clip, state.physical_batch_size, int(batch_size),
+        tuple((np.shape(a), str(getattr(a, "dtype", "")), _digest(a)) for a in leaves),
+    )  # fmt: skip
+    return objects, values
+
+
+def _digest(a: Any) -> str:
+    """A content hash of an array, read ~64 MiB at a time (a memmap is never loaded at once)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    step = max(1, (64 << 20) // max(1, np.asarray(a[:1]).nbytes))
+    for start in range(0, len(a), step):
+        h.update(np.ascontiguousarray(a[start : start + step]).view(np.uint8).tobytes())
+    return h.hexdigest()
+
+
+def _reusable_engine(state: PrivacyState, key: tuple[tuple, tuple], sigma: float) -> Any:
+    """The last fit's engine if nothing in ``key`` changed (its self-check and traced probe
+    then hold as they are); σ may change, but not between zero and non-zero (the traced step
+    differs)."""
+    engine, old = state.engine, state.engine_key
+    if engine is None or old is None:
+        return None
+    (objects, values), (old_objects, old_values) = key, old
+    same = len(objects) == len(old_objects) and all(
+        a is b for a, b in zip(objects, old_objects, strict=True)
+    )
+    if not same or values != old_values:
+        return None
+    std = float(sigma) * float(state.l2_norm_clip)
+    if (std > 0) != (engine.noise_std > 0):
+        return None
+    engine.noise_std = std
+    return engine
 
 
 def _build_optimizer(plan: FitPlan) -> None:
@@ -593,14 +649,22 @@ def _plan_fit(
 
     X = tf.nest.map_structure(tf.constant, _take(x, rows))
     Y = tf.constant(_take(y, rows))
-    status(f"σ = {sigma:.4g}; checking per-example clipping on {len(rows)} real examples…")
-    engine = DPSGDEngine(
-        model, per_example_loss_fn(model.loss), None, l2_norm_clip=state.l2_norm_clip,
-        noise_multiplier=sigma, X=X, Y=Y, accuracy=accuracy,
-        physical_batch_size=state.physical_batch_size,
-        host_x=x if isinstance(x, np.ndarray) and x.dtype.kind in "iu" else None,
-    )  # fmt: skip
-    engine.check_sensitivity(X, Y, batch_size)
+    key = _engine_key(model, state, x, y, batch_size, accuracy)
+    engine = _reusable_engine(state, key, sigma)
+    reused = engine is not None
+    if reused:
+        status(f"σ = {sigma:.4g}; per-example clipping as checked for the last fit (same model, "
+               "data and settings)")  # fmt: skip
+    else:
+        status(f"σ = {sigma:.4g}; checking per-example clipping on {len(rows)} real examples…")
+        engine = DPSGDEngine(
+            model, per_example_loss_fn(model.loss), None, l2_norm_clip=state.l2_norm_clip,
+            noise_multiplier=sigma, X=X, Y=Y, accuracy=accuracy,
+            physical_batch_size=state.physical_batch_size,
+            host_x=x if isinstance(x, np.ndarray) and x.dtype.kind in "iu" else None,
+        )  # fmt: skip
+        engine.check_sensitivity(X, Y, batch_size)
+        state.engine_key, state.engine, state.traced = key, engine, None
     if build_metrics:
         # Keras reads every compiled metric at the end of an epoch: they must be built. One
         # update builds them; the values are thrown away at once (the DP step never updates
@@ -613,7 +677,7 @@ def _plan_fit(
         epochs=epochs, initial_epoch=initial_epoch, delta=delta,
         mechanism=accounting.Mechanism(n, batch_size, sigma, state.sampling), engine=engine,
         validation_split=float(validation_split) if validation_split else 0.0,
-        delta_source=delta_source,
+        delta_source=delta_source, engine_reused=reused,
     )  # fmt: skip
 
 
@@ -668,6 +732,13 @@ class _Counters:
 
     def reset_epoch(self) -> None:
         self.sums.assign([0.0, 0.0, 0.0, 0.0])
+
+    def restart(self) -> None:
+        """Zero everything for a new fit (the same counters serve a reused traced step)."""
+        self.traces = 0  # traces of this fit's step (0 when the last fit's trace is reused)
+        self.steps.assign(0)
+        self.not_applied.assign(0.0)
+        self.reset_epoch()
 
     def step_count(self) -> int:
         return int(self.steps.numpy())
@@ -749,15 +820,21 @@ def run_fit(
             validation_freq=validation_freq,
         )  # fmt: skip
     model, state, engine = plan.model, plan.state, plan.engine
-    counters = _Counters()
+    traced = state.traced if state.traced is not None and state.traced[0] is engine else None
+    counters = traced[1] if traced else _Counters()
+    counters.restart()
     dataset, noise = _pipeline(plan)
     original_step = model.__dict__.get("train_step")
     saved_jit = getattr(model, "jit_compile", False)
     history, interrupted, started, steps, traces = None, False, time.perf_counter(), 0, 0
     try:
-        object.__setattr__(model, "train_step", _train_step(engine, counters))
+        object.__setattr__(
+            model, "train_step", traced[3] if traced else _train_step(engine, counters)
+        )
         model.jit_compile = False
-        model.train_function = None  # Keras traces the DP step on this fit
+        # Keras traces the DP step on the first fit; later fits of the same engine reuse it (it
+        # is kept in our state, never left on the model for a non-private fit to find).
+        model.train_function = traced[2] if traced else None
         history = state.original_fit(
             model, dataset, epochs=plan.epochs, verbose=verbose,
             callbacks=[epoch_callback(plan, counters, on_epoch), *(callbacks or [])],
@@ -771,6 +848,8 @@ def run_fit(
     finally:
         noise.close()
         traces = counters.traces
+        if model.train_function is not None and not interrupted:
+            state.traced = (engine, counters, model.train_function, model.train_step)
         object.__setattr__(model, "train_step", original_step or _refusing_step)
         model.train_function = None
         model.jit_compile = saved_jit
@@ -872,6 +951,15 @@ def padded_rows(rows: int) -> int:
     return -(-rows // grain) * grain
 
 
+def _as_tuples(structure: Any) -> Any:
+    """``structure`` with every list made a tuple (dicts and tuples kept, leaves untouched)."""
+    if isinstance(structure, (list, tuple)):
+        return tuple(_as_tuples(item) for item in structure)
+    if isinstance(structure, dict):
+        return {key: _as_tuples(value) for key, value in structure.items()}
+    return structure
+
+
 class Element:
     """One step's inputs as the traced step sees them: the rows, the step's flat noise vector,
     ``meta = [denominator, weight]``, the labels, the per-row weights (and an input-reading
@@ -882,7 +970,9 @@ class Element:
         import tensorflow as tf
 
         self.plan, x, y = plan, plan.x, plan.y
-        self.x_spec = _map(lambda a: tf.TensorSpec([None, *a.shape[1:]], _dtype(a)), x)
+        # tf.data reads a list as one tensor to stack: a multi-input model's list of inputs
+        # travels as a tuple (Keras takes either).
+        self.x_spec = _as_tuples(_map(lambda a: tf.TensorSpec([None, *a.shape[1:]], _dtype(a)), x))
         y_spec = tf.TensorSpec([None, *np.shape(y)[1:]], _dtype(y))
         self.leaves = len(tf.nest.flatten(self.x_spec))
         self.repeat_structure = tuple(plan.engine.repeated_spec)  # (tf.data takes tuples)
@@ -1004,7 +1094,7 @@ def _set_card(
         ledger_name=plan.ledger_name, reservation_id=getattr(plan.reservation, "id", None),
         seconds=time.perf_counter() - started, trace_count=traces,
         training_metrics=state.include_training_metrics,
-        self_check_seconds=engine.clipper.self_check_seconds or 0.0,
+        self_check_seconds=0.0 if plan.engine_reused else engine.clipper.self_check_seconds or 0.0,
         validation_split=plan.validation_split, delta_source=plan.delta_source,
         fresh_data=state.fresh_data, fits=len(state.runs), fit_steps=steps,
     )  # fmt: skip
