@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench mutate clean
+.PHONY: demo demo-team test lint format bench mutate clean
 
 # Installing says one line; pip's own output shows only on errors (-qq).
 $(BIN)/python:
@@ -29,6 +29,9 @@ test: $(STAMP) lint
 
 demo: $(STAMP)
 	@$(BIN)/python -m kprivacy_nb.demo
+
+demo-team: $(STAMP)
+	@$(BIN)/python -m kprivacy_nb.demo_team
 
 mutate: $(STAMP)
 	$(BIN)/python tools/mutate.py
