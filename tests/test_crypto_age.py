@@ -11,8 +11,10 @@ import pytest
 
 from kprivacy_nb import errors
 from kprivacy_nb.crypto import age, armor, bech32
+from kprivacy_nb.crypto.age.stream import BATCH
 
 CHUNK = age.CHUNK
+SPAN = BATCH * CHUNK  # plaintext per batch of chunks (one read / AEAD loop / write)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,7 @@ def test_bad_recipient_strings():
 # --- STREAM boundaries ------------------------------------------------------------------------------
 
 SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 16 * CHUNK, 16 * CHUNK + 1, 33 * CHUNK + 7]
+SIZES += [SPAN - 1, SPAN, SPAN + 1, 2 * SPAN, 3 * SPAN + CHUNK + 1]  # batch boundaries
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -205,6 +208,26 @@ def test_thousand_tamperings_all_rejected_no_output(ident, tmp_path):
     assert list(tmp_path.iterdir()) == []
     age.decrypt_to_path(io.BytesIO(blob), out, [ident])
     assert out.read_bytes() == data
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_bad_chunk_in_a_later_batch_leaves_no_file(ident, tmp_path, threads):
+    """A MAC failure after whole batches were authenticated and written: no output file at all,
+    and the streaming API releases exactly the genuine chunks before the bad one."""
+    data = os.urandom(2 * SPAN + 3 * CHUNK + 5)
+    blob = bytearray(age.encrypt(data, [ident.recipient()]))
+    bad = 2 * BATCH + 1  # the second chunk of the third batch
+    payload = len(blob) - len(data) - 16 * (2 * BATCH + 4)  # header + nonce
+    blob[payload + bad * (CHUNK + 16) + 100] ^= 1
+    (tmp_path / "plain.age").write_bytes(blob)
+    out = tmp_path / "plain.bin"
+    with open(tmp_path / "plain.age", "rb") as src, pytest.raises(errors.PayloadError):
+        age.decrypt_to_path(src, out, [ident])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.age"]
+    sink = io.BytesIO()
+    with pytest.raises(errors.PayloadError):
+        age.decrypt_stream(io.BytesIO(bytes(blob)), sink, [ident], threads=threads)
+    assert sink.getvalue() == data[: bad * CHUNK]
 
 
 def test_wrong_header_mac_is_hmac_error(ident):

@@ -3,7 +3,10 @@
 
 The producers here fill reusable ring buffers with a batch of chunks and yield ``(slot, nbytes)``
 in order (batching keeps syscalls and thread hand-offs per byte low); :mod:`.pipeline` drains
-them. Decryption never yields a byte of a chunk before that chunk's tag has been checked.
+them. A batch is 8 chunks (512 KiB of plaintext): measured on ext4 (Linux 6.18), 2 MiB batches
+made every decrypted write a 2 MiB-aligned 2 MiB ``write()``, which the page cache serves with huge
+folios whose allocation (compaction) tripled the system time of a decrypt to a file — while a
+smaller batch also keeps the read, AEAD and write buffers in the CPU caches. Decryption never yields a byte of a chunk before that chunk's tag has been checked.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from .primitives import TAG, hkdf
 CHUNK = 64 * 1024
 ENC_CHUNK = CHUNK + TAG
 NONCE_LEN = 16
-BATCH = 32
+BATCH = 8
 
 
 def nonce(counter: int, last: bool) -> bytes:
