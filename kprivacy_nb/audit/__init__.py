@@ -1,7 +1,7 @@
 """Empirical privacy audits: evidence about a trained model next to its proven ε.
 
 * :func:`membership_inference` — loss / calibrated-score attacks on members vs a holdout: ROC AUC
-  with a DeLong interval, TPR at low FPR, a log–log ROC, slices by class, and the ε implied by
+  with a confidence interval, TPR at low FPR, a log–log ROC, slices by class, and the ε implied by
   the best (TPR, FPR) pair with Clopper–Pearson confidence.
 * :func:`one_run` — the one-training-run canary audit of Steinke, Nasr & Jagielski (2023): a
   statistically valid ε lower bound at 95% confidence, which must stay ≤ the proven ε; if it
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .mia import MIAReport, membership_inference
 from .one_run import OneRunAudit, one_run
-from .roc import ROC, auc, delong_interval, roc
+from .roc import ROC, auc, auc_interval, delong_interval, roc, score_interval
 from .stats import (
     clopper_pearson,
     epsilon_from_counts,
@@ -28,6 +28,7 @@ __all__ = [
     "OneRunAudit",
     "ROC",
     "auc",
+    "auc_interval",
     "clopper_pearson",
     "delong_interval",
     "epsilon_from_counts",
@@ -37,4 +38,5 @@ __all__ = [
     "one_run_epsilon",
     "one_run_p_value",
     "roc",
+    "score_interval",
 ]

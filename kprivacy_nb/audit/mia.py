@@ -108,7 +108,8 @@ class MIAReport:
         rows = [
             ("attack", self.attack),
             ("members / non-members", f"{self.roc.n_in} / {self.roc.n_out}"),
-            ("ROC AUC", f"{self.auc:.3f} ({self.confidence:.0%} CI {lo:.3f}–{hi:.3f}, DeLong)"),
+            ("ROC AUC", f"{self.auc:.3f} ({self.confidence:.0%} CI {lo:.3f}–{hi:.3f}, DeLong "
+             "widened to the score interval)"),
             *view.tpr_rows(self.roc),
             ("ε lower bound (implied by TPR/FPR)",
              f"{view.fmt_eps(self.epsilon_lower_bound)} at δ={self.delta:g}, "
