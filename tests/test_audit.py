@@ -21,7 +21,7 @@ from IPython.core.error import UsageError  # noqa: E402
 
 from kprivacy_nb import audit  # noqa: E402
 from kprivacy_nb.audit import stats  # noqa: E402
-from kprivacy_nb.dp import trainer  # noqa: E402
+from kprivacy_nb.dp import accounting, trainer  # noqa: E402
 from kprivacy_nb.errors import InvalidParameterError  # noqa: E402
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -178,6 +178,139 @@ def test_tpr_at_fpr_is_the_best_tpr_within_the_fpr():
     assert curve.tpr_at[1e-3] is None  # 100 non-members cannot measure FPR 10⁻³
 
 
+# --------------------------------------------------------------------------- MIA soundness
+# The attacks on precomputed losses (no training): on a model that saw neither set, members and
+# non-members are draws from one distribution, so a sound attack shows ε > 0 in at most ~5% of
+# runs; and on randomised response at ε = 1 (members confident with probability e/(1+e),
+# non-members with 1/(1+e)) its bound exceeds 1 in at most ~5%.
+
+CONFIDENT, UNSURE = math.log1p(math.exp(-5.0)), math.log(2.0)  # cross-entropy at margin 5 and 0
+
+
+def _tied(rng, n):
+    """Two outputs, half each (a model on data with duplicate rows): one class."""
+    return np.where(rng.random(n) < 0.5, CONFIDENT, UNSURE), np.zeros(n, int)
+
+
+def _tabular(rng, n):
+    """Tabular data with 8 distinct rows, two classes: every loss is one of 16 values."""
+    x = rng.integers(0, 2, (n, 3))
+    labels = (x.sum(1) + (rng.random(n) < 0.3)) % 2
+    return np.linspace(0.05, 2.0, 16).reshape(8, 2)[x @ [1, 2, 4], labels], labels
+
+
+def _small_classes(rng, n, k=300):
+    """Continuous losses, 300 classes: about 3 non-members per class."""
+    return np.log1p(np.exp(-rng.normal(0, 1.5, n))), rng.integers(0, k, n)
+
+
+def _null_rate(draw, n_in, n_out, runs, attack="calibrated"):
+    rng = np.random.default_rng(0)
+    shown = 0
+    for i in range(runs):
+        (l_in, y_in), (l_out, y_out) = draw(rng, n_in), draw(rng, n_out)
+        report = audit.membership_inference_from_losses(
+            l_in, l_out, labels_in=y_in, labels_out=y_out, attack=attack, seed=i
+        )
+        shown += report.epsilon_lower_bound > 0
+    return shown / runs
+
+
+def _allowed(runs, rate=0.05):
+    return rate + 2 * math.sqrt(rate * (1 - rate) / runs)
+
+
+@pytest.mark.parametrize(
+    ("draw", "n_in", "n_out", "runs"),
+    [(_tied, 1000, 1000, 200), (_tabular, 1000, 1000, 200), (_small_classes, 3000, 1000, 80)],
+    ids=["tied", "tabular-ties", "small-classes"],
+)
+@pytest.mark.parametrize("attack", ["loss", "calibrated"])
+def test_membership_inference_shows_nothing_on_a_model_that_saw_neither_set(
+    draw, n_in, n_out, runs, attack
+):
+    """The calibration must treat members and non-members alike (the old one standardised each
+    non-member against the *other* non-members only: > 0 in 100% of tied runs, ~30% here with
+    small classes)."""
+    if attack == "loss" and draw is _small_classes:
+        runs = 20  # the loss attack ignores classes: a few runs are enough
+    rate = _null_rate(draw, n_in, n_out, runs, attack)
+    assert rate <= _allowed(runs), rate
+
+
+def test_calibrated_bound_holds_for_randomised_response():
+    eps, n, runs = 1.0, 2000, 200
+    p = math.exp(eps) / (1 + math.exp(eps))
+    rng = np.random.default_rng(1)
+    over = 0
+    for i in range(runs):
+        l_in = np.where(rng.random(n) < p, CONFIDENT, UNSURE)
+        l_out = np.where(rng.random(n) < 1 - p, CONFIDENT, UNSURE)
+        zeros = np.zeros(n, int)
+        report = audit.membership_inference_from_losses(
+            l_in, l_out, labels_in=zeros, labels_out=zeros, attack="calibrated", seed=i
+        )
+        over += report.epsilon_lower_bound > eps
+    assert over / runs <= _allowed(runs), over / runs
+
+
+def test_calibrated_attack_scores_identical_outputs_identically():
+    """A model whose logits are its inputs, shown rows of two kinds in both sets: members and
+    non-members get exactly the same two scores, and nothing is shown (the old calibration gave
+    them different scores, a bound > 0 and a false alarm against ε = 2)."""
+    model = keras.Sequential(
+        [keras.Input((2,)), keras.layers.Dense(2, use_bias=False, kernel_initializer="identity")]
+    )
+    model.compile(loss=LOSS)
+    rng = np.random.default_rng(0)
+
+    def draw(n):
+        rows = np.where(rng.random(n)[:, None] < 0.5, [[5.0, 0.0]], [[0.0, 0.0]])
+        return rows.astype("float32"), np.zeros(n, int)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", audit.EpsilonExceededWarning)
+        report = audit.membership_inference(
+            model, draw(2000), draw(2000), attack="calibrated", epsilon=2.0, delta=1e-5
+        )
+    assert set(np.unique(report.scores_in)) == set(np.unique(report.scores_out))
+    assert len(np.unique(report.scores_in)) == 2
+    assert report.epsilon_lower_bound == 0 and not report.exceeds_proven
+    assert report.n_reference == 1000 and report.roc.n_out == 1000
+    assert "only calibrate" in report._repr_html_()
+
+
+def _separated(n=400, shift=3.0, seed=0):
+    """Losses of members far below those of non-members: a strong (heuristic) bound."""
+    rng = np.random.default_rng(seed)
+    return np.exp(rng.normal(-shift, 1, n)), np.exp(rng.normal(0, 1, n))
+
+
+def test_a_membership_bound_above_the_proven_epsilon_is_loud():
+    """repr/str, the verdict, summary() and a dedicated warning all say it (not only the HTML)."""
+    l_in, l_out = _separated()
+    with pytest.warns(audit.EpsilonExceededWarning, match="ABOVE THE PROVEN ε"):
+        report = audit.membership_inference_from_losses(l_in, l_out, epsilon=0.1, delta=1e-5)
+    assert report.exceeds_proven and report.epsilon_lower_bound > 1
+    for text in (repr(report), str(report), report.verdict):
+        assert "⚠ ABOVE THE PROVEN ε" in text and "one_run" in text, text
+    assert report.summary()["exceeds_proven"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", audit.EpsilonExceededWarning)  # below the proven ε: quiet
+        quiet = audit.membership_inference_from_losses(l_in, l_out, epsilon=50.0, delta=1e-5)
+    assert "ABOVE" not in repr(quiet) and "Consistent with the guarantee" in quiet.verdict
+
+
+def test_membership_verdicts_say_the_bound_is_heuristic():
+    l_in, l_out = _separated()
+    leak = audit.membership_inference_from_losses(l_in, l_out)
+    assert leak.epsilon_lower_bound > 1 and leak.proven_epsilon is None
+    for text in (leak.verdict, repr(leak), leak._repr_html_()):
+        assert "heuristic" in text, text
+    assert "independent" in leak.verdict and "audit.one_run is the rigorous audit" in leak.verdict
+    assert "at 95% confidence" not in leak.verdict
+
+
 # --------------------------------------------------------------------------- training helpers
 
 
@@ -224,7 +357,12 @@ def overfit():
 @pytest.mark.parametrize("attack", ["loss", "calibrated"])
 def test_membership_inference_on_an_overfit_model(overfit, attack):
     model, train, holdout = overfit
-    report = audit.membership_inference(model, train, holdout, attack=attack, epsilon=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = audit.membership_inference(
+            model, train, holdout, attack=attack, epsilon=1.0, delta=1e-5
+        )
+    warned = any(issubclass(w.category, audit.EpsilonExceededWarning) for w in caught)
     assert report.auc > 0.7 and report.auc_interval[0] > 0.5
     assert report.epsilon_lower_bound > 0.5
     assert report.tpr_at[1e-1] > 0.1 and report.tpr_at[1e-3] is None
@@ -233,7 +371,7 @@ def test_membership_inference_on_an_overfit_model(overfit, attack):
     html = report._repr_html_()
     assert "not a guarantee" in html and "data:image/png;base64," in html
     assert "proven ε" in html and "By class" in html
-    assert report.exceeds_proven == (report.epsilon_lower_bound > 1.0)
+    assert report.exceeds_proven == (report.epsilon_lower_bound > 1.0) == warned
 
 
 def test_membership_inference_on_a_fresh_model_finds_nothing(overfit):
@@ -260,10 +398,31 @@ def test_membership_inference_refuses_bad_shapes_with_clear_messages(overfit):
         audit.membership_inference(model, x, (xh, yh))
     with pytest.raises(InvalidParameterError, match="attack"):
         audit.membership_inference(model, (x, y), (xh, yh), attack="lira")
-    with pytest.raises(InvalidParameterError, match="at least 3 holdout"):
-        audit.membership_inference(model, (x, y), (xh[:2], yh[:2]), attack="calibrated")
+    with pytest.raises(InvalidParameterError, match="at least 6 holdout"):
+        audit.membership_inference(model, (x, y), (xh[:5], yh[:5]), attack="calibrated")
     tiny = audit.membership_inference(model, (x, y), (xh[:3], yh[:3]))
-    assert "Only 200 members and 3 non-members" in tiny._repr_html_()
+    assert "Only 200 members and 3 non-members scored" in tiny._repr_html_()
+    assert "approximate" in tiny._repr_html_()
+
+
+def test_membership_inference_refuses_what_it_cannot_compare_or_run(overfit):
+    model, train, holdout = overfit
+    for bad in (-1.0, float("nan"), "one"):
+        with pytest.raises(InvalidParameterError, match="epsilon .*must be a number ≥ 0"):
+            audit.membership_inference(model, train, holdout, epsilon=bad, delta=1e-5)
+    with pytest.raises(InvalidParameterError, match="needs the δ of that guarantee"):
+        audit.membership_inference(model, train, holdout, epsilon=1.0)
+    with pytest.raises(InvalidParameterError, match="needs the δ"):
+        audit.membership_inference_from_losses([0.1, 0.2], [0.3, 0.4], epsilon=1.0)
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(InvalidParameterError, match="batch_size must be an integer ≥ 1"):
+            audit.membership_inference(model, train, holdout, batch_size=bad)
+    for bad in (None, np.zeros(3), "model"):
+        with pytest.raises(InvalidParameterError, match="must be a compiled Keras model"):
+            audit.membership_inference(bad, train, holdout)
+    x, y = train
+    with pytest.raises(InvalidParameterError, match="one-hot .*sparse_categorical_crossentropy"):
+        audit.membership_inference(model, (x, np.eye(K)[y]), holdout)
 
 
 # --------------------------------------------------------------------------- one run, end to end
@@ -314,12 +473,28 @@ def test_one_run_catches_an_engine_that_lies_about_epsilon(monkeypatch):
     monkeypatch.setattr(trainer, "dp_fit", lying_dp_fit)
     warnings.filterwarnings("ignore", "noise_multiplier=0|ε is huge", RuntimeWarning)
     x, y = _data()
-    with pytest.warns(RuntimeWarning, match="(?i)contradicts the guarantee"):
+    with pytest.warns(audit.EpsilonExceededWarning, match="(?i)contradicts the guarantee"):
         result = audit.one_run(make_model, x, y, target_epsilon=1.0, **RUN)
     assert result.contradicts and result.epsilon_lower_bound > 1.5
     assert "CONTRADICTS THE GUARANTEE" in result._repr_html_()
     (entry,) = result.run.summary()["audits"]  # the card says so too
     assert entry["contradicts"] is True and "⚠ THE AUDIT CONTRADICTS" in result.run._repr_html_()
+
+
+def test_one_run_baseline_says_how_its_delta_was_chosen():
+    """Without delta= the baseline's δ comes from the training set's size: the result says so
+    (two baselines of different sizes are bounded at different δ)."""
+    x, y = _data(200)
+    small = dict(canaries=20, epochs=1, batch_size=20, private=False, seed=0)
+    result = audit.one_run(make_model, x, y, **small)
+    n = result.n_train
+    assert result.delta == accounting.default_delta(n)
+    assert result.delta_source.startswith("defaulted")
+    assert f"n={n}" in repr(result) and f"n={n}" in result._repr_html_()
+    assert "pass delta=" in result._repr_html_()
+    assert result.summary()["delta_source"] == result.delta_source
+    given = audit.one_run(make_model, x, y, delta=1e-5, **small)
+    assert given.delta == 1e-5 and given.delta_source == "given" and "n=" not in repr(given)
 
 
 # A model whose every trainable layer is a grouped convolution: Conv2D(64, 2×2, 2 groups) on 2×2×6
@@ -419,6 +594,44 @@ def test_audits_go_on_the_card_and_into_saved_files(tmp_path):
 
 def test_one_run_refuses_what_it_cannot_audit():
     x, y = _data(100)
+    built = []
+
+    def counted():
+        built.append(1)
+        return make_model()
+
+    # Refused before anything is built or trained.
+    with pytest.raises(InvalidParameterError, match="noise_multiplier=0 adds no noise"):
+        audit.one_run(counted, x, y, canaries=10, epochs=1, batch_size=10, noise_multiplier=0.0)
+    with pytest.raises(InvalidParameterError, match="private=False .*target_epsilon"):
+        audit.one_run(counted, x, y, canaries=10, epochs=1, batch_size=10, private=False,
+                      target_epsilon=1.0, delta=1e-5)  # fmt: skip
+    assert not built
+    # Refused before training.
+    with pytest.raises(InvalidParameterError, match="one-hot .*sparse_categorical_crossentropy"):
+        audit.one_run(make_model, x, np.eye(K)[y], canaries=10, epochs=1, batch_size=10,
+                      private=False)  # fmt: skip
+    nan = x.copy()
+    nan[7, 3] = np.nan
+    with pytest.raises(InvalidParameterError, match="1 row.* NaN or ∞ .*row 7"):
+        audit.one_run(make_model, nan, y, canaries=10, epochs=1, batch_size=10, private=False)
+
+    def regression():
+        model = keras.Sequential([keras.Input((D,)), keras.layers.Dense(1)])
+        model.compile(loss="mse")
+        return model
+
+    with pytest.raises(InvalidParameterError, match="audits a classifier.*regression loss"):
+        audit.one_run(regression, x, y.astype("float32"), canaries=10, epochs=1, batch_size=10,
+                      private=False)  # fmt: skip
+
+    def one_output():
+        model = keras.Sequential([keras.Input((D,)), keras.layers.Dense(1)])
+        model.compile(loss=keras.losses.BinaryCrossentropy(from_logits=True))
+        return model
+
+    with pytest.raises(InvalidParameterError, match="one output is a binary classifier"):
+        audit.one_run(one_output, x, y, canaries=10, epochs=1, batch_size=10, private=False)
     with pytest.raises(InvalidParameterError, match="canaries=200 but x has only 100"):
         audit.one_run(make_model, x, y, canaries=200, epochs=1, batch_size=10, private=False)
     with pytest.raises(InvalidParameterError, match="unknown setting"):
@@ -439,8 +652,8 @@ def test_one_run_refuses_what_it_cannot_audit():
 def test_dp_audit_magic(ip, overfit):
     model, (x, y), (xh, yh) = overfit
     ip.user_ns.update(model=model, x=x, y=y, xh=xh, yh=yh, make_model=make_model)
-    report = ip.run_line_magic("dp_audit", "mia model x y xh yh --epsilon 2 -o rep")
-    assert ip.user_ns["rep"] is report and report.proven_epsilon == 2.0 and report.auc > 0.7
+    report = ip.run_line_magic("dp_audit", "mia model x y xh yh --epsilon 8 --delta 1e-5 -o rep")
+    assert ip.user_ns["rep"] is report and report.proven_epsilon == 8.0 and report.auc > 0.7
     with pytest.raises(UsageError, match="needs 5 variable names"):
         ip.run_line_magic("dp_audit", "mia model x y xh")
     with pytest.raises(UsageError, match="only for one-run"):

@@ -7,17 +7,17 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from ..errors import InvalidParameterError
+from . import alarm, stats, view
 from . import scores as sc
-from . import stats, view
 from .roc import ROC, roc
 
-__all__ = ["membership_inference", "MIAReport", "SliceReport"]
+__all__ = ["membership_inference", "membership_inference_from_losses", "MIAReport", "SliceReport"]
 
 #: Fewer members or non-members than this and the report says its numbers are rough.
 SMALL = 50
@@ -51,6 +51,7 @@ class MIAReport:
     notes: list[str] = field(default_factory=list)
     scores_in: np.ndarray | None = field(default=None, repr=False)
     scores_out: np.ndarray | None = field(default=None, repr=False)
+    n_reference: int = 0  # calibrated attack: holdout examples used only to calibrate
 
     @property
     def auc(self) -> float:
@@ -84,7 +85,8 @@ class MIAReport:
             "epsilon_lower_bound": stats.finite(self.epsilon_lower_bound),
             "confidence": self.confidence, "delta": self.delta,
             "proven_epsilon": None if self.proven_epsilon is None else stats.finite(self.proven_epsilon),
-            "n_in": self.roc.n_in, "n_out": self.roc.n_out, "verdict": self.verdict,
+            "n_in": self.roc.n_in, "n_out": self.roc.n_out, "n_reference": self.n_reference,
+            "exceeds_proven": self.exceeds_proven, "verdict": self.verdict,
         }  # fmt: skip
 
     def plot(self) -> Any:
@@ -96,22 +98,29 @@ class MIAReport:
 
     def __repr__(self) -> str:
         lo, hi = self.auc_interval
+        alarm_text = (
+            f", {view.ABOVE_PROVEN}: check the split, then run audit.one_run"
+            if self.exceeds_proven
+            else ""
+        )
         return (
             f"MIAReport(attack={self.attack}, AUC={self.auc:.3f} [{lo:.3f}, {hi:.3f}], "
-            f"ε ≥ {view.fmt_eps(self.epsilon_lower_bound)} at {self.confidence:.0%}, "
+            f"ε ≥ {view.fmt_eps(self.epsilon_lower_bound)} (heuristic, {self.confidence:.0%}), "
             f"proven ε={view.fmt_eps(self.proven_epsilon)}, n_in={self.roc.n_in}, "
-            f"n_out={self.roc.n_out})"
+            f"n_out={self.roc.n_out}{alarm_text})"
         )
 
     def _repr_html_(self) -> str:
         lo, hi = self.auc_interval
         rows = [
             ("attack", self.attack),
-            ("members / non-members", f"{self.roc.n_in} / {self.roc.n_out}"),
+            ("members / non-members scored", f"{self.roc.n_in} / {self.roc.n_out}"
+             + (f" (+ {self.n_reference} holdout examples that only calibrate)"
+                if self.n_reference else "")),
             ("ROC AUC", f"{self.auc:.3f} ({self.confidence:.0%} CI {lo:.3f}–{hi:.3f}, DeLong "
              "widened to the score interval)"),
             *view.tpr_rows(self.roc),
-            ("ε lower bound (implied by TPR/FPR)",
+            ("ε lower bound (heuristic, implied by TPR/FPR)",
              f"{view.fmt_eps(self.epsilon_lower_bound)} at δ={self.delta:g}, "
              f"{self.confidence:.0%} (TPR {self.tpr:.3g}, FPR {self.fpr:.3g})"),
             ("proven ε", view.fmt_eps(self.proven_epsilon)),
@@ -172,17 +181,61 @@ def _slices(labels_in: np.ndarray, labels_out: np.ndarray, s_in, s_out, confiden
     out = []
     for label in np.union1d(labels_in, labels_out):
         a, b = s_in[labels_in == label], s_out[labels_out == label]
-        ok = len(a) > 0 and len(b) > 0
+        curve = roc(a, b, confidence) if len(a) > 0 and len(b) > 0 else None
         out.append(
             SliceReport(
                 label=int(label),
                 n_in=len(a),
                 n_out=len(b),
-                auc=roc(a, b).auc if ok else None,
-                auc_interval=roc(a, b, confidence).auc_interval if ok else None,
-            )  # fmt: skip
+                auc=None if curve is None else curve.auc,
+                auc_interval=None if curve is None else curve.auc_interval,
+            )
         )
     return out
+
+
+def _audited(model: Any, run: Any) -> tuple[Any, Any]:
+    """The Keras model to attack and the run whose proven ε it is compared with."""
+    if run is None and hasattr(model, "epsilon") and hasattr(model, "model"):
+        model, run = model.model, model  # a DPFitResult: audit its model against its ε
+    if run is None and hasattr(getattr(model, "privacy", None), "attach_audit"):
+        run = model.privacy  # a model trained with make_private: its card
+    if not callable(model) or not hasattr(model, "predict"):
+        raise InvalidParameterError(
+            f"model must be a compiled Keras model (or a dp_fit result); got {type(model).__name__}"
+        )
+    return model, run
+
+
+def _proven(epsilon: Any, delta: Any, run: Any) -> tuple[float | None, float, bool]:
+    """``(proven ε or None, δ of the bound, attach to the run's card?)``."""
+    attach = run is not None and epsilon is None and delta is None
+    if run is not None:
+        epsilon = run.epsilon if epsilon is None else epsilon
+        delta = run.delta if delta is None else delta
+    if epsilon is not None:
+        try:
+            epsilon = float(epsilon)
+        except (TypeError, ValueError):
+            epsilon = math.nan
+        if math.isnan(epsilon) or epsilon < 0:
+            raise InvalidParameterError(
+                f"epsilon (the proven ε to compare with) must be a number ≥ 0; got {epsilon!r}"
+            )
+        if delta is None:
+            raise InvalidParameterError(
+                f"epsilon={epsilon:g} needs the δ of that guarantee: pass delta too (the bound is "
+                "computed at that δ), or run= to take both from the run"
+            )
+    return epsilon, stats.check_delta(0.0 if delta is None else delta), attach
+
+
+def _check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise InvalidParameterError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
+    if batch_size < 1:
+        raise InvalidParameterError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
+    return int(batch_size)
 
 
 def membership_inference(
@@ -202,75 +255,143 @@ def membership_inference(
     """Attack ``model`` with its members ``train=(x, y)`` against non-members ``holdout=(x, y)``.
 
     ``attack``: ``"loss"`` (threshold on the per-example loss) or ``"calibrated"`` (logit-scaled
-    confidence standardised per class). The report holds the ROC AUC with a DeLong interval, TPR
-    at FPR 10⁻³/10⁻²/10⁻¹, the log–log ROC (``.plot()``), a slice per class, and the ε lower
-    bound implied by the best (TPR, FPR) pair with Clopper–Pearson confidence (threshold picked
-    on half the scores, measured on the other half). That ε is a valid test only if members and
-    non-members were split at random; :func:`kprivacy_nb.audit.one_run` is the rigorous audit.
-    ``run`` (a ``DPFitResult``, which may also be passed as ``model``; a model trained with
-    ``make_private`` brings its ``model.privacy``) or ``epsilon``/``delta`` give the proven ε to
-    compare with. Compared with a run's own ε and δ, the report is attached to the run's card
+    confidence standardised per class against a random half of the holdout, which is then not
+    scored: members and the other half go through the same map). The report holds the ROC AUC
+    with a confidence interval, TPR at FPR 10⁻³/10⁻²/10⁻¹, the log–log ROC (``.plot()``), a slice
+    per class, and the ε lower bound implied by the best (TPR, FPR) pair with Clopper–Pearson
+    confidence (threshold picked on half the scores, measured on the other half). That ε is a
+    heuristic bound: it treats the scores as independent draws, which one trained model does not
+    guarantee, and it needs members and non-members split at random;
+    :func:`kprivacy_nb.audit.one_run` is the rigorous audit. ``run`` (a ``DPFitResult``, which may
+    also be passed as ``model``; a model trained with ``make_private`` brings its
+    ``model.privacy``) or ``epsilon`` with ``delta`` give the proven ε to compare with; a bound
+    above it is flagged in the report and warned about (:class:`EpsilonExceededWarning`).
+    Compared with a run's own ε and δ, the report is attached to the run's card
     (:meth:`~kprivacy_nb.dp.trainer.DPFitResult.attach_audit`), so saved files carry it.
 
     >>> membership_inference(model, (x_train, y_train), (x_test, y_test))   # doctest: +SKIP
-    MIAReport(attack=loss, AUC=0.731 [0.702, 0.760], ε ≥ 0.912 at 95%, ...)
+    MIAReport(attack=loss, AUC=0.731 [0.702, 0.760], ε ≥ 0.912 (heuristic, 95%), ...)
     """
-    if attack not in sc.ATTACKS:
-        raise InvalidParameterError(
-            f"attack must be one of {', '.join(sc.ATTACKS)}; got {attack!r}"
-        )
+    _check_attack(attack)
     confidence = stats.check_confidence(confidence)
-    if run is None and hasattr(model, "epsilon") and hasattr(model, "model"):
-        model, run = model.model, model  # a DPFitResult: audit its model against its ε
-    if run is None and hasattr(getattr(model, "privacy", None), "attach_audit"):
-        run = model.privacy  # a model trained with make_private: its card
-    attach = run is not None and epsilon is None and delta is None
-    if run is not None:
-        epsilon = run.epsilon if epsilon is None else epsilon
-        delta = run.delta if delta is None else delta
-    delta = stats.check_delta(0.0 if delta is None else delta)
+    batch_size = _check_batch_size(batch_size)
+    model, run = _audited(model, run)
+    epsilon, delta, attach = _proven(epsilon, delta, run)
     x_in, y_in = sc.pair(train, "train", sc.model_inputs(model))
     x_out, y_out = sc.pair(holdout, "holdout", sc.model_inputs(model))
     loss = loss if loss is not None else getattr(model, "loss", None)
     sc.check_fits(model, x_in, y_in, loss, "train")
     sc.check_fits(model, x_out, y_out, loss, "holdout")
-    losses_in, margins_in = sc.per_example_loss(model, x_in, y_in, loss=loss, batch_size=batch_size)
-    losses_out, margins_out = sc.per_example_loss(
-        model, x_out, y_out, loss=loss, batch_size=batch_size
-    )
-    margins = None
-    if margins_in is not None and margins_out is not None:
-        margins = np.r_[margins_in, margins_out]
-    for name, values in (("train", losses_in), ("holdout", losses_out)):
-        if not np.all(np.isfinite(values)):
-            raise InvalidParameterError(
-                f"the model's loss is not finite on {int((~np.isfinite(values)).sum())} {name} "
-                "examples: check the data and the model (a diverged model can't be audited)"
-            )
-    labels_in, labels_out = sc.class_labels(y_in), sc.class_labels(y_out)
-    labels = None
-    if labels_in is not None and labels_out is not None:
-        labels = np.concatenate([labels_in, labels_out])
-    is_out = np.r_[np.zeros(len(losses_in), bool), np.ones(len(losses_out), bool)]
-    scores = sc.attack_scores(attack, np.r_[losses_in, losses_out], labels, is_out, loss, margins)
-    s_in, s_out = scores[~is_out], scores[is_out]
-
-    curve = roc(s_in, s_out, confidence)
-    rng = np.random.default_rng(seed)
-    bound, threshold, tpr, fpr = _threshold_bound(s_in, s_out, delta, confidence, rng)
-    notes = []
-    if min(len(s_in), len(s_out)) < SMALL:
-        notes.append(
-            f"Only {len(s_in)} members and {len(s_out)} non-members: the AUC interval is wide "
-            f"and the ε bound weak; use ≥ {SMALL} of each (a few thousand for TPR at FPR 10⁻³)."
-        )
-    report = MIAReport(
-        attack=attack, roc=curve, epsilon_lower_bound=bound, threshold=threshold, tpr=tpr,
-        fpr=fpr, confidence=confidence, delta=delta,
-        proven_epsilon=None if epsilon is None else float(epsilon),
-        slices=[] if labels is None else _slices(labels_in, labels_out, s_in, s_out, confidence),
-        notes=notes, scores_in=s_in, scores_out=s_out,
-    )  # fmt: skip
+    members = sc.model_outputs(model, x_in, y_in, loss=loss, batch_size=batch_size)
+    nonmembers = sc.model_outputs(model, x_out, y_out, loss=loss, batch_size=batch_size)
+    if members.margins is None or nonmembers.margins is None:  # score both sets alike
+        members, nonmembers = (replace(o, margins=None) for o in (members, nonmembers))
+    report = _attack(members, nonmembers, attack, confidence, delta, epsilon, seed)
     if attach and hasattr(run, "attach_audit"):
         run.attach_audit(report)  # compared with the run's own ε and δ: its card carries it
+    return _warn_if_above(report)
+
+
+def membership_inference_from_losses(
+    losses_in: Any,
+    losses_out: Any,
+    *,
+    labels_in: Any = None,
+    labels_out: Any = None,
+    attack: str = "loss",
+    crossentropy: bool = True,
+    confidence: float = 0.95,
+    delta: float | None = None,
+    epsilon: float | None = None,
+    seed: int | None = 0,
+) -> MIAReport:
+    """:func:`membership_inference` on per-example losses computed elsewhere: ``losses_in`` of
+    the members, ``losses_out`` of the non-members, their class labels (needed by
+    ``attack="calibrated"`` and for the slices), ``crossentropy``: the losses are −log p of the
+    true class (the calibrated attack then scores log(p/(1−p))).
+
+    >>> membership_inference_from_losses(member_losses, holdout_losses)   # doctest: +SKIP
+    MIAReport(attack=loss, AUC=0.512 [0.469, 0.555], ε ≥ 0 (heuristic, 95%), ...)
+    """
+    _check_attack(attack)
+    confidence = stats.check_confidence(confidence)
+    epsilon, delta, _ = _proven(epsilon, delta, None)
+    sets = []
+    for what, losses, labels in (("losses_in", losses_in, labels_in),
+                                 ("losses_out", losses_out, labels_out)):  # fmt: skip
+        losses = np.asarray(losses, dtype=np.float64).reshape(-1)
+        if len(losses) == 0:
+            raise InvalidParameterError(f"{what} is empty")
+        if labels is not None:
+            labels = sc.class_labels(labels)
+            if labels is None or len(labels) != len(losses):
+                raise InvalidParameterError(
+                    f"the labels of {what} must be one class (integer or one-hot) per loss"
+                )
+        sets.append(sc.Outputs(losses, labels, None, bool(crossentropy)))
+    return _warn_if_above(_attack(*sets, attack, confidence, delta, epsilon, seed))
+
+
+def _warn_if_above(report: MIAReport) -> MIAReport:
+    if report.exceeds_proven:
+        alarm.warn(report.verdict, stacklevel=4)  # at the caller of membership_inference…
     return report
+
+
+def _check_attack(attack: str) -> None:
+    if attack not in sc.ATTACKS:
+        raise InvalidParameterError(
+            f"attack must be one of {', '.join(sc.ATTACKS)}; got {attack!r}"
+        )
+
+
+def _attack(
+    members: sc.Outputs,
+    nonmembers: sc.Outputs,
+    attack: str,
+    confidence: float,
+    delta: float,
+    epsilon: float | None,
+    seed: int | None,
+) -> MIAReport:
+    """The attack and its statistics, on the model's outputs."""
+    for name, outputs in (("train", members), ("holdout", nonmembers)):
+        bad = int((~np.isfinite(outputs.losses)).sum())
+        if bad:
+            raise InvalidParameterError(
+                f"the model's loss is not finite on {bad} {name} examples: check the data and "
+                "the model (a diverged model can't be audited)"
+            )
+    rng = np.random.default_rng(seed)
+    n_reference = 0
+    if attack == "calibrated":
+        s_in, s_out, scored = sc.calibrated_scores(members, nonmembers, rng)
+        n_reference = len(nonmembers) - len(scored)
+        nonmembers = nonmembers.take(scored)
+    else:
+        s_in, s_out = sc.loss_scores(members), sc.loss_scores(nonmembers)
+
+    curve = roc(s_in, s_out, confidence)
+    bound, threshold, tpr, fpr = _threshold_bound(s_in, s_out, delta, confidence, rng)
+    notes = []
+    if n_reference:
+        notes.append(
+            f"Calibrated attack: {n_reference} holdout examples, drawn at random, only calibrate "
+            "(their per-class mean and spread set one map from confidence to score, applied "
+            f"alike to members and non-members); the other {len(s_out)} are scored."
+        )
+    if min(len(s_in), len(s_out)) < SMALL:
+        notes.append(
+            f"Only {len(s_in)} members and {len(s_out)} non-members scored: the AUC interval is "
+            f"approximate and wide, and the ε bound weak; use ≥ {SMALL} of each (a few thousand "
+            "for TPR at FPR 10⁻³)."
+        )
+    labels_in, labels_out = members.labels, nonmembers.labels
+    slices = []
+    if labels_in is not None and labels_out is not None:
+        slices = _slices(labels_in, labels_out, s_in, s_out, confidence)
+    return MIAReport(
+        attack=attack, roc=curve, epsilon_lower_bound=bound, threshold=threshold, tpr=tpr,
+        fpr=fpr, confidence=confidence, delta=delta, proven_epsilon=epsilon, slices=slices,
+        notes=notes, scores_in=s_in, scores_out=s_out, n_reference=n_reference,
+    )  # fmt: skip

@@ -22,20 +22,26 @@ from __future__ import annotations
 import inspect
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..errors import InvalidParameterError
+from . import alarm, stats, view
 from . import scores as sc
-from . import stats, view
 from .roc import ROC, roc
 
 __all__ = ["one_run", "OneRunAudit", "CANARY_KINDS"]
 
 CANARY_KINDS = ("mislabel", "random")
+#: Settings that make a run private (or charge a budget): a conflict with private=False. The
+#: baseline ignores the DP mechanics (l2_norm_clip, sampling, accountant, …), so one settings
+#: dict can serve the DP run and its baseline.
+PRIVACY_SETTINGS = ("target_epsilon", "noise_multiplier", "ledger")
+#: Loss names of regression models (one_run audits classifiers).
+REGRESSION_LOSSES = ("mean_squared", "mean_absolute", "mse", "mae", "mape", "msle", "huber",
+                     "log_cosh", "logcosh", "poisson", "cosine_similarity")  # fmt: skip
 
 
 @dataclass
@@ -58,6 +64,7 @@ class OneRunAudit:
     run: Any = field(default=None, repr=False)  # the DPFitResult of a private run (carries this)
     n_train: int = 0
     seconds: float = 0.0
+    delta_source: str = "given"  # how δ was chosen (e.g. defaulted from n)
 
     @property
     def contradicts(self) -> bool:
@@ -79,7 +86,7 @@ class OneRunAudit:
             "guesses": self.guess.guesses, "guesses_in": self.guess.k_in,
             "correct": self.guess.correct, "shapes_tried": self.shapes_tried,
             "auc": None if self.roc is None else self.roc.auc, "contradicts": self.contradicts,
-            "verdict": self.verdict,
+            "delta_source": self.delta_source, "verdict": self.verdict,
         }  # fmt: skip
 
     def plot(self) -> Any:
@@ -92,12 +99,15 @@ class OneRunAudit:
         )
 
     def __repr__(self) -> str:
-        alarm = f", {view.CONTRADICTION.upper()}" if self.contradicts else ""
+        alarm_text = f", {view.CONTRADICTION.upper()}" if self.contradicts else ""
+        delta = f"δ={self.delta:g}" + (
+            "" if self.delta_source == "given" else f" ({self.delta_source})"
+        )
         return (
             f"OneRunAudit(ε ≥ {view.fmt_eps(self.epsilon_lower_bound)} at "
-            f"{self.confidence:.0%}, δ={self.delta:g}, proven ε={view.fmt_eps(self.epsilon)}, "
+            f"{self.confidence:.0%}, {delta}, proven ε={view.fmt_eps(self.epsilon)}, "
             f"private={self.private}, canaries={self.canaries} ({int(self.included.sum())} in), "
-            f"{self.guess.correct}/{self.guess.guesses} guesses right{alarm})"
+            f"{self.guess.correct}/{self.guess.guesses} guesses right{alarm_text})"
         )
 
     def _repr_html_(self) -> str:
@@ -105,6 +115,9 @@ class OneRunAudit:
         rows = [
             ("proven ε", f"{view.fmt_eps(self.epsilon)} (δ={self.delta:g})"
              + ("" if self.private else " — trained without DP")),
+            *([] if self.delta_source == "given" else
+              [("δ of the bound", f"{self.delta:g}: {self.delta_source}; pass delta= to "
+                "compare runs of different sizes at one δ")]),
             ("empirical ε lower bound",
              f"{view.fmt_eps(self.epsilon_lower_bound)} at {self.confidence:.0%} confidence"),
             ("canaries", f"{self.canaries} {self.canary_kind}, {int(self.included.sum())} "
@@ -180,20 +193,67 @@ def make_canaries(
 # --------------------------------------------------------------------------- training
 
 
-def check_settings(settings: dict[str, Any]) -> None:
-    """Refuse settings ``dp_fit`` would not take, naming the ones it does."""
+def check_settings(settings: dict[str, Any], private: bool = True) -> None:
+    """Refuse settings ``dp_fit`` would not take (naming the ones it does), DP settings for the
+    non-private baseline (they would be silently ignored) and a DP run without noise (it has no
+    proven ε to audit against)."""
     from ..dp import trainer
 
     params = inspect.signature(trainer.dp_fit).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return  # a wrapper that takes anything: let it decide
-    allowed = set(params) - {"model", "x", "y", "epochs", "batch_size", "seed", "verbose"}
-    unknown = sorted(set(settings) - allowed)
-    if unknown:
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        allowed = set(params) - {"model", "x", "y", "epochs", "batch_size", "seed", "verbose"}
+        unknown = sorted(set(settings) - allowed)
+        if unknown:
+            raise InvalidParameterError(
+                f"unknown setting(s) {', '.join(unknown)}; one_run passes these to dp_fit: "
+                f"{', '.join(sorted(allowed))}"
+            )
+    if not private:
+        conflict = [name for name in PRIVACY_SETTINGS if settings.get(name) is not None]
+        if conflict:
+            raise InvalidParameterError(
+                f"private=False trains without DP (plain fit), so {', '.join(conflict)} would "
+                "be ignored: drop it, or audit a DP run (private=True)"
+            )
+    elif _is_zero(settings.get("noise_multiplier")):
         raise InvalidParameterError(
-            f"unknown setting(s) {', '.join(unknown)}; one_run passes these to dp_fit: "
-            f"{', '.join(sorted(allowed))}"
+            "noise_multiplier=0 adds no noise: the run would have no proven ε (ε = ∞) to audit "
+            "against. Use private=False for the non-private baseline, or a noise_multiplier > 0 "
+            "(or target_epsilon)"
         )
+
+
+def _is_zero(value: Any) -> bool:
+    try:
+        return value is not None and float(value) == 0
+    except (TypeError, ValueError):
+        return False  # dp_fit names the bad value
+
+
+def check_classifier(model: Any, loss: Any, labels: np.ndarray) -> int:
+    """The number of classes of ``model``, refusing models one_run cannot audit: no loss, a
+    regression loss, labels the outputs cannot take."""
+    if loss is None:
+        raise InvalidParameterError(
+            "make_model() must compile its model with a loss (or pass loss=)"
+        )
+    name = sc.loss_name(loss)
+    if any(token in name for token in REGRESSION_LOSSES):
+        raise InvalidParameterError(
+            f"one_run audits a classifier, but make_model() compiles a regression loss ({name}): "
+            "its canaries are examples given a wrong (or random) class label, scored by that "
+            "label's loss. Use membership_inference to attack other models"
+        )
+    k = _num_classes(model)
+    if labels.min() < 0 or labels.max() >= k:
+        single = k == 2 and int(model.output_shape[-1]) == 1
+        raise InvalidParameterError(
+            f"y has labels {labels.min()}…{labels.max()}, but "
+            + ("a model with one output is a binary classifier (labels 0 and 1): give it one "
+               "output per class" if single else
+               f"the model has {k} classes (labels 0…{k - 1})")
+        )  # fmt: skip
+    return k
 
 
 def _train_private(model, x, y, *, epochs, batch_size, seed, verbose, settings):
@@ -207,25 +267,24 @@ def _train_private(model, x, y, *, epochs, batch_size, seed, verbose, settings):
     run = trainer.dp_fit(
         model, x, y, epochs=epochs, batch_size=batch_size, seed=seed, verbose=verbose, **settings
     )
-    return run.model, run, float(run.epsilon), float(run.delta)
+    return run.model, run, float(run.epsilon), float(run.delta), run.delta_source
 
 
-def _train_plain(model, x, y, *, epochs, batch_size, verbose, settings):
+def _train_plain(model, x, y, *, epochs, batch_size, seed, verbose, settings):
     """The non-private baseline: the same model, optimizer and learning rate as the DP run,
     trained by ``model.fit`` without clipping or noise."""
     from ..dp import accounting, engine
 
     loss = settings.get("loss") or getattr(model, "loss", None)
-    if loss is None:
-        raise InvalidParameterError(
-            "make_model() must compile its model with a loss (or pass loss=)"
-        )
     opt = engine.resolve_optimizer(settings.get("optimizer", "sgd"), settings.get("learning_rate"))
     model.compile(optimizer=opt, loss=loss)
     model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=verbose, shuffle=True)
-    n = sc.num_rows(x, "x")
-    delta = settings.get("delta")
-    return model, None, math.inf, float(accounting.default_delta(n) if delta is None else delta)
+    delta, source = settings.get("delta"), "given"
+    if delta is None:
+        n = sc.num_rows(x, "x")
+        delta = accounting.default_delta(n)
+        source = f"defaulted (largest power of ten ≤ 1/(10·n), n={n})"
+    return model, None, math.inf, float(delta), source
 
 
 def one_run(
@@ -249,7 +308,11 @@ def one_run(
     ``make_model()`` returns a fresh compiled Keras classifier. ``settings`` are the DP settings
     of the run (``noise_multiplier`` or ``target_epsilon``, ``delta``, ``l2_norm_clip``,
     ``optimizer``, ``learning_rate``, ``sampling``, …, as for ``dp_fit``). ``private=False``
-    trains the same model with plain ``fit`` (same optimizer and learning rate) as the baseline.
+    trains the same model with plain ``fit`` (same optimizer and learning rate) as the baseline;
+    it ignores the DP mechanics (clipping, sampling, accountant) so one settings dict serves both
+    runs, and refuses ``target_epsilon``/``noise_multiplier``/``ledger``. Its δ, unless given, is
+    the default for the training set's size (the result says so). ``noise_multiplier=0`` is
+    refused: such a run has no proven ε to audit against.
     ``guesses`` fixes the number of non-abstaining guesses (else the best of a few shapes is
     taken, Bonferroni-corrected). ``seed`` makes canaries, initial weights and noise reproducible
     (tests only; it sets Keras' global seed).
@@ -270,7 +333,7 @@ def one_run(
     if isinstance(canaries, bool) or not isinstance(canaries, (int, np.integer)) or canaries < 2:
         raise InvalidParameterError(f"canaries must be an integer ≥ 2, got {canaries!r}")
     confidence = stats.check_confidence(confidence)
-    check_settings(settings)
+    check_settings(settings, bool(private))
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise InvalidParameterError(f"{name} must be an integer ≥ 1, got {value!r}")
@@ -280,18 +343,7 @@ def one_run(
 
         keras.utils.set_random_seed(seed)
     model = make_model()
-    if not hasattr(model, "fit") or not hasattr(model, "output_shape"):
-        raise InvalidParameterError(
-            f"make_model() returned {type(model).__name__}, not a Keras model"
-        )
-    x, y = sc.pair((x, y), "data", sc.model_inputs(model))
-    labels = sc.class_labels(y)
-    if labels is None:
-        raise InvalidParameterError("one_run needs class labels y (integers or one-hot)")
-    k = _num_classes(model)
-    if labels.min() < 0 or labels.max() >= k:
-        raise InvalidParameterError(f"labels must be in 0…{k - 1} for a model with {k} classes")
-    sc.check_fits(model, x, y, settings.get("loss") or getattr(model, "loss", None), "data")
+    x, y, labels, k = _prepare(model, x, y, settings.get("loss"))
     rng = np.random.default_rng(seed)
     x_c, y_c, base = make_canaries(x, y, labels, int(canaries), k, canary_kind, rng)
     included = rng.random(int(canaries)) < 0.5
@@ -305,19 +357,13 @@ def one_run(
             "use a smaller batch size or fewer canaries"
         )
 
-    if private:
-        model, run, epsilon, delta = _train_private(
-            model, x_train, y_train, epochs=epochs, batch_size=batch_size, seed=seed,
-            verbose=verbose, settings=settings,
-        )  # fmt: skip
-    else:
-        model, run, epsilon, delta = _train_plain(
-            model, x_train, y_train, epochs=epochs, batch_size=batch_size, verbose=verbose,
-            settings=settings,
-        )  # fmt: skip
+    train = _train_private if private else _train_plain
+    model, run, epsilon, delta, delta_source = train(
+        model, x_train, y_train, epochs=epochs, batch_size=batch_size, seed=seed,
+        verbose=verbose, settings=settings,
+    )  # fmt: skip
 
-    losses, margins = sc.per_example_loss(model, x_c, y_c, loss=settings.get("loss"))
-    raw = sc.attack_scores("loss", losses, None, np.zeros(len(losses), bool), None, margins)
+    raw = sc.loss_scores(sc.model_outputs(model, x_c, y_c, loss=settings.get("loss")))
     # A canary whose loss is not finite is scored as "least likely in" (never helps the bound).
     scores = np.where(np.isfinite(raw), raw, -np.inf)
     guess, shapes = stats.best_guess(
@@ -331,9 +377,31 @@ def one_run(
         private=bool(private), canaries=int(canaries), canary_kind=canary_kind,
         included=included, scores=scores, guess=guess, shapes_tried=shapes, roc=curve,
         model=model, run=run, n_train=n_train, seconds=time.perf_counter() - started,
+        delta_source=delta_source,
     )  # fmt: skip
     if run is not None and hasattr(run, "attach_audit"):
         run.attach_audit(audit)  # the run's card (model.privacy) carries its audit
     if audit.contradicts:
-        warnings.warn(audit.verdict, RuntimeWarning, stacklevel=2)
+        alarm.warn(audit.verdict)
     return audit
+
+
+def _prepare(model: Any, x: Any, y: Any, loss: Any) -> tuple[Any, np.ndarray, np.ndarray, int]:
+    """Check the model and the data before anything is trained: ``(x, y, labels, classes)``.
+    The loss is computed on a few rows, so a label format the loss can't take is a clear error
+    now rather than a Keras one mid-training."""
+    if not hasattr(model, "fit") or not hasattr(model, "output_shape"):
+        raise InvalidParameterError(
+            f"make_model() returned {type(model).__name__}, not a Keras model"
+        )
+    x, y = sc.pair((x, y), "data", sc.model_inputs(model))
+    sc.check_finite(x, "x")
+    labels = sc.class_labels(y)
+    if labels is None:
+        raise InvalidParameterError("one_run needs class labels y (integers or one-hot)")
+    loss = loss or getattr(model, "loss", None)
+    k = check_classifier(model, loss, labels)
+    sc.check_fits(model, x, y, loss, "data")
+    rows = np.arange(min(4, len(labels)))
+    sc.per_example_loss(model, sc.take(x, rows), y[rows], loss=loss)
+    return x, y, labels, k

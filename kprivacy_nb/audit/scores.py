@@ -3,16 +3,19 @@
 * ``"loss"`` — minus the per-example loss (Yeom et al. 2018): members were fit, so their loss is
   lower. Works for any per-example Keras loss.
 * ``"calibrated"`` — the logit-scaled confidence of the true class, ``log(p/(1−p))`` with
-  ``p = exp(−cross-entropy)`` (Carlini et al. 2022), standardised against the non-members of the
-  same class (a per-class Gaussian test, i.e. LiRA's offline test with the class as reference).
-  Each non-member is standardised with the statistics of the *other* non-members (leave-one-out),
-  so no score is judged against itself. Needs class labels; for non-cross-entropy losses the
-  base score is minus the loss.
+  ``p = exp(−cross-entropy)`` (Carlini et al. 2022), standardised per class: a per-class Gaussian
+  test, LiRA's offline test with the class as reference. The reference is a random half of the
+  holdout that is used for nothing else: its per-class mean and spread give one map from
+  confidence to score, applied alike to members and to the other half of the holdout (the scored
+  non-members). Identical outputs get identical scores whatever their membership, so a model that
+  saw neither set gives members and non-members the same score distribution. Needs class labels;
+  for non-cross-entropy losses the base score is minus the loss.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,9 +23,15 @@ from scipy import special
 
 from ..errors import InvalidParameterError
 
-__all__ = ["ATTACKS", "per_example_loss", "class_labels", "num_rows", "attack_scores"]
+__all__ = [
+    "ATTACKS", "Outputs", "Calibration", "per_example_loss", "model_outputs", "class_labels",
+    "num_rows", "loss_scores", "calibrated_scores", "check_finite",
+]  # fmt: skip
 
 ATTACKS = ("loss", "calibrated")
+#: The calibrated attack needs this many reference non-members (a class with fewer is
+#: standardised against the whole reference).
+MIN_REFERENCE = 3
 
 
 def num_rows(data: Any, what: str) -> int:
@@ -68,7 +77,7 @@ def as_inputs(data: Any, n_inputs: int = 1) -> Any:
 
 def check_fits(model: Any, x: Any, y: np.ndarray, loss: Any, what: str) -> None:
     """Clear errors for the usual mistakes, before Keras' long ones: rows of the wrong shape,
-    class labels the model has no output for."""
+    class labels the model has no output for, one-hot labels for a sparse loss."""
     if isinstance(x, np.ndarray):
         try:
             expected = tuple(model.input_shape[1:])
@@ -83,8 +92,15 @@ def check_fits(model: Any, x: Any, y: np.ndarray, loss: Any, what: str) -> None:
                 f"{what} x rows have shape {got} but the model expects {expected}"
             )
     labels = class_labels(y)
-    if labels is None or "crossentropy" not in loss_name(loss):
+    name = loss_name(loss)
+    if labels is None or "crossentropy" not in name:
         return
+    y = np.asarray(y)
+    if "sparse" in name and y.ndim >= 2 and y.shape[-1] > 1:
+        raise InvalidParameterError(
+            f"{what} y is one-hot (rows of shape {y.shape[1:]}) but the loss is {name}, which "
+            "takes integer labels: pass y.argmax(-1), or compile with categorical_crossentropy"
+        )
     try:
         k = int(model.output_shape[-1])
     except (AttributeError, TypeError, ValueError, IndexError):
@@ -94,6 +110,24 @@ def check_fits(model: Any, x: Any, y: np.ndarray, loss: Any, what: str) -> None:
         raise InvalidParameterError(
             f"{what} labels go from {labels.min()} to {labels.max()} but the model's {k} "
             f"output(s) allow classes 0…{top}"
+        )
+
+
+def check_finite(x: Any, what: str) -> None:
+    """Refuse NaN or ±∞ in the numeric inputs (a model cannot be scored, or audited, on them)."""
+    leaves = list(x.values()) if isinstance(x, dict) else x
+    if isinstance(leaves, (list, tuple)):
+        for leaf in leaves:
+            check_finite(leaf, what)
+        return
+    arr = np.asarray(leaves)
+    if arr.dtype.kind not in "fc" or arr.ndim == 0:
+        return
+    bad = ~np.isfinite(arr).reshape(len(arr), -1).all(axis=1)
+    if bad.any():
+        raise InvalidParameterError(
+            f"{what} has {int(bad.sum())} row(s) with NaN or ∞ (the first is row "
+            f"{int(np.flatnonzero(bad)[0])}): drop or impute them before the audit"
         )
 
 
@@ -220,51 +254,99 @@ def _logit_confidence(losses: np.ndarray) -> np.ndarray:
     return -losses - np.log(-np.expm1(-losses))
 
 
-def _standardise(base: np.ndarray, cls: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """z-score of every score against the non-members of its class (all non-members when the
-    class has fewer than 3); a non-member is judged against the *other* non-members only."""
-    z = np.empty_like(base)
-    for c in np.unique(cls):
-        rows = cls == c
-        ref = rows & out if (rows & out).sum() >= 3 else out
-        vals, own = base[rows], out[rows].astype(float)  # own: the row is in its reference
-        ref_vals = base[ref]
-        cnt = len(ref_vals) - own
-        mean = (ref_vals.sum() - own * vals) / cnt
-        sq = ((ref_vals**2).sum() - own * vals**2) / cnt
-        var = np.maximum(sq - mean**2, 0) * cnt / (cnt - 1)
-        z[rows] = (vals - mean) / np.sqrt(var + 1e-12)
-    return z
+@dataclass(frozen=True)
+class Outputs:
+    """What an attack sees of a model on a set of examples: each example's loss, its class (None
+    when y is not class labels), the exact logit margin φ when the loss allows it (see
+    :func:`_logit_margin`), and whether the loss is a cross-entropy (−log p of the true class)."""
+
+    losses: np.ndarray
+    labels: np.ndarray | None = None
+    margins: np.ndarray | None = None
+    crossentropy: bool = False
+
+    def __len__(self) -> int:
+        return len(self.losses)
+
+    def take(self, idx: np.ndarray) -> Outputs:
+        labels = None if self.labels is None else self.labels[idx]
+        margins = None if self.margins is None else self.margins[idx]
+        return Outputs(self.losses[idx], labels, margins, self.crossentropy)
+
+    def confidence(self) -> np.ndarray:
+        """The calibrated attack's base score: φ when exact, else log(p/(1−p)) for a
+        cross-entropy, else minus the loss."""
+        if self.margins is not None:
+            return self.margins
+        return _logit_confidence(self.losses) if self.crossentropy else -self.losses
 
 
-def attack_scores(
-    attack: str,
-    losses: np.ndarray,
-    labels: np.ndarray | None,
-    is_out: np.ndarray,
-    loss: Any,
-    margins: np.ndarray | None = None,
-) -> np.ndarray:
-    """Scores (higher = member) of examples with ``losses`` under ``attack``; ``is_out`` marks the
-    non-members (the reference for calibration)."""
-    if attack == "loss":
-        # −loss; with exact margins the ranking is by φ (the loss is softplus(−φ), monotone), which
-        # keeps the order of examples whose float64 loss still underflows.
-        return margins if margins is not None else -losses
-    if attack != "calibrated":
-        raise InvalidParameterError(f"attack must be one of {', '.join(ATTACKS)}; got {attack!r}")
-    if labels is None:
+def model_outputs(
+    model: Any, x: Any, y: Any, *, loss: Any = None, batch_size: int = 1024
+) -> Outputs:
+    """:class:`Outputs` of ``model`` on ``(x, y)`` (inference mode)."""
+    loss = loss if loss is not None else getattr(model, "loss", None)
+    losses, margins = per_example_loss(model, x, y, loss=loss, batch_size=batch_size)
+    return Outputs(losses, class_labels(y), margins, "crossentropy" in loss_name(loss))
+
+
+def loss_scores(outputs: Outputs) -> np.ndarray:
+    """The loss attack's scores: −loss; with exact margins the ranking is by φ (the loss is
+    softplus(−φ), monotone), which keeps the order of examples whose float64 loss underflows."""
+    return outputs.margins if outputs.margins is not None else -outputs.losses
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-class mean and standard deviation of the reference non-members' confidence, and the
+    same over the whole reference (for classes with fewer than :data:`MIN_REFERENCE`)."""
+
+    per_class: dict[int, tuple[float, float]]
+    pooled: tuple[float, float]
+
+    @classmethod
+    def fit(cls, base: np.ndarray, labels: np.ndarray) -> Calibration:
+        def moments(values: np.ndarray) -> tuple[float, float]:
+            return float(values.mean()), float(values.std(ddof=1))
+
+        per_class = {
+            int(c): moments(base[labels == c])
+            for c in np.unique(labels)
+            if (labels == c).sum() >= MIN_REFERENCE
+        }
+        return cls(per_class, moments(base))
+
+    def __call__(self, base: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """z-scores: a function of (confidence, class) alone, the same for every example."""
+        mean, sd = np.full(len(base), self.pooled[0]), np.full(len(base), self.pooled[1])
+        for c, (m, s) in self.per_class.items():
+            rows = labels == c
+            mean[rows], sd[rows] = m, s
+        return (base - mean) / np.sqrt(sd**2 + 1e-12)
+
+
+def calibrated_scores(
+    members: Outputs, nonmembers: Outputs, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores of the calibrated attack: ``(members' scores, scored non-members' scores, rows of
+    the scored non-members)``. A random half of the non-members is the reference: it calibrates
+    and is not scored, so members and scored non-members go through the same map."""
+    if members.labels is None or nonmembers.labels is None:
         raise InvalidParameterError(
             "attack='calibrated' needs class labels (integers or one-hot); use attack='loss'"
         )
-    if is_out.sum() < 3:
+    if len(nonmembers) < 2 * MIN_REFERENCE:
         raise InvalidParameterError(
-            "attack='calibrated' needs at least 3 holdout examples to calibrate against"
+            f"attack='calibrated' needs at least {2 * MIN_REFERENCE} holdout examples: a random "
+            "half calibrates the scores and only the other half is scored"
         )
-    if margins is not None:
-        base = margins
-    elif "crossentropy" in loss_name(loss):
-        base = _logit_confidence(losses)
-    else:
-        base = -losses
-    return _standardise(base, labels, is_out)
+    perm = rng.permutation(len(nonmembers))
+    reference, scored = perm[: len(perm) // 2], np.sort(perm[len(perm) // 2 :])
+    ref = nonmembers.take(reference)
+    calibrate = Calibration.fit(ref.confidence(), ref.labels)
+    out = nonmembers.take(scored)
+    return (
+        calibrate(members.confidence(), members.labels),
+        calibrate(out.confidence(), out.labels),
+        scored,
+    )

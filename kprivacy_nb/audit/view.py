@@ -17,7 +17,15 @@ import numpy as np
 
 from .roc import ROC
 
-__all__ = ["NOT_A_GUARANTEE", "CONTRADICTION", "verdict", "roc_figure", "table", "png_html"]
+__all__ = [
+    "NOT_A_GUARANTEE",
+    "CONTRADICTION",
+    "ABOVE_PROVEN",
+    "verdict",
+    "roc_figure",
+    "table",
+    "png_html",
+]
 
 NOT_A_GUARANTEE = (
     "An empirical lower bound is evidence about this run, not a guarantee: it is what this attack "
@@ -25,6 +33,7 @@ NOT_A_GUARANTEE = (
     "bound far below it does not mean the model is more private than ε says."
 )
 CONTRADICTION = "the audit contradicts the guarantee — please report a bug"
+ABOVE_PROVEN = "⚠ ABOVE THE PROVEN ε"  # (not .upper(): that would make it Ε)
 
 
 def fmt_eps(eps: float | None) -> str:
@@ -34,7 +43,9 @@ def fmt_eps(eps: float | None) -> str:
 
 
 def verdict(lower: float, proven: float | None, confidence: float, *, valid_test: bool) -> str:
-    """One line comparing the empirical lower bound with the proven ε."""
+    """One line comparing the empirical lower bound with the proven ε. ``valid_test``: the bound
+    is a statistically valid test (one_run); otherwise (membership inference on one trained
+    model) it is heuristic and the line says so."""
     conf = f"{confidence:.0%} confidence"
     if proven is not None and math.isfinite(proven) and lower > proven + 1e-9:
         if valid_test:
@@ -44,18 +55,33 @@ def verdict(lower: float, proven: float | None, confidence: float, *, valid_test
                 "settings and report it."
             )
         return (
-            f"The attack's implied ε ≥ {fmt_eps(lower)} is above the proven ε = "
-            f"{fmt_eps(proven)}. This test assumes members and non-members were split at random; "
-            "check that, then run audit.one_run — if it agrees, report a bug."
+            f"{ABOVE_PROVEN}: the attack implies ε ≥ {fmt_eps(lower)}, above the proven "
+            f"ε = {fmt_eps(proven)}. That is {heuristic(confidence)}. Check that members and "
+            "non-members were split at random, then run audit.one_run — if it agrees, report a bug."
         )
     if lower <= 0:
         tail = "" if proven is None else f" (proven ε = {fmt_eps(proven)})"
         return f"This attack proves nothing about this run (ε ≥ 0){tail}: a weak attack is not a private model."
-    if proven is None or math.isinf(proven):
+    no_guarantee = proven is None or math.isinf(proven)
+    if valid_test and no_guarantee:
         return f"Leak shown: ε ≥ {fmt_eps(lower)} at {conf}, and no DP guarantee covers this model."
+    if valid_test:
+        return (
+            f"Consistent with the guarantee: ε ≥ {fmt_eps(lower)} shown at {conf}, "
+            f"proven ε = {fmt_eps(proven)}."
+        )
+    shown = f"the attack implies ε ≥ {fmt_eps(lower)}, {heuristic(confidence)}"
+    if no_guarantee:
+        return f"Leak indicated: {shown}; no DP guarantee covers this model."
+    return f"Consistent with the guarantee: {shown}; proven ε = {fmt_eps(proven)}."
+
+
+def heuristic(confidence: float) -> str:
+    """What a membership-inference ε bound is (and is not)."""
     return (
-        f"Consistent with the guarantee: ε ≥ {fmt_eps(lower)} shown at {conf}, "
-        f"proven ε = {fmt_eps(proven)}."
+        f"a heuristic bound at {confidence:.0%}: it treats the scores of members and non-members "
+        "as independent draws, which one trained model does not guarantee (audit.one_run is the "
+        "rigorous audit)"
     )
 
 
