@@ -672,3 +672,30 @@ def test_dp_audit_magic(ip, overfit):
     )  # fmt: skip
     assert ip.user_ns["aud"] is result and result.private and result.canaries == 20
     assert result.epsilon_lower_bound <= result.epsilon
+
+
+def test_dp_audit_magic_refuses_what_it_would_ignore(ip, overfit):
+    """An explicit 0 is not the default, and no option is silently dropped."""
+    model, (x, y), (xh, yh) = overfit
+    ip.user_ns.update(model=model, x=x, y=y, xh=xh, yh=yh, make_model=make_model)
+    one_run = "one-run make_model x y --epochs 1 --batch-size 10 "
+    with pytest.raises(UsageError, match="canaries must be an integer ≥ 2, got 0"):
+        ip.run_line_magic("dp_audit", one_run + "--no-dp --canaries 0")
+    with pytest.raises(UsageError, match="--no-dp .*--target-epsilon would be ignored"):
+        ip.run_line_magic("dp_audit", one_run + "--no-dp --target-epsilon 1 --delta 1e-5")
+    with pytest.raises(UsageError, match="noise_multiplier=0 adds no noise"):
+        ip.run_line_magic("dp_audit", one_run + "--noise-multiplier 0 --delta 1e-5")
+    with pytest.raises(UsageError, match="--epsilon needs --delta"):
+        ip.run_line_magic("dp_audit", "mia model x y xh yh --epsilon 1")
+    with pytest.raises(UsageError, match="--canary-kind, --l2-norm-clip: only for one-run"):
+        ip.run_line_magic("dp_audit", "mia model x y xh yh --canary-kind random --l2-norm-clip 1")
+
+
+def test_dp_audit_magic_output_is_loud_above_the_proven_epsilon(ip, overfit, capsys):
+    model, (x, y), (xh, yh) = overfit
+    ip.user_ns.update(model=model, x=x, y=y, xh=xh, yh=yh)
+    with pytest.warns(audit.EpsilonExceededWarning):
+        ip.run_cell("%dp_audit mia model x y xh yh --epsilon 0.1 --delta 1e-5 -o loud")
+    assert ip.user_ns["loud"].exceeds_proven
+    out = capsys.readouterr().out
+    assert "⚠ ABOVE THE PROVEN ε" in out, out

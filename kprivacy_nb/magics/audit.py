@@ -26,6 +26,18 @@ _USAGE = {
 }
 
 
+#: Options of one kind of audit (names of the parsed arguments).
+ONE_RUN_ONLY = ("epochs", "batch_size", "target_epsilon", "noise_multiplier", "canaries",
+                "canary_kind", "guesses", "l2_norm_clip", "optimizer", "learning_rate",
+                "sampling", "accountant")  # fmt: skip
+DP_ONLY = ("target_epsilon", "noise_multiplier")  # a conflict with --no-dp
+
+
+def _given(args: Any, names: tuple[str, ...]) -> list[str]:
+    """The options among ``names`` given on the line, spelled as flags."""
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n) is not None]
+
+
 @magics_class
 class AuditMagics(Magics):
     """Membership inference and one-run canary audits."""
@@ -46,7 +58,8 @@ class AuditMagics(Magics):
     @argument("--epochs", type=int, default=None, help="one-run: epochs")
     @argument("--batch-size", type=int, default=None, help="one-run: (expected) batch size")
     @argument("--canaries", type=int, default=None, help="one-run: number of canaries (1000)")
-    @argument("--canary-kind", choices=("mislabel", "random"), default="mislabel")
+    @argument("--canary-kind", choices=("mislabel", "random"), default=None,
+              help="one-run: mislabel (default) or random")  # fmt: skip
     @argument("--no-dp", action="store_true", help="one-run: train without DP (the baseline)")
     @argument("--guesses", type=int, default=None, help="one-run: fix the number of guesses")
     @argument("--target-epsilon", type=float, default=None, help="one-run: calibrate σ to this ε")
@@ -65,7 +78,8 @@ class AuditMagics(Magics):
     def dp_audit(self, line: str = "") -> Any:
         """Audit privacy empirically: the ε an attack can prove, beside the proven ε.
 
-        A lower bound is evidence, not a guarantee; one above the proven ε means a bug.
+        A lower bound is evidence, not a guarantee. A one-run bound above the proven ε means a
+        bug; a mia bound is heuristic (one trained model): check one above ε with one-run.
 
         Examples::
 
@@ -82,7 +96,7 @@ class AuditMagics(Magics):
             result = self._mia(args, confidence)
         else:
             result = self._one_run(args, confidence)
-        if args.output:
+        if args.output is not None:
             self.shell.user_ns[args.output] = result
         return result
 
@@ -95,25 +109,35 @@ class AuditMagics(Magics):
         return [lookup(self.shell, name) for name in args.names]
 
     def _mia(self, args: Any, confidence: float) -> Any:
-        ignored = [f for f in ("epochs", "batch_size", "target_epsilon", "noise_multiplier",
-                               "canaries", "guesses") if getattr(args, f) is not None]  # fmt: skip
+        ignored = _given(args, ONE_RUN_ONLY)
         if ignored or args.no_dp:
-            flags = ", ".join("--" + f.replace("_", "-") for f in ignored) or "--no-dp"
+            flags = ", ".join(ignored) or "--no-dp"
             raise UsageError(f"{flags}: only for one-run (mia audits a model already trained)")
+        if args.epsilon is not None and args.delta is None and args.run is None:
+            raise UsageError(
+                "--epsilon needs --delta, the δ of that guarantee (or --run RUN for both)"
+            )
         model, xt, yt, xh, yh = self._names(args, 5)
         from ..audit import membership_inference
 
+        run = None if args.run is None else lookup(self.shell, args.run)
+        attack = self.attack if args.attack is None else args.attack
         return membership_inference(
-            model, (xt, yt), (xh, yh), attack=args.attack or self.attack, confidence=confidence,
-            delta=args.delta, epsilon=args.epsilon,
-            run=lookup(self.shell, args.run) if args.run else None, seed=args.seed,
+            model, (xt, yt), (xh, yh), attack=attack, confidence=confidence, delta=args.delta,
+            epsilon=args.epsilon, run=run, seed=args.seed,
         )  # fmt: skip
 
     def _one_run(self, args: Any, confidence: float) -> Any:
         if args.epochs is None or args.batch_size is None:
             raise UsageError(f"one-run needs --epochs and --batch-size: {_USAGE['one-run']}")
-        if args.run or args.epsilon is not None or args.attack:
+        if args.run is not None or args.epsilon is not None or args.attack is not None:
             raise UsageError("--run/--epsilon/--attack are for mia; one-run trains its own model")
+        dp_flags = _given(args, DP_ONLY)
+        if args.no_dp and dp_flags:
+            raise UsageError(
+                f"--no-dp trains without DP, so {', '.join(dp_flags)} would be ignored: drop "
+                f"{'it' if len(dp_flags) == 1 else 'them'}, or drop --no-dp"
+            )
         if not args.no_dp and (args.target_epsilon is None) == (args.noise_multiplier is None):
             raise UsageError(
                 "one-run needs exactly one of --target-epsilon or --noise-multiplier "
@@ -136,8 +160,10 @@ class AuditMagics(Magics):
         }
         from ..audit import one_run
 
+        canaries = self.canaries if args.canaries is None else args.canaries
+        kind = "mislabel" if args.canary_kind is None else args.canary_kind
         return one_run(
-            make_model, x, y, canaries=args.canaries or self.canaries, epochs=args.epochs,
-            batch_size=args.batch_size, private=not args.no_dp, canary_kind=args.canary_kind,
-            guesses=args.guesses, confidence=confidence, seed=args.seed, **settings,
+            make_model, x, y, canaries=canaries, epochs=args.epochs, batch_size=args.batch_size,
+            private=not args.no_dp, canary_kind=kind, guesses=args.guesses, confidence=confidence,
+            seed=args.seed, **settings,
         )  # fmt: skip
