@@ -244,7 +244,7 @@ def test_secure_output_and_show_in_a_shell(ip, alice, capsys):
 
 def test_secure_output_needs_recipients_and_encrypts_the_traceback(ip, alice, capsys):
     res = ip.run_cell("%%secure_output\nprint(1)")
-    assert "--to" in str(res.error_in_exec)
+    assert "-r NAME" in str(res.error_in_exec)
     capsys.readouterr()
     res = ip.run_cell("%%secure_output --to alice\nprint('ROW-' + str(6 * 7))\n1/0")
     seen = capsys.readouterr()

@@ -178,7 +178,7 @@ def check_intrusion_detection(nb: Any, workdir: Path) -> None:
 
 
 def check_secure_sharing(nb: Any, workdir: Path) -> None:
-    hidden = code_cell(nb, "%%secure_output --to alice")
+    hidden = code_cell(nb, "%%secure_output -r alice")
     assert "encrypted output" in cell_text(hidden)
     assert "neptune" not in cell_text(hidden) and "ftp_data" not in cell_text(hidden)
     shown = code_cell(nb, "%secure_show -i alice")  # a button: plaintext only on a live click
