@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from IPython.core.error import UsageError
 from test_crypto_cli import run
 
 from kprivacy_nb import errors, secure_load, secure_save
@@ -345,3 +346,22 @@ def test_encrypted_signing_pem_without_terminal_names_password_env(tmp_path):
     r = _detached(*argv, stdin=b"pem pass\n")
     assert r.returncode == 1 and "--password-env VAR" in _one_line(r.stderr)
     assert not (tmp_path / "m.bin.sig").exists()
+
+
+def test_secure_show_takes_identity_passphrase_env(sshkeys, tmp_path, ip, monkeypatch):
+    """An encrypted cell output for an encrypted SSH key, shown without any prompt."""
+    import kprivacy_nb.magics.export as export_magics
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "locked").write_bytes(sshkeys["locked"].read_bytes())
+    (tmp_path / "locked").chmod(0o600)
+    pub = sshkeys["locked.pub"].read_text().strip()
+    ip.run_cell(f'%%secure_output -r "{pub}"\nprint("ROW-" + str(6 * 7))')
+    shown = []
+    monkeypatch.setattr(export_magics, "display", lambda obj, **kw: shown.append(obj))
+    monkeypatch.setenv("SSH_PASS", "open sesame")
+    ip.run_line_magic("secure_show", "-i locked --identity-passphrase-env SSH_PASS --for 0")
+    assert any("ROW-42" in str(item) for item in shown), shown
+    monkeypatch.setenv("SSH_PASS", "not it")
+    with pytest.raises(UsageError):
+        ip.run_line_magic("secure_show", "-i locked --identity-passphrase-env SSH_PASS --for 0")

@@ -372,6 +372,11 @@ class ExportMagics(Magics):
     @magic_arguments()
     @argument("id", nargs="?", help="the id on the placeholder (default: the latest)")
     @argument("-i", "--identity", action="append", default=[], help="identity file or key name")
+    @argument(
+        "--identity-passphrase-env",
+        metavar="VAR",
+        help="read the passphrase of an encrypted SSH identity (-i) from $VAR",
+    )
     @argument("--passphrase", action="store_true", help="decrypt with a passphrase (prompt)")
     @argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
     @argument("--verify-with", metavar="PUB", help="require a signature by this key")
@@ -398,15 +403,23 @@ class ExportMagics(Magics):
         HTML and JavaScript are held back. Example::
 
             %secure_show 3f2a9c1d -i alice
+            %secure_show -i ~/.ssh/id_ed25519 --identity-passphrase-env SSH_PASS
         """
         args = parse_argstring(self.secure_show, line)
+        from ..crypto import keys, prompt
         from ..crypto.bundle import open_outputs
 
         armored = self._find_blob(args.id, args.notebook)
+        if args.identity_passphrase_env and not args.identity:
+            raise UsageError("--identity-passphrase-env is for an encrypted key given with -i FILE")
+        identities = None
+        if args.identity:
+            source = prompt.source(args.identity_passphrase_env, prompt.IDENTITY_OPTION)
+            identities = keys.load_identities(args.identity, passphrase=source)
         passphrase = passphrase_from_args(args)
         outputs, status = open_outputs(
             armored,
-            identities=args.identity or None,
+            identities=identities,
             passphrase=passphrase,
             verify_with=args.verify_with,
         )
