@@ -58,20 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Encrypt IN (default stdin) to OUT (default stdout) as an age v1 file. "
         "Example: kprivacy-nb encrypt -r alice -o data.age data.csv",
     )
-    p.add_argument(
-        "-r",
-        "--recipient",
-        "--to",
-        dest="recipient",
-        metavar="RECIPIENT",
-        action="append",
-        default=[],
-        help="public key (age1…, age1pq1…, 'ssh-ed25519 …', 'ssh-rsa …') or a name from "
-        "`recipients list` (repeatable; --to is an alias)",
-    )
-    p.add_argument(
-        "-R", "--recipients-file", action="append", default=[], help="recipients file (repeatable)"
-    )
+    _recipient_arguments(p)
     p.add_argument("-p", "--passphrase", action="store_true", help="encrypt with a passphrase")
     p.add_argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
     p.add_argument("-a", "--armor", action="store_true", help="ASCII-armored output")
@@ -87,8 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Decrypt IN (default stdin) to OUT (default stdout). With -o, OUT appears "
         "only if the whole file authenticated. Example: kprivacy-nb decrypt -i key.txt data.age",
     )
-    p.add_argument("-i", "--identity", action="append", default=[], help="identity file or name")
-    p.add_argument(ID_PASS_OPTION, metavar="VAR", help=ID_PASS_ENV_HELP)
+    _identity_arguments(p)
     p.add_argument("-p", "--passphrase", action="store_true", help="prompt for a passphrase")
     p.add_argument("--passphrase-env", metavar="VAR", help="read the passphrase from $VAR")
     p.add_argument("-o", "--output", help="output file (default stdout)")
@@ -135,8 +121,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=FORMATS, default="kprivacy", help=FORMAT_HELP)
     p.add_argument("--public-key", metavar="PEM", help="EC public key (--format oms)")
     p.add_argument("-s", "--signature", help="detached signature file (default FILE.sig)")
-    p.add_argument("-i", "--identity", action="append", default=[], help="identity file or name")
-    p.add_argument(ID_PASS_OPTION, metavar="VAR", help=ID_PASS_ENV_HELP)
+    _identity_arguments(p)
     p.add_argument("--passphrase-env", metavar="VAR", help=PASS_ENV_HELP)
     p.add_argument("file", help="the signed file (or model folder)")
     p.set_defaults(func=cmd_verify)
@@ -150,8 +135,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Example: kprivacy-nb inspect model.age -i alice",
     )
     p.add_argument("file", help="the age file to describe")
-    p.add_argument("-i", "--identity", action="append", default=[], help="identity file or name")
-    p.add_argument(ID_PASS_OPTION, metavar="VAR", help=ID_PASS_ENV_HELP)
+    _identity_arguments(p)
     p.add_argument("--passphrase-env", metavar="VAR", help=PASS_ENV_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_inspect)
@@ -171,17 +155,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--key", metavar="FILE", help="Fernet key file (mode 0600)")
     src.add_argument("--wrapped-key", metavar="FILE", help="the Fernet key, RSA-OAEP encrypted")
     p.add_argument("--rsa-key", metavar="PEM", help="RSA private key for --wrapped-key (0600)")
-    p.add_argument(
-        "-r",
-        "--recipient",
-        "--to",
-        dest="recipient",
-        metavar="RECIPIENT",
-        action="append",
-        default=[],
-        help="recipient: public key or name (repeatable; --to is an alias)",
-    )
-    p.add_argument("-R", "--recipients-file", action="append", default=[], help="recipients file")
+    _recipient_arguments(p)
     p.add_argument("-a", "--armor", action="store_true", help="ASCII-armored output")
     p.add_argument("-o", "--output", required=True, help="the age file to write ('-': stdout)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -233,6 +207,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
+
+def _identity_arguments(parser: argparse.ArgumentParser) -> None:
+    """``-i/--identity`` and the environment variable holding an encrypted identity's
+    passphrase, for every command that decrypts."""
+    parser.add_argument(
+        "-i", "--identity", action="append", default=[], help="identity file or name"
+    )
+    parser.add_argument(ID_PASS_OPTION, metavar="VAR", help=ID_PASS_ENV_HELP)
+
+
+def _recipient_arguments(parser: argparse.ArgumentParser) -> None:
+    """``-r/--recipient`` (``--to`` an alias) and ``-R/--recipients-file``, for every command
+    that encrypts."""
+    parser.add_argument(
+        "-r",
+        "--recipient",
+        "--to",
+        dest="recipient",
+        metavar="RECIPIENT",
+        action="append",
+        default=[],
+        help="public key (age1…, age1pq1…, 'ssh-ed25519 …', 'ssh-rsa …') or a name from "
+        "`recipients list` (repeatable; --to is an alias)",
+    )
+    parser.add_argument(
+        "-R", "--recipients-file", action="append", default=[], help="recipients file (repeatable)"
+    )
 
 
 def _key_file_errors(parser: argparse.ArgumentParser) -> None:
