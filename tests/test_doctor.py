@@ -609,23 +609,20 @@ def test_kernel_file_left_by_a_dead_kernel_is_ignored(capsys, isolated):
     assert rc == 1 and ids(doc) == {"kernel:tcp-exposed"}
 
 
-def test_jupyter_server_allow_origin_pat_advisory_is_in_the_snapshot(capsys, tmp_path):
-    # CVE-2026-40110 (unanchored allow_origin_pat), 2.17.0 and earlier, fixed in 2.18.0.
+@pytest.mark.parametrize(
+    ("package", "affected", "fixed", "cve"),
+    [
+        # unanchored allow_origin_pat: 2.17.0 and earlier, fixed in 2.18.0
+        ("jupyter-server", "2.17.0", "2.18.0", "CVE-2026-40110"),
+        # token leak: < 3.6.7 and 4.0.0 <= v < 4.0.11 (PYSEC-2026-2534)
+        ("jupyterlab", "3.6.6", "3.6.8", "CVE-2024-22421"),
+    ],
+)
+def test_jupyter_advisories_are_in_the_snapshot(capsys, tmp_path, package, affected, fixed, cve):
     req = tmp_path / "requirements.txt"
-    req.write_text("jupyter-server==2.17.0\n")
+    req.write_text(f"{package}=={affected}\n")
     rc, doc = doctor(capsys, "-r", str(req), "--check", "advisories")
-    assert rc == 1 and "CVE-2026-40110" in ids(doc, "high")
-    req.write_text("jupyter-server==2.18.0\n")
+    assert rc == 1 and cve in ids(doc, "high")
+    req.write_text(f"{package}=={fixed}\n")
     rc, doc = doctor(capsys, "-r", str(req), "--check", "advisories")
-    assert "CVE-2026-40110" not in ids(doc)
-
-
-def test_jupyterlab_token_leak_advisory_is_in_the_snapshot(capsys, tmp_path):
-    # CVE-2024-22421: < 3.6.7 and 4.0.0 <= v < 4.0.11 (PYSEC-2026-2534).
-    req = tmp_path / "requirements.txt"
-    req.write_text("jupyterlab==3.6.6\n")
-    rc, doc = doctor(capsys, "-r", str(req), "--check", "advisories")
-    assert rc == 1 and "CVE-2024-22421" in ids(doc, "high")
-    req.write_text("jupyterlab==3.6.8\n")
-    rc, doc = doctor(capsys, "-r", str(req), "--check", "advisories")
-    assert "CVE-2024-22421" not in ids(doc)
+    assert cve not in ids(doc)
