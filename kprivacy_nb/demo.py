@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .quiet.fdfilter import filtered_pipe
-from .quiet.filter import HeldBack, LineFilter
+from .quiet.filter import HeldBack, LineFilter, strip_ansi
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "example_notebooks" / "01_quickstart.ipynb"
@@ -74,13 +74,10 @@ def progress_hook(nb: Any) -> Callable[..., None]:
     return on_cell_start
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
 def failure_line(exc: Exception, cell: int, section: str) -> str:
     """The one line a failed demo prints: where (cell number, section) and the error's last
     line, without terminal colour codes (it may go to a log or a pipe)."""
-    text = _ANSI.sub("", str(exc)).strip()
+    text = strip_ansi(str(exc)).strip()
     first = text.splitlines()[-1] if text else type(exc).__name__
     where = f" in cell {cell + 1}" + (f" ({section})" if section else "") if cell >= 0 else ""
     return f"demo failed{where}: {first}"

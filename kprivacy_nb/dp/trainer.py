@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -510,15 +509,14 @@ def _check_fits(model: Any, loss_fn: Callable, X: Any, Y: Any) -> None:
         )
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
 def _input_mismatch(model: Any, xs: Any, exc: Exception) -> str:
     """One line for "x does not fit the model": the shapes on both sides and Keras' own reason
     (its first informative line, without terminal colour codes)."""
     import tensorflow as tf
 
-    lines = [_ANSI.sub("", line).strip() for line in str(exc).splitlines()]
+    from ..quiet.filter import strip_ansi
+
+    lines = [strip_ansi(line).strip() for line in str(exc).splitlines()]
     reason = next(
         (line for line in lines if line and not line.startswith("Exception encountered")),
         type(exc).__name__,
