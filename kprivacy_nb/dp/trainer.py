@@ -401,7 +401,13 @@ def dp_fit(
         delta_source=plan.delta_source,
     )  # fmt: skip
     if any(hasattr(cb, "on_step") for cb in ours):
-        keras_callbacks = [*keras_callbacks, _StepRelay(ours, spe)]
+        epoch_now = [0]  # our callbacks' on_step(epoch, step, steps_per_epoch), from Keras'
+        keras_callbacks = [*keras_callbacks, keras.callbacks.LambdaCallback(
+            on_epoch_begin=lambda epoch, logs: epoch_now.__setitem__(0, epoch + 1),
+            on_train_batch_end=lambda batch, logs: _call(
+                ours, "on_step", epoch_now[0], batch + 1, spe
+            ),
+        )]  # fmt: skip
 
     def on_epoch(epoch: int, train: dict, logs: dict, steps: int, seconds: float, dropped: int):
         val = {k: v for k, v in logs.items() if k.startswith("val_")}
@@ -425,23 +431,6 @@ def dp_fit(
     object.__setattr__(model, "privacy", result)
     _call(ours, "on_train_end", result)
     return result
-
-
-class _StepRelay:
-    """Tells our callbacks' ``on_step(epoch, step, steps_per_epoch)`` where an epoch is (a
-    Keras callback, made a subclass on first use so importing this module needs no Keras)."""
-
-    def __new__(cls, ours: list[Any], steps_per_epoch: int) -> Any:
-        import keras
-
-        class StepRelay(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-                self.epoch = epoch + 1
-
-            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-                _call(ours, "on_step", self.epoch, batch + 1, steps_per_epoch)
-
-        return StepRelay()
 
 
 def _head(data: Any, what: str) -> Any:
