@@ -25,6 +25,7 @@ reports none unless ``include_training_metrics=True`` (then the card says they a
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import time
 import types
@@ -328,17 +329,21 @@ def _take(data: Any, idx: np.ndarray) -> Any:
     return _map(one, data)
 
 
-def _scan_finite(data: Any, what: str) -> None:
-    """Refuse NaN/inf before anything is spent, reading ``SCAN_ROWS`` rows at a time."""
+def _scan_finite(data: Any, what: str) -> tuple[str, ...]:
+    """Refuse NaN/inf before anything is spent, reading ``SCAN_ROWS`` rows at a time; returns a
+    hash of each leaf's bytes, made in the same pass (:func:`_engine_key` compares them)."""
+    digests = []
     for leaf in _leaves(data):
         dtype = np.dtype(getattr(leaf, "dtype", np.float32))
         if dtype.kind == "O":
             raise InvalidParameterError(f"{what} must be numeric (got an object array)")
-        if dtype.kind != "f":
-            continue
+        digest = hashlib.blake2b(digest_size=16)
         for start in range(0, len(leaf), SCAN_ROWS):
-            chunk = np.asarray(leaf[start : start + SCAN_ROWS], dtype=np.float32)
-            bad = ~np.isfinite(chunk)
+            rows = np.ascontiguousarray(leaf[start : start + SCAN_ROWS])
+            digest.update(rows.view(np.uint8).tobytes())
+            if dtype.kind != "f":
+                continue
+            bad = ~np.isfinite(rows.astype(np.float32, copy=False))
             if bad.any():
                 where = [int(i) for i in np.argwhere(bad)[0]]
                 at = f"row {start + where[0]}" + (
@@ -348,6 +353,8 @@ def _scan_finite(data: Any, what: str) -> None:
                     f"{what} has a non-finite value (NaN or inf, or too large for float32) at "
                     f"{at}: clean or drop such rows before training (nothing was spent)"
                 )
+        digests.append(digest.hexdigest())
+    return tuple(digests)
 
 
 def _split(data: Any, start: int, stop: int) -> Any:
@@ -502,34 +509,25 @@ def _warn_if_mostly_spent(state: PrivacyState, delta: float, sigma: float, statu
 
 
 def _engine_key(
-    model: Any, state: PrivacyState, x: Any, y: Any, batch_size: int, accuracy: Any
+    model: Any,
+    state: PrivacyState,
+    leaves: list[Any],
+    digests: tuple[str, ...],
+    batch_size: int,
+    accuracy: Any,
 ) -> tuple[tuple, tuple]:
     """What a checked engine depends on: ``(objects, values)``. The objects — the model's loss,
-    optimizer, trainable weights and the data arrays — must be the very same (compared with
-    ``is``; held here, so no new object can take an old one's id); the values — clipping
-    settings, the batch size of the traced probe, the data's shapes, dtypes and a hash of its
-    bytes — must be equal."""
-    import tensorflow as tf
-
-    leaves = [*tf.nest.flatten(x), *tf.nest.flatten(y)]
+    optimizer, trainable weights and the data arrays (``leaves``) — must be the very same
+    (compared with ``is``; held here, so no new object can take an old one's id); the values —
+    clipping settings, the batch size of the traced probe, the data's shapes, dtypes and the
+    hashes of its bytes (``digests``, from :func:`_scan_finite`) — must be equal."""
     objects = (model.loss, getattr(model, "optimizer", None), accuracy,
                *model.trainable_variables, *leaves)  # fmt: skip
     values = (
-        state.l2_norm_clip, state.physical_batch_size, int(batch_size),
-        tuple((np.shape(a), str(getattr(a, "dtype", "")), _digest(a)) for a in leaves),
+        state.l2_norm_clip, state.physical_batch_size, int(batch_size), digests,
+        tuple((np.shape(a), str(getattr(a, "dtype", ""))) for a in leaves),
     )  # fmt: skip
     return objects, values
-
-
-def _digest(a: Any) -> str:
-    """A content hash of an array, read ~64 MiB at a time (a memmap is never loaded at once)."""
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=16)
-    step = max(1, (64 << 20) // max(1, np.asarray(a[:1]).nbytes))
-    for start in range(0, len(a), step):
-        h.update(np.ascontiguousarray(a[start : start + step]).view(np.uint8).tobytes())
-    return h.hexdigest()
 
 
 def _reusable_engine(state: PrivacyState, key: tuple[tuple, tuple], sigma: float) -> Any:
@@ -612,8 +610,7 @@ def _plan_fit(
     initial_epoch = int(initial_epoch)
     if not 0 <= initial_epoch < epochs:
         raise InvalidParameterError(f"initial_epoch must be in [0, epochs), got {initial_epoch}")
-    _scan_finite(x, "x")
-    _scan_finite(y, "y")
+    digests = (*_scan_finite(x, "x"), *_scan_finite(y, "y"))
     delta, delta_source = state.delta, "given"
     if delta is None and state.ledger is not None:
         from .ledger import resolve_ledger
@@ -649,7 +646,7 @@ def _plan_fit(
 
     X = tf.nest.map_structure(tf.constant, _take(x, rows))
     Y = tf.constant(_take(y, rows))
-    key = _engine_key(model, state, x, y, batch_size, accuracy)
+    key = _engine_key(model, state, [*_leaves(x), *_leaves(y)], digests, batch_size, accuracy)
     engine = _reusable_engine(state, key, sigma)
     reused = engine is not None
     if reused:
