@@ -158,6 +158,34 @@ def test_large_nearly_constant_sequence_input_is_still_clipped(seed):
         assert _sensitivity(engine, x, y, 10) <= clip * (1 + 1e-4)
 
 
+def test_tiny_inputs_read_with_a_huge_output_gradient_are_still_clipped():
+    # ‖G‖ = ‖a‖·‖dz‖ for a Dense on vectors. Inputs of 1e-24 square to 1e-48, below float32's
+    # range: summed naively, ‖a‖² is 0 and the record goes unclipped, although a target of
+    # ~1e18 makes its gradient norm ~8e-6 — eight times C.
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(12, 16)).astype("float32")
+    y = rng.normal(size=(12, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((16,)), k.Dense(1, use_bias=False)])
+    clip = 1e-6
+    engine = _engine(model, x, y, clip)
+    x[10], y[10] = 1e-24, 1e18  # past the self-check's rows: only the norms protect it
+    assert _sensitivity(engine, x, y, 10) <= clip * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-7, float("nan"), float("inf"), "one"])
+def test_a_clipping_norm_below_the_supported_range_is_refused(clip):
+    from kprivacy_nb import make_private
+    from kprivacy_nb.errors import InvalidParameterError
+
+    model = keras.Sequential([keras.Input((4,)), k.Dense(1)])
+    with pytest.raises(InvalidParameterError, match="l2_norm_clip must be a finite number ≥ 1e-06"):
+        make_private(model, noise_multiplier=1.0, l2_norm_clip=clip)
+    x = np.zeros((8, 4), "float32")
+    with pytest.raises(InvalidParameterError, match="l2_norm_clip"):
+        dp_fit(model, x, np.zeros((8, 1), "float32"), epochs=1, batch_size=4,
+               noise_multiplier=1.0, loss="mse", l2_norm_clip=clip, verbose=0)  # fmt: skip
+
+
 # --------------------------------------------------------------------------- 3. mixing
 
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import InvalidParameterError, TrainingError
 from . import accounting
+from .clipping import check_clip
 from .engine import PRIVATE_UPDATE, private_update  # noqa: F401  (re-exported for compat)
 
 __all__ = ["PrivacyState", "make_private"]
@@ -137,7 +138,7 @@ def make_private(
         raise InvalidParameterError(
             "give exactly one of noise_multiplier (σ) or target_epsilon (σ is then calibrated)"
         )
-    clip = _positive("l2_norm_clip", l2_norm_clip)
+    clip = check_clip(l2_norm_clip)
     if noise_multiplier is not None and not (
         math.isfinite(float(noise_multiplier)) and float(noise_multiplier) >= 0
     ):

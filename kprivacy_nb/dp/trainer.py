@@ -317,12 +317,9 @@ def dp_fit(
         raise InvalidParameterError(
             "give exactly one of noise_multiplier (σ) or target_epsilon (σ is then calibrated)"
         )
-    if (
-        l2_norm_clip is None
-        or not float(l2_norm_clip) > 0
-        or not math.isfinite(float(l2_norm_clip))
-    ):
-        raise InvalidParameterError(f"l2_norm_clip must be a positive number, got {l2_norm_clip}")
+    from .clipping import check_clip
+
+    check_clip(l2_norm_clip)
     if target_epsilon is not None and not float(target_epsilon) > 0:
         raise InvalidParameterError(f"target_epsilon must be > 0, got {target_epsilon}")
     n = _num_rows(x, "x")

@@ -2,10 +2,11 @@
 
 An example's gradient of the table has one row per distinct token it contains: the sum of the
 output-gradients at that token's positions. Tokens that occur once contribute their ``dz`` row as
-it is; repeated tokens are found by one sort per example (on the host with NumPy when the layer
-reads the model input, see :func:`repeats`; in the graph otherwise) and their rows summed. The
-clipped sum is assembled from exactly those per-example rows, so the norm that sets an example's
-clip factor is the norm of what that example adds.
+it is; repeated tokens are found by one sort of the batch's positions by token (on the host with
+NumPy when the layer reads the model input, see :func:`repeats`; in the graph otherwise) and
+their rows summed for the norms. The clipped sum adds every position's ``dz`` row, times its
+example's clip factor, to its token's row — by linearity exactly the sum of the clipped
+per-example rows whose norms set those factors — as one segment sum in that same sorted order.
 """
 
 from __future__ import annotations
@@ -29,20 +30,24 @@ class RepeatedTokens(NamedTuple):
     ``single`` (B, T) bool: the token at this position occurs once in its example.
     ``rows`` (K,) flat positions ``b·T + t`` of the repeated occurrences, grouped by (example,
     token); ``group`` (K,) their group number (non-decreasing); ``owner`` (R,) each group's
-    example.
+    example. ``order`` (B·T,) every flat position, sorted by token (then position);
+    ``sorted_ids`` (B·T,) the tokens in that order — the clipped table is one sorted segment sum.
     """
 
     single: Any
     rows: Any
     group: Any
     owner: Any
+    order: Any
+    sorted_ids: Any
 
 
 def repeats(ids: np.ndarray, vocabulary: int) -> RepeatedTokens:
     """The :class:`RepeatedTokens` of a batch of token ids (B, ...) as NumPy arrays.
 
-    NumPy's vectorised (SIMD) sort makes this several times cheaper on the host than the same
-    work in the graph.
+    One vectorised (SIMD) sort of ``token·2^bits + flat position`` on the host — several times
+    cheaper than the same work in the graph — orders every position by token; positions of one
+    token in one example are then neighbours.
     """
     ids = np.asarray(ids).reshape(len(ids), -1)
     if ids.dtype.kind != "i" and ids.dtype.kind != "u":
@@ -57,27 +62,36 @@ def repeats(ids: np.ndarray, vocabulary: int) -> RepeatedTokens:
             )
         if low < 0:  # wrapped, as ops.take does
             ids = np.where(ids < 0, ids + vocabulary, ids)
-    # One vectorised sort of token·2^bits + position gives both the order and the sorted tokens.
-    bits = max(1, (length - 1).bit_length())
-    wide = np.int32 if vocabulary < 2 ** (31 - bits) else np.int64
-    keys = (ids.astype(wide) << bits) | np.arange(length, dtype=wide)
-    keys.sort(axis=1)
-    ranked, order = keys >> bits, (keys & ((1 << bits) - 1)).astype(np.int32)
-    same = ranked[:, 1:] == ranked[:, :-1]
-    repeated = np.zeros((batch, length), bool)
-    repeated[:, :-1] |= same
-    repeated[:, 1:] |= same
-    starts = np.ones((batch, length), bool)
-    starts[:, 1:] = ~same
+    size = batch * length
+    tokens = ids.ravel().astype(np.int64)
+    positions = np.arange(size, dtype=np.int64)
+    bits = max(1, (size - 1).bit_length())
+    if int(vocabulary).bit_length() + bits <= 62:
+        keys = (tokens << bits) | positions
+        keys.sort()
+        order, ranked = keys & ((1 << bits) - 1), keys >> bits
+    else:  # (keys would overflow 64 bits)
+        order = np.lexsort((positions, tokens))
+        ranked = tokens[order]
+    example = order // max(length, 1)
+    same = (ranked[1:] == ranked[:-1]) & (example[1:] == example[:-1])
+    repeated = np.zeros(size, bool)
+    repeated[:-1] |= same
+    repeated[1:] |= same
+    starts = np.ones(size, bool)
+    starts[1:] = ~same
     where = np.flatnonzero(repeated)
-    flat_order = (order + (np.arange(batch) * length)[:, None]).ravel()
-    rows = flat_order[where].astype(np.int32)
-    first = starts.ravel()[where]
+    rows = order[where].astype(np.int32)
+    first = starts[where]
     group = (np.cumsum(first) - 1).astype(np.int32)
-    owner = (where[first] // max(length, 1)).astype(np.int32)
-    single = np.ones(batch * length, bool)
+    owner = example[where][first].astype(np.int32)
+    single = np.ones(size, bool)
     single[rows] = False
-    return RepeatedTokens(single.reshape(batch, length), rows, group, owner)
+    # (A table can't have 2^31 rows: the step reads the ids as int32.)
+    return RepeatedTokens(
+        single.reshape(batch, length), rows, group, owner, order.astype(np.int32),
+        ranked.astype(np.int32),
+    )  # fmt: skip
 
 
 def graph_repeats(idx: tf.Tensor, vocabulary: int) -> RepeatedTokens:
@@ -109,7 +123,11 @@ def graph_repeats(idx: tf.Tensor, vocabulary: int) -> RepeatedTokens:
         tf.ones([batch * length], tf.bool), rows[:, None], tf.zeros_like(rows, tf.bool)
     )
     owner = tf.boolean_mask(example, first)
-    return RepeatedTokens(tf.reshape(single, [batch, length]), rows, group, owner)
+    flat = tf.reshape(tf.cast(idx, tf.int32), [-1])
+    order = tf.argsort(flat, stable=True)
+    return RepeatedTokens(
+        tf.reshape(single, [batch, length]), rows, group, owner, order, tf.gather(flat, order)
+    )
 
 
 def _checked(host: RepeatedTokens, idx: tf.Tensor, inputs: Any, vocabulary: int) -> Any:
@@ -163,23 +181,22 @@ class EmbeddingHandler(Handler):
         rep = tap.saved["repeats"]  # found on the host from the input ids, or here
         if rep is None:
             rep = graph_repeats(idx, layer.input_dim)
-        # Rows of tokens that occur once in their example, and per-(example, token) sums of
-        # the repeated ones: together, each example's gradient rows.
-        single_dz = tf.where(rep.single[:, :, None], dz, 0.0)
+        # Each example's gradient rows: its dz rows, summed per (example, token) for repeated
+        # tokens — their norms make the clip factors.
         sums = tf.math.segment_sum(tf.gather(tf.reshape(dz, [-1, dim]), rep.rows), rep.group)
         run_sq = tf.reduce_sum(tf.square(sums), axis=1)
         sq = tf.reduce_sum(tf.where(rep.single, pos_sq, 0.0), axis=1)
         sq = sq + tf.math.unsorted_segment_sum(run_sq, rep.owner, batch)
-        run_token = tf.math.segment_max(tf.gather(tokens, rep.rows), rep.group)
+        positions = tf.shape(idx)[1]
 
         def clipped(c: tf.Tensor, rows: RowFilter) -> list[tuple[Any, tf.Tensor]]:
-            weighted = tf.reshape(rows(single_dz) * c[:, None, None], [-1, dim])
-            table = tf.math.unsorted_segment_sum(weighted, tokens, layer.input_dim)
-            run_sums = sums
-            if rows.active:  # a dropped example's sums may be NaN: 0 · NaN is NaN
-                run_sums = tf.where(tf.gather(rows.keep, rep.owner)[:, None], sums, 0.0)
-            run_rows = run_sums * tf.gather(c, rep.owner)[:, None]
-            table += tf.math.unsorted_segment_sum(run_rows, run_token, layer.input_dim)
-            return [(layer.embeddings, table)]
+            # Σ_i c_i·(example i's rows) = Σ over positions of c·dz at the position's token (a
+            # repeated token's rows add up to its sum): one segment sum over the positions
+            # sorted by token (TensorFlow's sorted segment sum is faster than the unsorted one).
+            flat = tf.gather(tf.reshape(rows(dz), [-1, dim]), rep.order)
+            factor = tf.gather(tf.reshape(tf.tile(c[:, None], [1, positions]), [-1]), rep.order)
+            table = tf.math.segment_sum(flat * factor[:, None], rep.sorted_ids)
+            missing = layer.input_dim - tf.shape(table)[0]  # rows after the largest id seen
+            return [(layer.embeddings, tf.pad(table, [[0, missing], [0, 0]]))]
 
         return LayerGrads(sq, clipped, "Embedding: per-example token sums")

@@ -29,6 +29,7 @@ from .registry import LayerGrads, RowFilter
 __all__ = ["flat3", "linear_grads", "static_positions"]
 
 _EPS64 = float(np.finfo(np.float64).eps)
+_TINY32 = float(np.finfo(np.float32).tiny)  # 2⁻¹²⁶, the smallest normal float32
 
 
 def static_positions(t: tf.Tensor) -> int | None:
@@ -75,14 +76,18 @@ def linear_grads(
     c_in, o = parts[0].shape[-1], dz.shape[-1]
     p = len(parts) * c_in
     bias_g = tf.reduce_sum(dz, axis=1) if bias is not None else None
+    bias_sq = bias_g is not None
     if positions == 1:
-        # ‖a‖²·‖dz‖²: products of sums of squares, no cancellation; in float64 so that tiny
-        # inputs read by huge weights can't underflow to a norm of 0.
+        # ‖G‖² = ‖a‖²·‖dz‖² (+ ‖dz‖² for the bias): products of sums of squares, no
+        # cancellation, so float32 sums are exact to a few ulps. Squares below float32's normal
+        # range round to 0 (or lose digits); adding each factor's count times 2⁻¹²⁶ makes both
+        # factors upper bounds, so tiny inputs read by huge weights can't make the norm 0 (the
+        # product can only underflow for norms below 1e-19, far under MIN_CLIP).
         a2, dz2 = tf.concat([t[:, 0, :] for t in parts], 1), dz[:, 0, :]
-        sq64 = tf.reduce_sum(tf.square(tf.cast(a2, tf.float64)), 1) * tf.reduce_sum(
-            tf.square(tf.cast(dz2, tf.float64)), 1
-        )
-        sq = tf.cast(sq64, tf.float32)
+        a_sq = tf.reduce_sum(tf.square(a2), 1) + p * _TINY32
+        dz_sq = tf.reduce_sum(tf.square(dz2), 1) + o * _TINY32
+        sq = (a_sq + 1.0) * dz_sq if bias_sq else a_sq * dz_sq
+        bias_sq = False
         method = f"{name}: ghost norm"
 
         def kernel_sum(c: tf.Tensor, rows: RowFilter) -> tf.Tensor:
@@ -108,7 +113,7 @@ def linear_grads(
         def kernel_sum(c: tf.Tensor, rows: RowFilter) -> tf.Tensor:
             return tf.tensordot(c, rows(per_ex), axes=1)
 
-    if bias_g is not None:
+    if bias_sq:
         sq = sq + tf.reduce_sum(tf.square(bias_g), 1)
 
     def clipped(c: tf.Tensor, rows: RowFilter) -> list[tuple[Any, tf.Tensor]]:
