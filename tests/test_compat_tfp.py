@@ -157,7 +157,7 @@ def test_contradicting_dp_settings_are_refused():
         tensorflow_privacy.make_private(plain, noise_multiplier=0.5)
     with pytest.raises(InvalidParameterError, match="Did you intend it for use_xla"):
         tensorflow_privacy.DPSequential(1.0, 1.2, True, layers=layers)
-    with pytest.raises(InvalidParameterError, match="l2_norm_clip must be > 0"):
+    with pytest.raises(InvalidParameterError, match="l2_norm_clip must be a number from 1e-06"):
         tensorflow_privacy.DPKerasAdamOptimizer(0.0, 1.0)
 
 

@@ -23,7 +23,12 @@ from kprivacy_nb.dp import accounting  # noqa: E402
 from kprivacy_nb.dp.clipping import EXACT_FALLBACK, FastClipper, per_example_loss_fn  # noqa: E402
 from kprivacy_nb.dp.engine import DPSGDEngine  # noqa: E402
 from kprivacy_nb.dp.ledger import Ledger  # noqa: E402
-from kprivacy_nb.errors import BudgetExceededError, LedgerError, TrainingError  # noqa: E402
+from kprivacy_nb.errors import (  # noqa: E402
+    BudgetExceededError,
+    InvalidParameterError,
+    LedgerError,
+    TrainingError,
+)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:noise_multiplier=0"),
@@ -172,14 +177,131 @@ def test_tiny_inputs_read_with_a_huge_output_gradient_are_still_clipped():
     assert _sensitivity(engine, x, y, 10) <= clip * (1 + 1e-4)
 
 
-@pytest.mark.parametrize("clip", [0.0, 1e-7, float("nan"), float("inf"), "one"])
+@pytest.mark.parametrize("width", [4000, 20000])  # float32 sums / float64 sums
+def test_rounding_of_the_sums_of_squares_cannot_lift_a_record_past_c(width):
+    # a = [1, δ, δ, …] with δ² just under half an ulp of 1: summed in float32 every δ² rounds
+    # away and ‖a‖² comes out ~(width·δ²) too small — the record's contribution would exceed C.
+    rng = np.random.default_rng(16)
+    x = rng.normal(size=(10, width)).astype("float32")
+    y = rng.normal(size=(10, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((width,)), k.Dense(1, use_bias=False)])
+    model.layers[0].kernel.assign(np.zeros((width, 1), "float32"))
+    clip = 1e-3
+    engine = _engine(model, x, y, clip)
+    x[9], y[9] = np.sqrt(5.9e-8), 1.0
+    x[9, 0] = 1.0
+    assert _sensitivity(engine, x, y, 9) <= clip * (1 + 2e-7)
+
+
+@pytest.mark.parametrize("where", ["float ids", "dict input"])
+def test_an_out_of_range_id_past_the_checked_rows_never_stops_training_midway(where):
+    # An id the table does not have, in a record the self-check does not look at: training must
+    # not stop at the step that happens to sample it (that step would tell on the record).
+    rng = np.random.default_rng(17)
+    ids = rng.integers(0, 20, (300, 5))
+    ids[250, 2] = 25
+    y = rng.integers(0, 2, 300)
+    if where == "float ids":  # a model reading the ids directly: refused before anything runs
+        model = keras.Sequential([keras.Input((5,), dtype="int32"), k.Embedding(20, 3),
+                                  k.GlobalAveragePooling1D(), k.Dense(2)])  # fmt: skip
+        with pytest.raises(InvalidParameterError, match="token id 25 is out of range"):
+            dp_fit(model, ids.astype("float32"), y, epochs=1, batch_size=30,
+                   noise_multiplier=1.0, delta=1e-3, loss="sparse_categorical_crossentropy",
+                   verbose=0)  # fmt: skip
+        return
+    tokens, extra = keras.Input((5,), dtype="int32", name="t"), keras.Input((2,), name="e")
+    pooled = k.GlobalAveragePooling1D()(k.Embedding(20, 3)(tokens))
+    model = keras.Model([tokens, extra], k.Dense(2)(k.Concatenate()([pooled, extra])))
+    x = {"t": ids.astype("int32"), "e": rng.normal(size=(300, 2)).astype("float32")}
+    run = dp_fit(model, x, y, epochs=2, batch_size=30, noise_multiplier=1.0, delta=1e-3,
+                 loss="sparse_categorical_crossentropy", verbose=0)  # fmt: skip
+    assert run.steps == 20  # every planned step ran; the record was dropped where sampled
+
+
+def test_huge_but_finite_records_are_clipped_not_dropped():
+    # An input of 2e19 squares past float32's range, yet with a tiny weight its loss and its
+    # gradient (norm ~4e15) are finite: it must be clipped like any other record, not dropped
+    # as "non-finite".
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(12, 4)).astype("float32")
+    y = rng.normal(size=(12, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), k.Dense(1, use_bias=False)])
+    model.layers[0].kernel.assign(np.full((4, 1), 1e-19, "float32"))
+    engine = _engine(model, x, y, 1.0)
+    x[10], y[10] = [2e19, 0.0, 0.0, 0.0], 2.0001
+    assert _sensitivity(engine, x, y, 10) == pytest.approx(1.0, rel=1e-4)
+    stats = engine.step(tf.constant(x), tf.constant(y), np.arange(12, dtype=np.int32), 1.0)
+    assert stats.nonfinite == 0 and stats.applied
+
+
+def test_a_huge_clipping_norm_still_applies_every_finite_update():
+    # With C = 1e37 the noise sum overflows float32 although every entry is finite: the
+    # update must still be applied (the sum alone must not decide).
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(32, 8)).astype("float32")
+    y = rng.normal(size=(32, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((8,)), k.Dense(256), k.Dense(1)])
+    model.compile(loss="mse")
+    engine = DPSGDEngine(
+        model, per_example_loss_fn("mse"), keras.optimizers.SGD(1e-30), l2_norm_clip=1e37,
+        noise_multiplier=1.0, X=tf.constant(x), Y=tf.constant(y), seed=0,
+    )  # fmt: skip
+    try:
+        for _ in range(6):
+            stats = engine.step(tf.constant(x), tf.constant(y), np.arange(8, dtype=np.int32), 1.0)
+            assert stats.applied
+    finally:
+        engine.close()
+
+
+def test_the_self_check_never_passes_on_nan():
+    # Non-finite examples are dropped by the step, so the self-check compares the others —
+    # and refuses when there are none, instead of reporting "verified (rel. err nan)".
+    rng = np.random.default_rng(14)
+    x = rng.normal(size=(16, 4)).astype("float32")
+    y = rng.normal(size=(16, 1)).astype("float32")
+    y[1] = np.nan
+    model = keras.Sequential([keras.Input((4,)), k.Dense(3), k.Dense(1)])
+    report = _engine(model, x, y, 1.0).report
+    assert all("verified (rel. err" in r and "nan" not in r for r in report.values()), report
+    y[:8] = np.nan
+    with pytest.raises(TrainingError, match="could not compare any gradient norm"):
+        _engine(keras.Sequential([keras.Input((4,)), k.Dense(1)]), x, y, 1.0)
+
+
+def test_ids_stored_as_floats_train():
+    rng = np.random.default_rng(15)
+    x = rng.integers(0, 50, (64, 6)).astype("float32")
+    y = rng.integers(0, 2, 64)
+    for dtype in ("int32", "float32"):
+        model = keras.Sequential([keras.Input((6,), dtype=dtype), k.Embedding(50, 4),
+                                  k.GlobalAveragePooling1D(), k.Dense(2)])  # fmt: skip
+        run = dp_fit(model, x, y, epochs=1, batch_size=16, noise_multiplier=1.0, delta=1e-3,
+                     loss="sparse_categorical_crossentropy", verbose=0)  # fmt: skip
+        assert run.steps == 4
+
+
+@pytest.mark.parametrize(
+    "clip",
+    [0.0, 1e-7, float("nan"), float("inf"), "one", "1.0", True, np.float32(1e-6), 1e39, 10**400],
+)
 def test_a_clipping_norm_below_the_supported_range_is_refused(clip):
     from kprivacy_nb import make_private
+    from kprivacy_nb.compat.tensorflow_privacy import DPKerasSGDOptimizer
     from kprivacy_nb.errors import InvalidParameterError
 
     model = keras.Sequential([keras.Input((4,)), k.Dense(1)])
-    with pytest.raises(InvalidParameterError, match="l2_norm_clip must be a finite number ≥ 1e-06"):
+    with pytest.raises(
+        InvalidParameterError, match="l2_norm_clip must be a number from 1e-06 to 3.4e\\+38"
+    ):
         make_private(model, noise_multiplier=1.0, l2_norm_clip=clip)
+    with pytest.raises(
+        InvalidParameterError, match="l2_norm_clip must be a number from 1e-06 to 3.4e\\+38"
+    ):
+        DPKerasSGDOptimizer(l2_norm_clip=clip, noise_multiplier=1.0)
+    if isinstance(clip, np.float32):  # what was compared is shown, not a rounded 1e-06
+        with pytest.raises(InvalidParameterError, match=r"got 9\.99999997"):
+            make_private(model, noise_multiplier=1.0, l2_norm_clip=clip)
     x = np.zeros((8, 4), "float32")
     with pytest.raises(InvalidParameterError, match="l2_norm_clip"):
         dp_fit(model, x, np.zeros((8, 1), "float32"), epochs=1, batch_size=4,
@@ -203,6 +325,22 @@ def test_a_layer_that_mixes_examples_is_refused():
     with pytest.raises(TrainingError, match="mixes the examples"):
         dp_fit(centred, x, y, epochs=1, batch_size=8, noise_multiplier=1.0, delta=1e-3, loss="mse",
                verbose=0)  # fmt: skip
+
+
+def test_mixing_through_an_input_that_is_constant_in_the_checked_rows_is_refused():
+    # An indicator input that happens to be all ones in the first rows still gets changed by
+    # the check (whole-number floats move like ids; a constant one to a neighbour): a layer
+    # dividing it by its batch mean is found.
+    rng = np.random.default_rng(18)
+    feat = rng.normal(size=(64, 4)).astype("float32")
+    flags = np.ones((64, 3), "float32")
+    y = rng.normal(size=(64, 1)).astype("float32")
+    fi, mi = keras.Input((4,)), keras.Input((3,))
+    mixed = k.Lambda(lambda m: m / (keras.ops.mean(m, axis=0, keepdims=True) + 1e-3))(mi)
+    model = keras.Model([fi, mi], k.Dense(1)(k.Concatenate()([k.Dense(4)(fi), mixed])))
+    with pytest.raises(TrainingError, match="mixes the examples"):
+        dp_fit(model, [feat, flags], y, epochs=1, batch_size=16, noise_multiplier=1.0,
+               delta=1e-3, loss="mse", verbose=0)  # fmt: skip
 
 
 class TrainingOnlyMix(keras.layers.Layer):

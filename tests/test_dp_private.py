@@ -377,6 +377,45 @@ def test_a_target_mostly_spent_by_earlier_fits_is_said_out_loud():
     assert model.privacy.epsilon <= 2.0 + 1e-9
 
 
+def test_dataframes_with_mixed_or_nullable_columns_train():
+    import pandas as pd
+
+    x, y = _data(n=200, d=8)
+    frame = pd.DataFrame(x[:, :6], columns=[f"f{i}" for i in range(6)])
+    frame["flag"] = x[:, 6] > 0  # floats and booleans: one float array
+    frame["count"] = pd.array((x[:, 7] * 10).round().astype(int), dtype="Int64")  # nullable
+    run = kprivacy_nb.dp_fit(_binary(d=8), frame, pd.Series(y), epochs=1, batch_size=20,
+                             noise_multiplier=1.0, delta=1e-3, verbose=0)  # fmt: skip
+    assert run.steps == 10
+    frame.loc[7, "count"] = pd.NA  # a missing value is named, not an "object array"
+    with pytest.raises(InvalidParameterError, match="count|column 7|NaN|not finite"):
+        kprivacy_nb.dp_fit(_binary(d=8), frame, y, epochs=1, batch_size=20,
+                           noise_multiplier=1.0, delta=1e-3, verbose=0)  # fmt: skip
+
+
+def test_a_fit_per_epoch_loop_has_the_epsilon_of_one_long_fit():
+    """k fits of one epoch are k epochs of one mechanism: the card (and the last epoch's ε in
+    the history) says exactly the ε of one fit of k epochs — composed as one run, so the
+    accountant's work does not grow with the number of calls."""
+    from kprivacy_nb.dp import accounting
+
+    x, y = _data(n=300)
+    model = _binary()
+    kprivacy_nb.make_private(model, noise_multiplier=1.0, delta=1e-4, seed=0)
+    for _ in range(4):
+        history = model.fit(x, y, epochs=1, batch_size=30, verbose=0)
+    one_run = accounting.compute_epsilon(300, 30, 4, 1.0, 1e-4)
+    assert model.privacy.fits == 4 and model.privacy.steps == 40
+    assert model.privacy.epsilon == pytest.approx(one_run, rel=1e-9)
+    assert history.history["epsilon"][-1] == pytest.approx(one_run, rel=1e-9)
+    # Another batch size is another mechanism: composed with the first, never merged into it.
+    model.fit(x, y, epochs=1, batch_size=60, verbose=0)
+    acct = accounting.make_accountant("pld")
+    acct.compose(accounting.Mechanism(300, 30, 1.0).event(40))
+    mixed = acct.compose(accounting.Mechanism(300, 60, 1.0).event(5)).get_epsilon(1e-4)
+    assert model.privacy.epsilon == pytest.approx(mixed, rel=1e-9) and mixed > one_run
+
+
 def test_fitting_again_reuses_the_checked_engine_and_its_trace_only_when_nothing_changed():
     """A fit-per-epoch loop pays the self-check and the trace once; the same step keeps running
     (ε composes as ever), and any change the check depends on — data, clip, loss, optimizer —

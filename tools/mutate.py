@@ -41,10 +41,10 @@ MUTANTS = [
     ),
     (
         "one step fewer accounted",
-        "kprivacy_nb/dp/trainer.py",
-        "    steps = applied_steps()\n",
-        "    steps = max(applied_steps() - 1, 0)\n",
-        "tests/test_dp_trainer.py",
+        "kprivacy_nb/dp/private.py",
+        "        steps = counters.step_count()\n        finish_fit(",
+        "        steps = max(counters.step_count() - 1, 0)\n        finish_fit(",
+        "tests/test_dp_private.py",
     ),
     (
         "float32 ghost norm",
@@ -52,6 +52,41 @@ MUTANTS = [
         "    a64 = [tf.cast(t, tf.float64) for t in parts]\n    g64 = tf.cast(dz, tf.float64)",
         "    a64 = parts\n    g64 = dz\n    return tf.reduce_sum(tf.add_n([tf.matmul(t, t, "
         "transpose_b=True) for t in a64]) * tf.matmul(g64, g64, transpose_b=True), axis=[1, 2])",
+        "tests/test_dp_guarantee.py",
+    ),
+    (
+        "no underflow floor in single-position norms",
+        "kprivacy_nb/dp/clipping/linear.py",
+        "        s = tf.reduce_sum(tf.square(t * _SQ_SCALE), 1) + n * _TINY32",
+        "        s = tf.reduce_sum(tf.square(t * _SQ_SCALE), 1)",
+        "tests/test_dp_guarantee.py",
+    ),
+    (
+        "unscaled float32 squares",
+        "kprivacy_nb/dp/clipping/linear.py",
+        "_SQ_SCALE = 2.0**-16",
+        "_SQ_SCALE = 1.0",
+        "tests/test_dp_guarantee.py",
+    ),
+    (
+        "no rounding margin on float32 sums of squares",
+        "kprivacy_nb/dp/clipping/linear.py",
+        "        return tf.cast(s, tf.float64) * (1.0 + (n + 2) * 2.0**-23)",
+        "        return tf.cast(s, tf.float64)",
+        "tests/test_dp_guarantee.py",
+    ),
+    (
+        "self-check compares NaN norms",
+        "kprivacy_nb/dp/clipping/selfcheck.py",
+        "    usable = np.isfinite(total)",
+        "    usable = np.ones(len(total), bool)",
+        "tests/test_dp_guarantee.py",
+    ),
+    (
+        "an overflowing sum decides that the update is not finite",
+        "kprivacy_nb/dp/engine.py",
+        "        lambda: tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in tensors]),",
+        "        lambda: tf.constant(False),",
         "tests/test_dp_guarantee.py",
     ),
     (

@@ -97,12 +97,8 @@ class DPSettings:
     num_microbatches: int | None = None
 
     def __post_init__(self) -> None:
-        clip, sigma = (
-            _number("l2_norm_clip", self.l2_norm_clip),
-            _number("noise_multiplier", self.noise_multiplier),
-        )
-        if clip <= 0:
-            raise InvalidParameterError(f"l2_norm_clip must be > 0, got {self.l2_norm_clip!r}")
+        clip = accounting.check_clip(self.l2_norm_clip)
+        sigma = _number("noise_multiplier", self.noise_multiplier)
         if sigma < 0:
             raise InvalidParameterError(
                 f"noise_multiplier must be ≥ 0, got {self.noise_multiplier!r}"

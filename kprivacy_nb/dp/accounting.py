@@ -47,12 +47,15 @@ MAX_NOISE_MULTIPLIER = 1000.0
 
 __all__ = [
     "ACCOUNTANTS",
+    "MAX_CLIP",
+    "MIN_CLIP",
     "Mechanism",
     "composed",
     "SAMPLINGS",
     "EpsilonCurve",
     "account",
     "calibrate_noise",
+    "check_clip",
     "compute_epsilon",
     "default_delta",
     "dpsgd_event",
@@ -94,6 +97,32 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     if text not in choices:
         raise InvalidParameterError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
     return text  # type: ignore[return-value]
+
+
+#: The smallest clipping norm C accepted. Far below any useful C, and far above the norms at which
+#: float32 products of sums of squares could underflow (≈1e-19): a norm is never computed as 0
+#: while it is above C (see :mod:`.clipping.linear`).
+MIN_CLIP = 1e-6
+#: The largest: float32's largest finite value (the step computes in float32).
+MAX_CLIP = 3.4e38
+
+
+def check_clip(value: object) -> float:
+    """``value`` as the clipping norm C, or :class:`InvalidParameterError` naming the range."""
+    clip = math.nan
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            clip = float(value)
+        except OverflowError:  # an int beyond float's range
+            clip = math.inf
+    if not MIN_CLIP <= clip <= MAX_CLIP:
+        shown = repr(clip) if math.isfinite(clip) else repr(value)  # (as compared: 9.99…e-07)
+        if len(shown) > 40:
+            shown = shown[:37] + "…"
+        raise InvalidParameterError(
+            f"l2_norm_clip must be a number from {MIN_CLIP:g} to {MAX_CLIP:g}, got {shown}"
+        )
+    return clip
 
 
 def default_delta(n: int) -> float:
@@ -246,11 +275,25 @@ class Mechanism:
 
 
 def composed(events: Sequence[dp_accounting.DpEvent]) -> dp_accounting.DpEvent:
-    """One event for several runs on the same data (their privacy losses add up)."""
+    """One event for several runs on the same data (their privacy losses add up).
+
+    Runs of one mechanism are merged: ``k₁`` and then ``k₂`` compositions of a mechanism are
+    ``k₁ + k₂`` compositions of it. The accountants then build one distribution per mechanism,
+    not one per run, so the ε of a fit-per-epoch loop costs as much at its 50th call as at its
+    second (and is the ε of one run of all those steps).
+    """
     events = tuple(events)
     if len(events) == 1:
         return events[0]
-    return dp_accounting.ComposedDpEvent(events)
+    counts: dict[dp_accounting.DpEvent, int] = {}
+    for event in events:
+        inner, count = event, 1
+        if isinstance(event, dp_accounting.SelfComposedDpEvent):
+            inner, count = event.event, int(event.count)
+        counts[inner] = counts.get(inner, 0) + count
+    merged = [dp_accounting.SelfComposedDpEvent(inner, count) for inner, count in counts.items()]
+    # (A tuple: events are hashed by the accountant's cache.)
+    return merged[0] if len(merged) == 1 else dp_accounting.ComposedDpEvent(tuple(merged))
 
 
 def make_accountant(

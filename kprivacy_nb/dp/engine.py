@@ -134,6 +134,7 @@ class DPSGDEngine:
         accuracy: Callable[[Any, Any], tf.Tensor] | None = None,
         host_x: np.ndarray | None = None,
         physical_batch_size: int | None = None,
+        batch_spec: tuple[Any, Any] | None = None,
     ) -> None:
         sample_x = tf.nest.map_structure(lambda t: t[:2], X)
         self.clipper = FastClipper(model, loss_fn, l2_norm_clip=l2_norm_clip, sample_x=sample_x)
@@ -163,15 +164,23 @@ class DPSGDEngine:
             RepeatedTokens(tf.TensorSpec([None, None], tf.bool), *[vector] * 5)
             for _ in self._host_vocab
         ]
+        # The batches' structure, dtypes and shapes (batch dimension unknown) as the training
+        # pipeline delivers them; by default those of X, Y.
+        self.batch_spec = batch_spec or (_batch_spec(X), _batch_spec(Y))
+        x_spec, y_spec = self.batch_spec
+        rows = tf.TensorSpec([None], tf.float32)
+        # The clipped sum is traced once, as a function of its own: the training step (Keras'
+        # train function, or ``step``) calls it, and so does the self-check's probe — which so
+        # measures the very graph that trains, and the model is not traced twice (memory).
+        self._clip_fn = tf.function(
+            self._clipped_traced,
+            input_signature=[x_spec, y_spec, rows, tf.TensorSpec([], tf.float32),
+                             *self.repeated_spec],
+        )  # fmt: skip
         signature = [
-            _batch_spec(X), _batch_spec(Y), tf.TensorSpec([None], tf.float32),
-            tf.TensorSpec([2], tf.float32), tf.TensorSpec([None], tf.float32),
-            *self.repeated_spec,
+            x_spec, y_spec, rows, tf.TensorSpec([2], tf.float32), rows, *self.repeated_spec,
         ]  # fmt: skip
         self._step = tf.function(self.update, input_signature=signature)
-        probe_signature = [_batch_spec(X), _batch_spec(Y), tf.TensorSpec([None], tf.float32)]
-        probe_signature.extend(self.repeated_spec)
-        self._probe = tf.function(self._probe_impl, input_signature=probe_signature)
         self.sensitivity_checked: float | None = None  # largest removal effect / C found
         self._concrete: Any = None
         self._pool: ThreadPoolExecutor | None = None  # host inputs of the next step
@@ -269,6 +278,20 @@ class DPSGDEngine:
         reg = self.clipper.regularization_grads()
         return sums, totals, reg
 
+    def _clipped_traced(
+        self, x: Any, y: Any, weights: tf.Tensor, scale: tf.Tensor, *repeated: RepeatedTokens
+    ) -> Any:
+        return self._clipped(x, y, weights, scale, repeated)
+
+    def conform(self, x: Any, y: Any) -> tuple[Any, Any]:
+        """``x, y`` as tensors of :attr:`batch_spec`'s structure and dtypes."""
+        x_spec, y_spec = self.batch_spec
+        leaves = [
+            tf.cast(t, s.dtype)
+            for t, s in zip(tf.nest.flatten(x), tf.nest.flatten(x_spec), strict=True)
+        ]
+        return tf.nest.pack_sequence_as(x_spec, leaves), tf.cast(y, y_spec.dtype)
+
     def update(
         self, x: Any, y: Any, weights: tf.Tensor, meta: tf.Tensor, noise: tf.Tensor,
         *repeated: RepeatedTokens,
@@ -283,7 +306,7 @@ class DPSGDEngine:
         # (Σ clipped + N(0, σ²C²)) / denom: 1/denom is folded into the clip factors here and
         # into the noise's standard deviation by whoever draws it.
         scale = 1.0 / meta[0]
-        grads, stats, reg_grads = self._clipped(x, y, weights, scale, repeated)
+        grads, stats, reg_grads = self._clip_fn(x, y, weights, scale, *repeated)
         noisy = self._with_noise(grads, noise, reg_grads)
         # Every example's contribution is finite and bounded (non-finite ones are dropped), so
         # this decision is made on the noisy update alone: post-processing, covered by ε.
@@ -330,10 +353,6 @@ class DPSGDEngine:
         # The decision is made on the summed noisy update alone (post-processing, as in update).
         return total, sums, _finite(total)
 
-    def _probe_impl(self, x: Any, y: Any, weights: tf.Tensor, *repeated: RepeatedTokens) -> Any:
-        out = self.clipper.clipped_sum(x, y, weights, repeated=repeated)
-        return tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in out.grads], 0)
-
     def check_sensitivity(self, X: Any, Y: Any, batch_size: int) -> float:
         """The traced-step probe of the self-check (:func:`.clipping.selfcheck.probe_sensitivity`)
         on the first ``batch_size`` rows (at least 16, at most 512): the clipped sum computed as
@@ -346,7 +365,9 @@ class DPSGDEngine:
         y = tf.convert_to_tensor(Y[:rows])
 
         def run(xs: Any, ys: Any, weights: tf.Tensor) -> Any:
-            return self._probe(xs, ys, weights, *self.host_repeats(xs))
+            xs, ys = self.conform(xs, ys)
+            grads, _, _ = self._clip_fn(xs, ys, weights, tf.constant(1.0), *self.host_repeats(xs))
+            return tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads], 0)
 
         started = time.perf_counter()
         self.sensitivity_checked = probe_sensitivity(
@@ -392,8 +413,9 @@ class DPSGDEngine:
                 self.noise = GaussianNoise(self.sizes, self.seed, prefetch=True)
             noise = tf.constant(self.noise.next(self.noise_std / denominator))
         rows = tf.constant(idx, tf.int32)
-        x = tf.nest.map_structure(lambda t: tf.gather(t, rows), X)
-        y = tf.gather(Y, rows)
+        x, y = self.conform(
+            tf.nest.map_structure(lambda t: tf.gather(t, rows), X), tf.gather(Y, rows)
+        )
         weights = tf.fill([len(idx)], weight)
         meta = tf.constant(np.array([denominator, weight], np.float32))
         args = [x, y, weights, meta, noise]
@@ -432,10 +454,16 @@ class DPSGDEngine:
 
 
 def _finite(tensors: list[Any]) -> tf.Tensor:
-    """Whether every entry is finite: a sum is NaN or ±∞ when any term is (and, harmlessly, when
-    finite entries near float32's limit overflow it). One sum per tensor costs less than a
-    per-entry test."""
-    return tf.math.is_finite(tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in tensors]))
+    """Whether every entry is finite. One sum per tensor decides the usual case (a sum is finite
+    only if every term is, unless finite terms overflow it — a huge C); only then is every entry
+    tested."""
+    tensors = [tf.cast(g, tf.float32) for g in tensors]
+    total = tf.add_n([tf.reduce_sum(g) for g in tensors])
+    return tf.cond(
+        tf.math.is_finite(total),
+        lambda: tf.constant(True),
+        lambda: tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in tensors]),
+    )
 
 
 def resolve_optimizer(optimizer: Any, learning_rate: float | None) -> Any:

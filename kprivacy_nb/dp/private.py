@@ -37,7 +37,6 @@ import numpy as np
 
 from ..errors import InvalidParameterError, TrainingError
 from . import accounting
-from .clipping import check_clip
 from .engine import PRIVATE_UPDATE, private_update  # noqa: F401  (re-exported for compat)
 
 __all__ = ["PrivacyState", "make_private"]
@@ -138,7 +137,7 @@ def make_private(
         raise InvalidParameterError(
             "give exactly one of noise_multiplier (σ) or target_epsilon (σ is then calibrated)"
         )
-    clip = check_clip(l2_norm_clip)
+    clip = accounting.check_clip(l2_norm_clip)
     if noise_multiplier is not None and not (
         math.isfinite(float(noise_multiplier)) and float(noise_multiplier) >= 0
     ):
@@ -253,11 +252,11 @@ def _as_columns(data: Any, what: str) -> Any:
                 f"{' …' if len(bad) > 5 else ''} are not numeric (text, dates or mixed): encode "
                 "them (pandas.get_dummies, .cat.codes) or drop them before training"
             )
-        return data.to_numpy()
+        return _frame_array(data)
     if pd is not None and isinstance(data, pd.Series):
         if not (pd.api.types.is_numeric_dtype(data) or pd.api.types.is_bool_dtype(data)):
             raise InvalidParameterError(_text_labels(what))
-        return data.to_numpy()
+        return _frame_array(data)
     if isinstance(data, dict):
         return {k: _as_columns(v, f"{what}[{k!r}]") for k, v in data.items()}
     if isinstance(data, (list, tuple)):
@@ -279,6 +278,16 @@ def _as_columns(data: Any, what: str) -> Any:
             f"{what}: expected arrays (NumPy, np.memmap, pandas, or dicts/lists of them), got "
             f"{type(data).__name__}"
         )
+    return arr
+
+
+def _frame_array(data: Any) -> np.ndarray:
+    """A numeric DataFrame or Series as one NumPy array: float64 when its columns mix kinds
+    (floats and booleans) or use pandas' nullable types (a missing value becomes NaN, which is
+    then refused with its row and column)."""
+    arr = data.to_numpy()
+    if arr.dtype == object:
+        arr = data.astype("float64").to_numpy()
     return arr
 
 
@@ -659,7 +668,8 @@ def _plan_fit(
             model, per_example_loss_fn(model.loss), None, l2_norm_clip=state.l2_norm_clip,
             noise_multiplier=sigma, X=X, Y=Y, accuracy=accuracy,
             physical_batch_size=state.physical_batch_size,
-            host_x=x if isinstance(x, np.ndarray) and x.dtype.kind in "iu" else None,
+            host_x=x if isinstance(x, np.ndarray) and x.dtype.kind in "iuf" else None,
+            batch_spec=batch_specs(x, y),
         )  # fmt: skip
         engine.check_sensitivity(X, Y, batch_size)
         state.engine_key, state.engine, state.traced = key, engine, None
@@ -949,6 +959,17 @@ def padded_rows(rows: int) -> int:
     return -(-rows // grain) * grain
 
 
+def batch_specs(x: Any, y: Any) -> tuple[Any, Any]:
+    """The ``TensorSpec`` structures of the training batches of ``x, y`` (batch dimension
+    unknown): floats and booleans as float32, as the pipeline delivers them."""
+    import tensorflow as tf
+
+    # tf.data reads a list as one tensor to stack: a multi-input model's list of inputs travels
+    # as a tuple (Keras takes either).
+    x_spec = _as_tuples(_map(lambda a: tf.TensorSpec([None, *a.shape[1:]], _dtype(a)), x))
+    return x_spec, tf.TensorSpec([None, *np.shape(y)[1:]], _dtype(y))
+
+
 def _as_tuples(structure: Any) -> Any:
     """``structure`` with every list made a tuple (dicts and tuples kept, leaves untouched)."""
     if isinstance(structure, (list, tuple)):
@@ -967,11 +988,8 @@ class Element:
     def __init__(self, plan: FitPlan) -> None:
         import tensorflow as tf
 
-        self.plan, x, y = plan, plan.x, plan.y
-        # tf.data reads a list as one tensor to stack: a multi-input model's list of inputs
-        # travels as a tuple (Keras takes either).
-        self.x_spec = _as_tuples(_map(lambda a: tf.TensorSpec([None, *a.shape[1:]], _dtype(a)), x))
-        y_spec = tf.TensorSpec([None, *np.shape(y)[1:]], _dtype(y))
+        self.plan = plan
+        self.x_spec, y_spec = plan.engine.batch_spec
         self.leaves = len(tf.nest.flatten(self.x_spec))
         self.repeat_structure = tuple(plan.engine.repeated_spec)  # (tf.data takes tuples)
         repeat_specs = tf.nest.flatten(self.repeat_structure)

@@ -317,9 +317,7 @@ def dp_fit(
         raise InvalidParameterError(
             "give exactly one of noise_multiplier (σ) or target_epsilon (σ is then calibrated)"
         )
-    from .clipping import check_clip
-
-    check_clip(l2_norm_clip)
+    accounting.check_clip(l2_norm_clip)
     if target_epsilon is not None and not float(target_epsilon) > 0:
         raise InvalidParameterError(f"target_epsilon must be > 0, got {target_epsilon}")
     n = _num_rows(x, "x")

@@ -30,15 +30,7 @@ from . import (  # noqa: F401
     rms_normalization,
     rnn,
 )
-from .clipper import (
-    EXACT_FALLBACK,
-    FALLBACK,
-    MIN_CLIP,
-    ClippedBatch,
-    FastClipper,
-    check_clip,
-    reads_model_input,
-)
+from .clipper import EXACT_FALLBACK, FALLBACK, ClippedBatch, FastClipper, reads_model_input
 from .embedding import RepeatedTokens, graph_repeats, repeats
 from .losses import per_example_loss_fn
 from .model import check_model, flatten_layers
@@ -47,11 +39,9 @@ from .registry import handler_for, register
 __all__ = [
     "EXACT_FALLBACK",
     "FALLBACK",
-    "MIN_CLIP",
     "ClippedBatch",
     "FastClipper",
     "RepeatedTokens",
-    "check_clip",
     "check_model",
     "flatten_layers",
     "graph_repeats",

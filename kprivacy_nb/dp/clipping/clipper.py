@@ -19,7 +19,6 @@ stops at a point that depends on one record.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,32 +27,12 @@ from typing import Any
 import tensorflow as tf
 
 from ...errors import TrainingError
+from ..accounting import check_clip
 from .embedding import EmbeddingHandler, RepeatedTokens
 from .model import check_model, flatten_layers
 from .registry import Handler, LayerGrads, Recorder, RowFilter, handler_for, materialized
 
-__all__ = ["ClippedBatch", "FastClipper", "FALLBACK", "EXACT_FALLBACK", "MIN_CLIP", "check_clip"]
-
-#: The smallest clipping norm C accepted. Far below any useful C, and far above the norms at which
-#: float32 products of sums of squares could underflow (≈1e-19): a norm is never computed as 0
-#: while it is above C (see :mod:`.linear`).
-MIN_CLIP = 1e-6
-
-
-def check_clip(value: Any) -> float:
-    """``value`` as the clipping norm C, or :class:`InvalidParameterError` naming the range."""
-    from ...errors import InvalidParameterError
-
-    try:
-        clip = float(value)
-    except (TypeError, ValueError):
-        clip = math.nan
-    if not (math.isfinite(clip) and clip >= MIN_CLIP):
-        raise InvalidParameterError(
-            f"l2_norm_clip must be a finite number ≥ {MIN_CLIP:g}, got {value!r}"
-        )
-    return clip
-
+__all__ = ["ClippedBatch", "FastClipper", "FALLBACK", "EXACT_FALLBACK"]
 
 FALLBACK = "fallback: vectorised per-example gradients"
 EXACT_FALLBACK = "fallback: per-example gradients, one example at a time"

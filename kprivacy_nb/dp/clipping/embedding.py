@@ -154,10 +154,18 @@ class EmbeddingHandler(Handler):
         if idx.dtype not in (tf.int32, tf.int64):
             idx = tf.cast(idx, tf.int32)
         idx = tf.where(idx < 0, idx + tf.cast(layer.input_dim, idx.dtype), idx)  # as ops.take
-        z = tf.gather(layer.embeddings, idx)
         host = rec.host.get(id(layer))
-        if host is not None:
+        if host is not None:  # every id of the data was range-checked before training
+            z = tf.gather(layer.embeddings, idx)
             host = _checked(host, idx, rec.inputs, layer.input_dim)
+        else:
+            # Ids computed in the model were not: an id out of range would stop training at the
+            # step that samples its record — a signal outside the accounting. Its example's
+            # rows become NaN instead, and the step drops the example as a non-finite one.
+            bad = (idx < 0) | (idx >= tf.cast(layer.input_dim, idx.dtype))
+            idx = tf.where(bad, tf.zeros_like(idx), idx)
+            z = tf.gather(layer.embeddings, idx)
+            z = tf.where(bad[..., None], tf.constant(float("nan"), z.dtype), z)
         z = rec.probe(layer, self.kind, z, idx=idx, repeats=host)
         return ops.cast(z, layer.compute_dtype)
 

@@ -51,16 +51,25 @@ def _rows(data: Any, rows: Any) -> Any:
 
 def _perturbed(x: Any, row: int) -> Any:
     """``x`` with example ``row`` changed in every input: floats moved by a large amount,
-    integer ids shifted to another id present in the batch."""
+    integer ids (and whole numbers stored as floats) shifted to another id present in the
+    batch."""
     rng = np.random.default_rng(row)
 
     def change(t: Any) -> Any:
         a = np.array(t)
-        if a.dtype.kind == "f":
-            a[row] = a[row] + (1.0 + np.abs(a[row])) * rng.standard_normal(a[row].shape)
-        elif a.dtype.kind in "iu":
+        whole = a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a))
+        if whole or a.dtype.kind in "iu":
+            # Ids (and whole numbers stored as floats, most likely ids: a float move would take
+            # them out of an Embedding's range) move to another id present in the batch — or,
+            # where every row holds the same value, to a neighbour (0 ↔ 1, 2 ↔ 3, …): the
+            # example must change, or the check would not look at this input at all.
             low, high = a.min(), a.max()
-            a[row] = np.where(a[row] < high, a[row] + 1, low)
+            if low < high:
+                a[row] = np.where(a[row] < high, a[row] + 1, low)
+            else:
+                a[row] = np.where(a[row] % 2 == 0, a[row] + 1, a[row] - 1)
+        elif a.dtype.kind == "f":
+            a[row] = a[row] + (1.0 + np.abs(a[row])) * rng.standard_normal(a[row].shape)
         elif a.dtype.kind == "b":
             a[row] = ~a[row]
         return tf.constant(a)
@@ -154,21 +163,29 @@ def _errors(clipper: Any, x: Any, y: Any, batch: int) -> dict[str, tuple[float, 
     ref = _reference(clipper, x, y, batch)
     fast = _fast(clipper, x, y, batch)
     total = sum(ref.values())
-    floor = 1e-6 * float(np.max(total)) + 1e-30
+    # An example whose loss or gradient is not finite is dropped by the step: nothing to compare.
+    # The check must not pass on NaNs, so the others must be enough.
+    usable = np.isfinite(total)
+    if not np.any(usable):
+        raise TrainingError(
+            f"the self-check could not compare any gradient norm: the loss or gradient of each "
+            f"of the first {batch} training examples is not finite (NaN or ∞). Check the data "
+            "and the model (an all-padding row under a masked mean divides 0 by 0)"
+        )
+    floor = 1e-6 * float(np.max(total[usable])) + 1e-30
     errors = {}
     for name in set(ref) | set(fast):
-        r = ref.get(name, np.zeros(batch))
+        r = ref.get(name, np.zeros(batch))[usable]
         f, method = fast.get(name, (np.zeros(batch), "missing"))
-        finite = np.isfinite(r) & np.isfinite(f)
-        if not np.any(finite):
-            continue
+        f, t = f[usable], total[usable]
         # Both sides are float32 computations; an example whose norm is tiny next to the layer's
         # largest is measured against that scale (a wrong formula is off for every example).
         # And the guarantee needs each example's *total* norm right: a layer that carries a
         # sliver of it (a float32 cancellation-dominated gradient) is measured against the total
-        # (an error of 1e-3 of the total norm² moves the clipped norm by 0.05%).
-        scale = floor + 1e-2 * float(np.max(r[finite]))
-        err = np.abs(f - r)[finite] / (r[finite] + scale + 1e-3 * total[finite])
+        # (an error of 1e-3 of the total norm² moves the clipped norm by 0.05%). A fast norm
+        # that is not finite where the reference is counts as infinitely wrong.
+        scale = floor + 1e-2 * float(np.max(r))
+        err = np.where(np.isfinite(f), np.abs(f - r) / (r + scale + 1e-3 * t), np.inf)
         errors[name] = (float(np.max(err)), method)
     return errors
 
