@@ -63,9 +63,11 @@ def repeats(ids: np.ndarray, vocabulary: int) -> RepeatedTokens:
         if low < 0:  # wrapped, as ops.take does
             ids = np.where(ids < 0, ids + vocabulary, ids)
     size = batch * length
-    tokens = ids.ravel().astype(np.int64)
-    positions = np.arange(size, dtype=np.int64)
     bits = max(1, (size - 1).bit_length())
+    # 32-bit keys when they fit (NumPy sorts and shifts them twice as fast), else 64-bit.
+    wide = np.int32 if int(vocabulary).bit_length() + bits <= 31 else np.int64
+    tokens = ids.ravel().astype(wide)
+    positions = np.arange(size, dtype=wide)
     if int(vocabulary).bit_length() + bits <= 62:
         keys = (tokens << bits) | positions
         keys.sort()

@@ -66,10 +66,6 @@ def _ghost_sq(parts: list[tf.Tensor], dz: tf.Tensor, positions: int) -> tf.Tenso
     return tf.cast(tf.square(norm), tf.float32)
 
 
-#: float32 squares are taken of values × 2⁻¹⁶: no overflow below |x| ≈ 1.2e24 (unscaled, squares
-#: overflow above 1.8e19), and what underflow can lose is at most 2⁻¹²⁶ per entry in those units,
-#: 2⁻⁹⁴ ≈ 5e-29 unscaled — added back (see _single_position_sq).
-_SQ_SCALE = 2.0**-16
 #: Widest layer (inputs + outputs) whose norms use float32 sums: their rounding bound (below)
 #: stays under 5e-4, half the self-check's tolerance. Wider layers sum in float64.
 FLOAT32_SUMS_MAX_WIDTH = 4096
@@ -80,13 +76,13 @@ def _single_position_sq(a: tf.Tensor, dz: tf.Tensor, with_bias: bool) -> tf.Tens
     value.
 
     Both factors are sums of squares: no cancellation. Up to :data:`FLOAT32_SUMS_MAX_WIDTH` they
-    are float32 sums (one cheap pass over ``a`` and ``dz``) of values scaled by 2⁻¹⁶, so neither
-    overflows for any sensible input; each gets its count times 2⁻¹²⁶ added (what flushing tiny
-    squares to 0 can lose) and is multiplied by ``1 + (n + 2)·2⁻²³`` — twice the worst-case
-    relative rounding error of summing n squares in any order — so tiny inputs read by huge
-    output-gradients can't make the norm 0, nor rounding make it smaller. Wider layers sum in
-    float64. The per-example products are formed in float64; a norm² beyond float32's range
-    becomes ∞ and the example is dropped, as a non-finite one.
+    are float32 sums (one cheap pass over ``a`` and ``dz``); each gets its count times 2⁻¹²⁶
+    added (what flushing tiny squares to 0 can lose) and is multiplied by ``1 + (n + 2)·2⁻²³`` —
+    twice the worst-case relative rounding error of summing n squares in any order — so tiny
+    inputs read by huge output-gradients can't make the norm 0, nor rounding make it smaller.
+    Wider layers sum in float64. The per-example products are formed in float64. A factor or a
+    norm² beyond float32's range (an entry above ~1.8e19) becomes ∞ and the example is dropped,
+    as a non-finite one.
     """
     p, o = a.shape[-1], dz.shape[-1]
     if p + o > FLOAT32_SUMS_MAX_WIDTH:
@@ -95,14 +91,12 @@ def _single_position_sq(a: tf.Tensor, dz: tf.Tensor, with_bias: bool) -> tf.Tens
         sq = (a_sq + 1.0) * dz_sq if with_bias else a_sq * dz_sq
         return tf.cast(sq * (1.0 + 2.0**-23), tf.float32)  # (the cast rounds to nearest)
 
-    def scaled_sq(t: tf.Tensor, n: int) -> tf.Tensor:
-        s = tf.reduce_sum(tf.square(t * _SQ_SCALE), 1) + n * _TINY32
+    def sum_sq(t: tf.Tensor, n: int) -> tf.Tensor:
+        s = tf.reduce_sum(tf.square(t), 1) + n * _TINY32
         return tf.cast(s, tf.float64) * (1.0 + (n + 2) * 2.0**-23)
 
-    a_sq, dz_sq = scaled_sq(a, p), scaled_sq(dz, o)
-    if with_bias:
-        a_sq = a_sq + _SQ_SCALE**2  # ‖a‖² + 1, in the scaled units
-    return tf.cast(a_sq * dz_sq * _SQ_SCALE**-4, tf.float32)
+    a_sq, dz_sq = sum_sq(a, p), sum_sq(dz, o)
+    return tf.cast((a_sq + 1.0) * dz_sq if with_bias else a_sq * dz_sq, tf.float32)
 
 
 def linear_grads(
