@@ -121,20 +121,25 @@ def report(out_dir: Path, executed: Path) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m kprivacy_nb.demo",
-        description="Run the quickstart notebook in a Jupyter kernel and keep its outputs.",
-    )
+def demo_arguments(prog: str, description: str, small_help: str) -> argparse.ArgumentParser:
+    """The parser every demo shares: ``--out`` (default demo-output/ or $KPRIVACY_NB_DEMO_OUT)
+    and ``--small``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument(
         "--out",
         default=os.environ.get("KPRIVACY_NB_DEMO_OUT", str(ROOT / "demo-output")),
         help="output folder (default: demo-output/ in the repository)",
     )
-    parser.add_argument(
-        "--small", action="store_true", help="CI size (KPRIVACY_NB_CI=1): fewer epochs, faster"
-    )
-    args = parser.parse_args(argv)
+    parser.add_argument("--small", action="store_true", help=small_help)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = demo_arguments(
+        "python -m kprivacy_nb.demo",
+        "Run the quickstart notebook in a Jupyter kernel and keep its outputs.",
+        "CI size (KPRIVACY_NB_CI=1): fewer epochs, faster",
+    ).parse_args(argv)
     try:
         import nbformat
         from nbclient import NotebookClient

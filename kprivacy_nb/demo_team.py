@@ -20,10 +20,8 @@ happens.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import textwrap
@@ -33,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .demo import ROOT, failure_line, kernel_env, kernel_output
+from .demo import demo_arguments, failure_line, kernel_env, kernel_output
 from .errors import KPrivacyError
 from .quiet.filter import HeldBack, strip_ansi
 
@@ -281,19 +279,11 @@ def run_demo(out_dir: Path, small: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m kprivacy_nb.demo_team",
-        description="Two Jupyter kernels share one privacy budget on a throwaway PostgreSQL.",
-    )
-    parser.add_argument(
-        "--out",
-        default=os.environ.get("KPRIVACY_NB_DEMO_OUT", str(ROOT / "demo-output")),
-        help="output folder (default: demo-output/ in the repository)",
-    )
-    parser.add_argument(
-        "--small", action="store_true", help=f"train on the first {SMALL_ROWS} rows: faster"
-    )
-    args = parser.parse_args(argv)
+    args = demo_arguments(
+        "python -m kprivacy_nb.demo_team",
+        "Two Jupyter kernels share one privacy budget on a throwaway PostgreSQL.",
+        f"train on the first {SMALL_ROWS} rows: faster",
+    ).parse_args(argv)
     try:
         import nbclient  # noqa: F401
         import psycopg  # noqa: F401

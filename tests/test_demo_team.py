@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_quiet_terminal import TF_MARKERS, user_env
+from test_quiet_terminal import TF_MARKERS, run_demo, user_env
 
 from kprivacy_nb.dp.pg_local import find_bindir
 
@@ -31,12 +31,7 @@ def test_two_kernels_share_one_budget_and_the_cap_holds(tmp_path):
             pytest.fail(f"CI: {message}; .ci/run must install it", pytrace=False)
         pytest.skip(f"*** SKIPPED: {message} ***")
     out = tmp_path / "demo-output"
-    env = user_env()
-    env["KPRIVACY_NB_HOME"] = str(tmp_path / "home")
-    proc = subprocess.run(
-        [sys.executable, "-m", "kprivacy_nb.demo_team", "--small", "--out", str(out)],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800,
-    )  # fmt: skip
+    proc = run_demo("kprivacy_nb.demo_team", tmp_path)
     terminal = proc.stdout + proc.stderr
     assert proc.returncode == 0, terminal
     assert proc.stderr == ""

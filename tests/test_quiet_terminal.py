@@ -27,6 +27,16 @@ def user_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
+def run_demo(module: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``python -m module --small`` as a user runs it, writing to tmp_path/demo-output."""
+    env = user_env()
+    env["KPRIVACY_NB_HOME"] = str(tmp_path / "home")
+    return subprocess.run(
+        [sys.executable, "-m", module, "--small", "--out", str(tmp_path / "demo-output")],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800,
+    )  # fmt: skip
+
+
 def run_script(code: str, tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(code))
@@ -110,12 +120,7 @@ def test_demo_terminal_output_is_only_the_demo(tmp_path):
     """What `make demo` prints: progress and summary, no TensorFlow; the kernel's own output
     is in demo-output/kernel.log, named in the summary."""
     out = tmp_path / "demo-output"
-    env = user_env()
-    env["KPRIVACY_NB_HOME"] = str(tmp_path / "home")
-    proc = subprocess.run(
-        [sys.executable, "-m", "kprivacy_nb.demo", "--small", "--out", str(out)],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800,
-    )  # fmt: skip
+    proc = run_demo("kprivacy_nb.demo", tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     terminal = proc.stdout + proc.stderr
     for marker in (*TF_MARKERS, "IPKernelApp", "without encryption", "WARNING"):
