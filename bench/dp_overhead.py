@@ -11,12 +11,15 @@ machines, whose speed drifts by tens of percent within a minute; both sides see 
 Per-step times are medians over the epochs after the first (tracing and warm-up excluded); the
 ratio is the median of the per-epoch DP/plain ratios. The engine's self-check (once per run,
 before the first step) is reported separately as ``self_check_s``. With ``--memory``, each case
-also trains for two epochs in fresh child processes, plain and DP, and reports their peak RSS
-growth over the process after data and model were made (``memory_ratio`` = DP ÷ plain). Prints
-one JSON line per case.
+also trains for two epochs in fresh child processes, plain and DP, and reports two peaks, each
+over the process after data and model were made: the RSS growth (``memory_ratio`` = DP ÷ plain:
+everything, TensorFlow's graphs and kernel caches and the self-check included) and the peak of
+the tensors TensorFlow's CPU allocator holds (``tensor_ratio``: the training's working set, what
+grows with the model and the batch). ``--physical-batch-size`` runs the DP side in micro-batches
+of that many rows (``make_private``'s memory knob). Prints one JSON line per case.
 
     python bench/dp_overhead.py [mlp cnn embedding transformer lstm] [--epochs 12] [--steps 30]
-        [--path fit] [--memory]
+        [--path fit] [--memory] [--physical-batch-size N]
 
 ``--path fit`` measures ``make_private(model)`` + Keras' ``model.fit`` against plain ``fit``
 (``dp_fit`` by default measures both).
@@ -207,12 +210,17 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def memory_child(case: str, mode: str, path: str, steps: int) -> None:
-    """Train ``case`` for two epochs (plain, or DP by ``path``); print the peak RSS growth."""
+def memory_child(case: str, mode: str, path: str, steps: int, physical: int | None) -> None:
+    """Train ``case`` for two epochs (plain, or DP by ``path``); print the peak RSS growth and
+    the peak of TensorFlow's CPU tensor allocations."""
+    import tensorflow as tf
+
     from kprivacy_nb.dp import clipping, engine, private  # noqa: F401  (imports aren't training)
 
     model, x, y, loss, batch, _ = setup(case, steps)
     dp_model, _ = build(case)
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    tensors = tf.config.experimental.get_memory_info("CPU:0")["current"]
     before = _rss_kib("VmRSS")
     if mode == "plain":
         model.fit(x, y, batch_size=batch, epochs=2, verbose=0)
@@ -220,27 +228,37 @@ def memory_child(case: str, mode: str, path: str, steps: int) -> None:
         from kprivacy_nb import make_private
 
         dp_model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
-        make_private(dp_model, noise_multiplier=1.0, l2_norm_clip=1.0, delta=1e-5)
+        make_private(dp_model, noise_multiplier=1.0, l2_norm_clip=1.0, delta=1e-5,
+                     physical_batch_size=physical)  # fmt: skip
         dp_model.fit(x, y, batch_size=batch, epochs=2, verbose=0)
     else:
         dp_fit(dp_model, x, y, epochs=2, batch_size=batch, noise_multiplier=1.0, verbose=0,
-               optimizer=keras.optimizers.SGD(0.01), loss=loss)  # fmt: skip
-    print(json.dumps({"growth_mib": (_rss_kib("VmHWM") - before) / 1024}))
+               optimizer=keras.optimizers.SGD(0.01), loss=loss,
+               physical_batch_size=physical)  # fmt: skip
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - tensors
+    print(json.dumps({"growth_mib": (_rss_kib("VmHWM") - before) / 1024,
+                      "tensor_mib": peak / 2**20}))  # fmt: skip
 
 
-def peak_memory(case: str, path: str, steps: int) -> dict:
-    """Peak RSS growth of plain and DP training, each in a fresh process."""
+def peak_memory(case: str, path: str, steps: int, physical: int | None = None) -> dict:
+    """Peak RSS growth and peak tensor memory of plain and DP training, each in a fresh
+    process."""
     out = {}
     for mode in ("plain", "dp"):
+        extra = ["--physical-batch-size", str(physical)] if physical else []
         child = subprocess.run(
             [sys.executable, __file__, case, "--memory-child", mode, "--path", path,
-             "--steps", str(steps)],
+             "--steps", str(steps), *extra],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
-        out[mode] = json.loads(child.stdout.strip().splitlines()[-1])["growth_mib"]
+        out[mode] = json.loads(child.stdout.strip().splitlines()[-1])
+    plain, dp = out["plain"], out["dp"]
     return {
-        "plain_peak_mib": round(out["plain"], 1), "dp_peak_mib": round(out["dp"], 1),
-        "memory_ratio": round(out["dp"] / max(out["plain"], 1.0), 2),
+        "plain_peak_mib": round(plain["growth_mib"], 1), "dp_peak_mib": round(dp["growth_mib"], 1),
+        "memory_ratio": round(dp["growth_mib"] / max(plain["growth_mib"], 1.0), 2),
+        "plain_tensor_mib": round(plain["tensor_mib"], 1),
+        "dp_tensor_mib": round(dp["tensor_mib"], 1),
+        "tensor_ratio": round(dp["tensor_mib"] / max(plain["tensor_mib"], 0.1), 2),
     }  # fmt: skip
 
 
@@ -254,10 +272,16 @@ def main() -> None:
         help="dp_fit(), make_private + model.fit, or both",
     )  # fmt: skip
     parser.add_argument("--memory", action="store_true", help="also measure peak memory")
+    parser.add_argument(
+        "--physical-batch-size", type=int, default=None,
+        help="with --memory: the DP side in micro-batches of this many rows",
+    )  # fmt: skip
     parser.add_argument("--memory-child", choices=["plain", "dp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        memory_child(args.cases[0], args.memory_child, args.path, args.steps)
+        memory_child(
+            args.cases[0], args.memory_child, args.path, args.steps, args.physical_batch_size
+        )
         return
     for case in args.cases:
         for path, run in (("dp_fit", run_case), ("fit", run_case_fit)):
@@ -265,7 +289,7 @@ def main() -> None:
                 continue
             out = run(case, args.epochs, args.steps)
             if args.memory:
-                out.update(peak_memory(case, path, args.steps))
+                out.update(peak_memory(case, path, args.steps, args.physical_batch_size))
             print(json.dumps(out, ensure_ascii=False), flush=True)
 
 

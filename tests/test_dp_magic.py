@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from IPython.core.error import UsageError  # noqa: E402
 
+from kprivacy_nb.dp.private import privacy_state  # noqa: E402
 from kprivacy_nb.dp.trainer import DPFitResult  # noqa: E402
 from kprivacy_nb.widgets.monitor import TrainingMonitor  # noqa: E402
 
@@ -47,9 +48,14 @@ def test_dp_fit_magic_options_and_errors(ip):
     run = ip.run_line_magic(
         "dp_fit",
         "model x_train y_train --epochs 1 --batch-size 50 --noise-multiplier 1.5 --delta 1e-3 "
-        "--optimizer opt --sampling shuffle --accountant rdp --l2-norm-clip 0.5 --quiet",
+        "--optimizer opt --sampling shuffle --accountant rdp --l2-norm-clip 0.5 --quiet "
+        "--physical-batch-size 7",
     )
     assert run.sampling == "shuffle" and run.accountant == "rdp" and run.l2_norm_clip == 0.5
+    assert privacy_state(run.model).engine.physical_batch_size == 7
+    with pytest.raises(UsageError, match="physical_batch_size must be"):
+        ip.run_line_magic("dp_fit", "model x_train y_train --epochs 1 --batch-size 5 "
+                                    "--noise-multiplier 1 --physical-batch-size 0")  # fmt: skip
     with pytest.raises(UsageError, match="no variable named 'missing'"):
         ip.run_line_magic("dp_fit", "missing x_train y_train --epochs 1 --batch-size 5 "
                                     "--noise-multiplier 1")  # fmt: skip

@@ -127,6 +127,45 @@ def test_micro_batches_give_the_same_step():
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
 
 
+def _token_model(vocab=50, length=64, seed=0):
+    # An Embedding reading the input ids (its repeated tokens are found on the host when the
+    # batch is not split) and a Dense on the sequence.
+    keras.utils.set_random_seed(seed)
+    ids = keras.Input((length,), dtype="int32")
+    h = keras.layers.Dense(64, activation="relu")(keras.layers.Embedding(vocab, 64)(ids))
+    out = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling1D()(h))
+    model = keras.Model(ids, out)
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="binary_crossentropy")
+    return model
+
+
+def _tokens(n=128, vocab=50, length=64):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, vocab, (n, length)).astype("int32")  # many repeated tokens per example
+    return x, (x[:, 0] % 2).astype("int64")
+
+
+def test_micro_batches_of_token_inputs_give_the_same_step_in_less_memory():
+    # physical_batch_size once did nothing for a model whose Embedding reads the input ids:
+    # the whole batch ran at once. Split, the step must be the same and the peak of the
+    # tensors TensorFlow holds clearly lower.
+    x, y = _tokens()
+
+    def run(**private):
+        model = _token_model()
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        weights = _one_full_batch_update(model, x, y, l2_norm_clip=0.1, **private)
+        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+        return weights, peak
+
+    whole, whole_peak = run()
+    split, split_peak = run(physical_batch_size=16)
+    for u, v in zip(whole, split, strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
+    assert split_peak < 0.5 * whole_peak, (split_peak, whole_peak)
+
+
 def test_fit_calls_compose_and_a_target_covers_them_all():
     x, y = _data()
     model = _binary()

@@ -155,8 +155,9 @@ class DPSGDEngine:
         self._no_noise = tf.zeros([0], tf.float32)
         # Embeddings that read the input ids directly get their repeated tokens found on the
         # host (the ids as the model sees them: converted to its input's integer dtype).
+        # (Micro-batches find them in the graph, per micro-batch.)
         self._host_vocab, self._host_dtype = [], None
-        if self.clipper.host_embeddings:
+        if self.clipper.host_embeddings and physical_batch_size is None:
             self._host_vocab = [layer.input_dim for layer in self.clipper.host_embeddings]
             self._host_dtype = np.dtype(str(model.inputs[0].dtype))
         vector = tf.TensorSpec([None], tf.int32)

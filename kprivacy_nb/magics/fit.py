@@ -75,6 +75,11 @@ class FitMagics(Magics):
     @argument(
         "--ledger", default=None, help="budget name to charge (refused if it would overspend)"
     )
+    @argument(
+        "--physical-batch-size", type=int, default=None, metavar="N",
+        help="run each batch in micro-batches of at most N rows: the same step in less memory, "
+        "a little slower",
+    )  # fmt: skip
     @argument("--seed", type=int, default=None, help="reproducible sampling and noise (tests only)")
     @argument(
         "--fresh-data", action="store_true",
@@ -118,7 +123,7 @@ class FitMagics(Magics):
                 learning_rate=args.learning_rate, sampling=args.sampling or self.sampling,
                 accountant=args.accountant or self.accountant, validation_data=validation,
                 ledger=args.ledger, seed=args.seed, verbose=0 if args.quiet else 1, loss=loss,
-                fresh_data=args.fresh_data,
+                fresh_data=args.fresh_data, physical_batch_size=args.physical_batch_size,
             )  # fmt: skip
         except Exception:
             # A run that stopped part-way still has a card (steps run, ε spent): keep it.
