@@ -131,7 +131,7 @@ def _token_model(vocab=50, length=64, seed=0):
     # An Embedding reading the input ids (its repeated tokens are found on the host when the
     # batch is not split) and a Dense on the sequence.
     keras.utils.set_random_seed(seed)
-    ids = keras.Input((length,), dtype="int32")
+    ids = keras.Input((length,), dtype="int32", name="ids")
     h = keras.layers.Dense(64, activation="relu")(keras.layers.Embedding(vocab, 64)(ids))
     out = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling1D()(h))
     model = keras.Model(ids, out)
@@ -164,6 +164,45 @@ def test_micro_batches_of_token_inputs_give_the_same_step_in_less_memory():
     for u, v in zip(whole, split, strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
     assert split_peak < 0.5 * whole_peak, (split_peak, whole_peak)
+
+
+def test_a_physical_batch_size_too_large_to_split_anything_is_no_split():
+    # 2^31 - 1 once overflowed the chunk count in the graph: every update was silently zero
+    # while the steps (and ε) were counted. Beyond 32 bits it is refused, with the limit named.
+    x, y = _data(n=37)
+    start = _binary(optimizer=keras.optimizers.SGD(1.0))
+    weights = start.get_weights()
+    out = []
+    for physical in (None, 2**31 - 1):
+        model = _binary(optimizer=keras.optimizers.SGD(1.0))
+        model.set_weights(weights)
+        out.append(_one_full_batch_update(model, x, y, physical_batch_size=physical))
+    moved = [np.abs(a - b).max() for a, b in zip(out[1], weights, strict=True)]
+    assert max(moved) > 1e-3
+    for u, v in zip(out[0], out[1], strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
+    for bad in (2**31, 10**30):
+        with pytest.raises(InvalidParameterError, match="at most 2147483647"):
+            kprivacy_nb.make_private(_binary(), noise_multiplier=1.0, physical_batch_size=bad)
+
+
+@pytest.mark.parametrize("physical", [None, 5])
+@pytest.mark.parametrize("wrap", ["dict", "list"])
+def test_an_out_of_range_id_in_a_dict_or_list_input_is_refused_before_anything_runs(wrap, physical):
+    # A single-input model given its ids in a dict or a list: they are range-checked up front
+    # like a bare array — not dropped silently (micro-batches), nor refused by a graph error
+    # in the middle of training.
+    x, y = _tokens(n=24, vocab=20, length=16)
+    x[20, 4] = 20  # the table has 20 rows; row 20 is past the self-check's first rows
+    model = _token_model(vocab=20, length=16)
+    before = [w.copy() for w in model.get_weights()]
+    kprivacy_nb.make_private(model, noise_multiplier=1.0, delta=1e-3,
+                             physical_batch_size=physical)  # fmt: skip
+    data = {"ids": x} if wrap == "dict" else [x]
+    with pytest.raises(InvalidParameterError, match="token id 20 is out of range"):
+        model.fit(data, y, epochs=1, batch_size=8, verbose=0)
+    for a, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_fit_calls_compose_and_a_target_covers_them_all():
@@ -346,6 +385,13 @@ def test_the_first_hour_label_and_data_mistakes_get_their_fix():
         "of shape (10,) ("
     )
     assert "\n" not in message and "\x1b" not in message and "(2, " not in message
+    # A dict whose key is not the input's name: Keras' reason, not two identical shapes.
+    with pytest.raises(InvalidParameterError) as caught:
+        kprivacy_nb.dp_fit(_binary(), {"features": x}, y, epochs=1, batch_size=10,
+                           noise_multiplier=1.0)  # fmt: skip
+    message = str(caught.value)
+    assert message.startswith("x does not fit the model's input: ") and "'features'" in message
+    assert "rows of shape" not in message
     # A tf.data Dataset is refused for what it is (it carries its own y).
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(10)
     with pytest.raises(InvalidParameterError, match="tf.data.Dataset: .*Poisson"):

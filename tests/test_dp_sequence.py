@@ -244,6 +244,33 @@ def test_positions_as_many_as_examples_are_still_exact():
     assert engine.check_sensitivity(tf.constant(x), tf.constant(y), 8) <= 1.0 + 1e-3
 
 
+class PositionsGivenABatchAxis(TokenAndPosition):
+    """The model itself gives the positions a batch axis of 1 (``positions[None]``)."""
+
+    def call(self, x):
+        positions = self.positions(keras.ops.arange(0, keras.ops.shape(x)[-1], 1))
+        return self.tokens(x) + positions[None]
+
+
+def test_positions_the_model_indexes_as_a_table_take_the_verified_fallback():
+    # The fast rule gives the positions' output a batch axis; ``positions[None]`` then makes the
+    # sum 4-D and the model failed on the fast path (it runs in plain Keras). The layer now takes
+    # the fallback, verified; the tokens stay fast; one example moves the step by at most C.
+    rng = np.random.default_rng(9)
+    embed = PositionsGivenABatchAxis(T, VOCAB, 3)
+    model = keras.Sequential([keras.Input((T,), dtype="int32"), embed,
+                              k.GlobalAveragePooling1D(), k.Dense(2)])  # fmt: skip
+    x, y = _ids(rng, n=10), rng.normal(size=(10, 2)).astype("float32")
+    clipper = FastClipper(model, per_example_loss_fn("mse"), l2_norm_clip=1.0, sample_x=x)
+    clipper.verify(x[:8], y[:8])
+    report = clipper.report
+    assert FALLBACK in report[embed.positions.name] and "verified" in report[embed.positions.name]
+    assert "batch axis" in report[embed.positions.name]
+    assert report[embed.tokens.name].startswith("Embedding: ")
+    engine = _engine(model, x, y, clip=1e-3)
+    assert engine.check_sensitivity(tf.constant(x), tf.constant(y), 10) <= 1.0 + 1e-3
+
+
 # --------------------------------------------------------------------------- the transformer
 
 

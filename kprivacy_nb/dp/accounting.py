@@ -71,7 +71,7 @@ __all__ = [
 # --------------------------------------------------------------------------- validation
 
 
-def _check_int(name: str, value: object, *, minimum: int = 1) -> int:
+def _check_int(name: str, value: object, *, minimum: int = 1, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -80,6 +80,8 @@ def _check_int(name: str, value: object, *, minimum: int = 1) -> int:
     value = int(value)
     if value < minimum:
         raise InvalidParameterError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidParameterError(f"{name} must be at most {maximum}, got {value}")
     return value
 
 

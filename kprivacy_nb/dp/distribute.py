@@ -224,7 +224,7 @@ def _step_function(strategy: Any, plan: Any, feed: HostFeed, counters: HostCount
         applied = tf.cond(finite, lambda: engine.apply(update), lambda: tf.constant(0.0))
         return tf.concat([sums, [applied]], 0)
 
-    return tf.function(step)
+    return tf.function(step, autograph=False)
 
 
 def run_distributed_fit(

@@ -151,7 +151,10 @@ def make_private(
     accounting._check_choice("sampling", sampling, accounting.SAMPLINGS)
     accounting._check_choice("accountant", accountant, accounting.ACCOUNTANTS)
     if physical_batch_size is not None:
-        physical_batch_size = accounting._check_int("physical_batch_size", physical_batch_size)
+        # (Batch sizes are 32-bit in the graph: a larger value would not split anything.)
+        physical_batch_size = accounting._check_int(
+            "physical_batch_size", physical_batch_size, maximum=2**31 - 1
+        )
     if noise_multiplier is not None and float(noise_multiplier) == 0 and ledger is not None:
         raise InvalidParameterError(
             "noise_multiplier=0 has ε = ∞: it cannot be charged to a ledger"
@@ -299,6 +302,15 @@ def _text_labels(what: str) -> str:
             "0…k-1, e.g. y = pandas.factorize(y)[0] (keep the mapping to decode predictions)"
         )
     return f"{what} holds text (or Python objects), not numbers: encode or drop such columns"
+
+
+def _host_ids(x: Any) -> np.ndarray | None:
+    """The one input array of a single-input model (given bare, in a dict or in a list), whose
+    ids an input-reading Embedding's range is checked against before anything is spent."""
+    leaves = _leaves(x)
+    if len(leaves) == 1 and isinstance(leaves[0], np.ndarray) and leaves[0].dtype.kind in "iuf":
+        return leaves[0]
+    return None
 
 
 def _leaves(data: Any) -> list[Any]:
@@ -669,7 +681,7 @@ def _plan_fit(
             model, per_example_loss_fn(model.loss), None, l2_norm_clip=state.l2_norm_clip,
             noise_multiplier=sigma, X=X, Y=Y, accuracy=accuracy,
             physical_batch_size=state.physical_batch_size,
-            host_x=x if isinstance(x, np.ndarray) and x.dtype.kind in "iuf" else None,
+            host_x=_host_ids(x),
             batch_spec=batch_specs(x, y),
         )  # fmt: skip
         engine.check_sensitivity(X, Y, batch_size)

@@ -219,6 +219,11 @@ class FastClipper:
                 break
         self._refresh()
 
+    def broadcast_positions(self) -> list[str]:
+        """Fast Embeddings that gave their unbatched (position) ids a batch axis
+        (:mod:`.position_embedding`): the model's own shapes may not allow it."""
+        return [layer.name for layer, h in self._fast if getattr(h, "unbatched", False)]
+
     def use_exact_fallback(self) -> None:
         """Per-example gradients of the fallback weights one example at a time (no pfor)."""
         self.exact_fallback = True
