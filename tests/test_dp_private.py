@@ -205,6 +205,33 @@ def test_an_out_of_range_id_in_a_dict_or_list_input_is_refused_before_anything_r
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("wrap", ["dict", "list"])
+def test_an_out_of_range_id_for_one_input_of_several_is_refused_before_anything_runs(wrap):
+    # An Embedding reading one input of a two-input model: its ids come straight from the data
+    # too, and are range-checked up front (they were dropped silently as non-finite examples).
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, 20, (40, 5)).astype("int32")
+    ids[30, 1] = 20
+    extra = rng.normal(size=(40, 2)).astype("float32")
+    y = rng.integers(0, 2, 40)
+    tokens, side = keras.Input((5,), dtype="int32", name="t"), keras.Input((2,), name="e")
+    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(20, 3)(tokens))
+    out = keras.layers.Dense(1, activation="sigmoid")(keras.layers.Concatenate()([pooled, side]))
+    model = keras.Model([tokens, side], out)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="binary_crossentropy")
+    before = [w.copy() for w in model.get_weights()]
+    kprivacy_nb.make_private(model, noise_multiplier=1.0, delta=1e-3)
+    data = {"t": ids, "e": extra} if wrap == "dict" else [ids, extra]
+    with pytest.raises(InvalidParameterError, match="token id 20 is out of range"):
+        model.fit(data, y, epochs=1, batch_size=8, verbose=0)
+    for a, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    ids[30, 1] = 19  # in range: it trains
+    model.fit({"t": ids, "e": extra} if wrap == "dict" else [ids, extra], y, epochs=1,
+              batch_size=8, verbose=0)  # fmt: skip
+    assert model.privacy.steps > 0
+
+
 def test_fit_calls_compose_and_a_target_covers_them_all():
     x, y = _data()
     model = _binary()
@@ -390,7 +417,10 @@ def test_the_first_hour_label_and_data_mistakes_get_their_fix():
         kprivacy_nb.dp_fit(_binary(), {"features": x}, y, epochs=1, batch_size=10,
                            noise_multiplier=1.0)  # fmt: skip
     message = str(caught.value)
-    assert message.startswith("x does not fit the model's input: ") and "'features'" in message
+    assert message.startswith(
+        "x does not fit the model's input: x is a dict with keys ['features'], the model's "
+        "inputs are named ['"
+    )
     assert "rows of shape" not in message
     # A tf.data Dataset is refused for what it is (it carries its own y).
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(10)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -132,14 +132,14 @@ class DPSGDEngine:
         Y: Any,
         seed: int | None = None,
         accuracy: Callable[[Any, Any], tf.Tensor] | None = None,
-        host_x: np.ndarray | None = None,
+        input_arrays: Sequence[np.ndarray | None] | None = None,
         physical_batch_size: int | None = None,
         batch_spec: tuple[Any, Any] | None = None,
     ) -> None:
         sample_x = tf.nest.map_structure(lambda t: t[:2], X)
         self.clipper = FastClipper(model, loss_fn, l2_norm_clip=l2_norm_clip, sample_x=sample_x)
-        if host_x is not None:
-            self._check_ids(host_x)
+        if input_arrays is not None:
+            self.check_input_ids(input_arrays)
         # The self-check (exact reference norms, no mixing of examples) before anything runs.
         check_x = tf.nest.map_structure(lambda t: t[:SELF_CHECK_EXAMPLES], X)
         self.clipper.verify(check_x, Y[:SELF_CHECK_EXAMPLES])
@@ -213,17 +213,17 @@ class DPSGDEngine:
     def report(self) -> dict[str, str]:
         return dict(self.clipper.report)
 
-    def _check_ids(self, host_x: np.ndarray) -> None:
-        """Token ids out of an input-reading Embedding's range, found before any step runs."""
-        if host_x.size == 0:
-            return
-        self.check_id_range(int(host_x.min()), int(host_x.max()))
-
-    def check_id_range(self, low: int, high: int) -> None:
-        """Refuse ids in ``[low, high]`` that an input-reading Embedding does not have."""
+    def check_input_ids(self, arrays: Sequence[np.ndarray | None]) -> None:
+        """Refuse token ids that an Embedding reading a model input directly does not have,
+        before any step runs. ``arrays``: the data of each model input, in the model's input
+        order (None where it is not a NumPy array)."""
         from ..errors import InvalidParameterError
 
-        for layer in self.clipper.host_embeddings:
+        for layer, index in self.clipper.input_embeddings:
+            ids = arrays[index] if index < len(arrays) else None
+            if ids is None or ids.size == 0:
+                continue
+            low, high = int(ids.min()), int(ids.max())
             if high >= layer.input_dim or low < -layer.input_dim:
                 bad = high if high >= layer.input_dim else low
                 raise InvalidParameterError(

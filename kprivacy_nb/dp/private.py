@@ -304,13 +304,21 @@ def _text_labels(what: str) -> str:
     return f"{what} holds text (or Python objects), not numbers: encode or drop such columns"
 
 
-def _host_ids(x: Any) -> np.ndarray | None:
-    """The one input array of a single-input model (given bare, in a dict or in a list), whose
-    ids an input-reading Embedding's range is checked against before anything is spent."""
+def _input_arrays(model: Any, x: Any) -> list[np.ndarray | None]:
+    """The data of each model input, in the model's input order (a dict's by the inputs'
+    names), where it is a NumPy array of numbers: an Embedding reading an input directly has
+    its ids range-checked against it before anything is spent."""
+    inputs = list(getattr(model, "inputs", None) or [])
     leaves = _leaves(x)
-    if len(leaves) == 1 and isinstance(leaves[0], np.ndarray) and leaves[0].dtype.kind in "iuf":
-        return leaves[0]
-    return None
+    if len(inputs) <= 1 and len(leaves) == 1:
+        arrays = leaves
+    elif isinstance(x, dict):
+        arrays = [x.get(getattr(t, "name", None)) for t in inputs]
+    elif isinstance(x, (list, tuple)) and len(x) == len(inputs):
+        arrays = list(x)
+    else:
+        arrays = []
+    return [a if isinstance(a, np.ndarray) and a.dtype.kind in "iuf" else None for a in arrays]
 
 
 def _leaves(data: Any) -> list[Any]:
@@ -681,7 +689,7 @@ def _plan_fit(
             model, per_example_loss_fn(model.loss), None, l2_norm_clip=state.l2_norm_clip,
             noise_multiplier=sigma, X=X, Y=Y, accuracy=accuracy,
             physical_batch_size=state.physical_batch_size,
-            host_x=_host_ids(x),
+            input_arrays=_input_arrays(model, x),
             batch_spec=batch_specs(x, y),
         )  # fmt: skip
         engine.check_sensitivity(X, Y, batch_size)

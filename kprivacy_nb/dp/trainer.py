@@ -509,7 +509,13 @@ def _input_mismatch(model: Any, xs: Any, exc: Exception) -> str:
     rows = ", ".join(str(tuple(t.shape[1:])) for t in tf.nest.flatten(xs))
     inputs = getattr(model, "inputs", None) or []
     want = ", ".join(str(tuple(i.shape[1:])) for i in inputs)
-    if want == rows:  # the shapes agree: the reason is elsewhere (a dict's keys, a dtype…)
+    names = [str(getattr(i, "name", "?")) for i in inputs]
+    if isinstance(xs, dict) and sorted(map(str, xs)) != sorted(names):
+        return (
+            f"x does not fit the model's input: x is a dict with keys {sorted(map(str, xs))}, "
+            f"the model's inputs are named {names} ({reason})"
+        )
+    if want == rows:  # the shapes agree: the reason is elsewhere (a dtype…)
         return f"x does not fit the model's input: {reason}"
     expects = f"the model expects rows of shape {want}, " if want else ""
     return f"x does not fit the model's input: {expects}x has rows of shape {rows} ({reason})"

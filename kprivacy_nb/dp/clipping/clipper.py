@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import keras
 import tensorflow as tf
 
 from ...errors import TrainingError
@@ -66,21 +67,28 @@ def _patched(layers: list[tuple[Any, Callable[..., Any]]]) -> Iterator[None]:
                 object.__delattr__(layer, "call")
 
 
-def reads_model_input(model: Any, layer: Any) -> bool:
-    """True if ``layer`` is called once, directly on the input of a single-input model."""
+def model_input_read(model: Any, layer: Any) -> int | None:
+    """The position of the model input ``layer`` is called on, once and directly; else None."""
     try:
         inputs = model.inputs
         nodes = layer._inbound_nodes
     except (AttributeError, ValueError):
-        return False
-    if not inputs or len(inputs) != 1 or len(nodes) != 1:
+        return None
+    if not inputs or len(nodes) != 1:
+        return None
+    args = nodes[0].input_tensors
+    if len(args) != 1:
+        return None
+    return next((i for i, t in enumerate(inputs) if args[0] is t), None)
+
+
+def reads_model_input(model: Any, layer: Any) -> bool:
+    """True if ``layer`` is called once, directly on the input of a single-input model."""
+    if model_input_read(model, layer) != 0 or len(model.inputs) != 1:
         return False
     # Only integer inputs: Keras converts the data to the input's dtype first, and a float32
     # input would merge ids above 2^24 that the host still tells apart.
-    if str(getattr(inputs[0], "dtype", "")) not in ("int32", "int64"):
-        return False
-    args = nodes[0].input_tensors
-    return len(args) == 1 and args[0] is inputs[0]
+    return str(getattr(model.inputs[0], "dtype", "")) in ("int32", "int64")
 
 
 @dataclass
@@ -208,6 +216,14 @@ class FastClipper:
             layer
             for layer, handler in self._fast
             if isinstance(handler, EmbeddingHandler) and reads_model_input(self.model, layer)
+        ]
+        # Every Embedding reading a model input directly (any input of the model, fast or not):
+        # its ids come straight from the data and are range-checked before training.
+        self.input_embeddings = [
+            (layer, index)
+            for layer in self._layers
+            if isinstance(layer, keras.layers.Embedding)
+            and (index := model_input_read(self.model, layer)) is not None
         ]
 
     def demote(self, layer_name: str, reason: str) -> None:

@@ -152,6 +152,8 @@ def _fast(clipper: Any, x: Any, y: Any, batch: int) -> dict[str, tuple[np.ndarra
     out: dict[str, tuple[np.ndarray, str]] = {}
     for part in parts.layers:
         sq = np.asarray(part.sq, np.float64)
+        if sq.shape != (batch,):  # not one norm per example: the rule misread the layer's input
+            sq = np.full(batch, np.inf)
         if part.layer in out:
             sq = sq + out[part.layer][0]
         out[part.layer] = (sq, part.method)
@@ -241,7 +243,9 @@ def verify(clipper: Any, x: Any, y: Any) -> None:
             raise TrainingError(
                 f"the per-example gradient norms of {names} could not be verified against an "
                 "exact reference, so clipping could not be guaranteed: the model is refused. "
-                "Please report the model architecture as a bug"
+                "Does the model compute differently for one example alone than within a batch "
+                "(code depending on the batch size or on other examples)? If not, please "
+                "report the model architecture as a bug"
             )
     raise TrainingError("the self-check did not converge; please report the model as a bug")
 
