@@ -110,6 +110,20 @@ MUTANTS = [
         "    opt = engine.resolve_optimizer('sgd', learning_rate)",
         "tests/test_dp_trainer.py",
     ),
+    (
+        "micro-batch chunk count overflows",
+        "kprivacy_nb/dp/engine.py",
+        "        chunks = (batch - 1) // physical + 1",
+        "        chunks = (batch + physical - 1) // physical",
+        "tests/test_dp_private.py",
+    ),
+    (
+        "ids of a multi-input model not range-checked",
+        "kprivacy_nb/dp/private.py",
+        "input_arrays=_input_arrays(model, x),",
+        "input_arrays=None,",
+        "tests/test_dp_private.py",
+    ),
 ]
 
 
