@@ -252,37 +252,30 @@ class PositionsGivenABatchAxis(TokenAndPosition):
         return self.tokens(x) + positions[None]
 
 
-def test_positions_the_model_indexes_as_a_table_take_the_verified_fallback():
-    # The fast rule gives the positions' output a batch axis; ``positions[None]`` then makes the
-    # sum 4-D and the model failed on the fast path (it runs in plain Keras). The layer now takes
-    # the fallback, verified; the tokens stay fast; one example moves the step by at most C.
-    rng = np.random.default_rng(9)
-    embed = PositionsGivenABatchAxis(T, VOCAB, 3)
-    model = keras.Sequential([keras.Input((T,), dtype="int32"), embed,
-                              k.GlobalAveragePooling1D(), k.Dense(2)])  # fmt: skip
-    x, y = _ids(rng, n=10), rng.normal(size=(10, 2)).astype("float32")
-    clipper = FastClipper(model, per_example_loss_fn("mse"), l2_norm_clip=1.0, sample_x=x)
-    clipper.verify(x[:8], y[:8])
-    report = clipper.report
-    assert FALLBACK in report[embed.positions.name] and "verified" in report[embed.positions.name]
-    assert "batch axis" in report[embed.positions.name]
-    assert report[embed.tokens.name].startswith("Embedding: ")
-    engine = _engine(model, x, y, clip=1e-3)
-    assert engine.check_sensitivity(tf.constant(x), tf.constant(y), 10) <= 1.0 + 1e-3
-
-
 class PositionIdsGivenABatchAxis(TokenAndPosition):
     """The position ids get a batch axis of 1 before the lookup (``arange(T)[None]``)."""
 
     def call(self, x):
-        return self.tokens(x) + self.positions(keras.ops.arange(0, keras.ops.shape(x)[-1], 1)[None])
+        ids = keras.ops.arange(0, keras.ops.shape(x)[-1], 1)[None]
+        return self.tokens(x) + self.positions(ids)
 
 
-def test_position_ids_with_a_batch_axis_of_one_take_the_verified_fallback():
-    # (1, T) ids read as one example of T tokens: one norm for a batch of 8 — the self-check
-    # once crashed comparing them; the layer now takes the fallback, verified, bound kept.
-    rng = np.random.default_rng(10)
-    embed = PositionIdsGivenABatchAxis(T, VOCAB, 3)
+@pytest.mark.parametrize(
+    "layer, reason",
+    [
+        # The fast rule gives the positions' output a batch axis; ``positions[None]`` then makes
+        # the sum 4-D and the model failed on the fast path (it runs in plain Keras).
+        (PositionsGivenABatchAxis, "batch axis"),
+        # (1, T) ids read as one example of T tokens: one norm for a batch of 8 — the
+        # self-check once crashed comparing them.
+        (PositionIdsGivenABatchAxis, "rel. err inf"),
+    ],
+)
+def test_positions_the_model_shapes_itself_take_the_verified_fallback(layer, reason):
+    # The positions take the fallback, verified; the tokens stay fast; one example moves the
+    # step by at most C.
+    rng = np.random.default_rng(9)
+    embed = layer(T, VOCAB, 3)
     model = keras.Sequential([keras.Input((T,), dtype="int32"), embed,
                               k.GlobalAveragePooling1D(), k.Dense(2)])  # fmt: skip
     x, y = _ids(rng, n=10), rng.normal(size=(10, 2)).astype("float32")
@@ -290,6 +283,8 @@ def test_position_ids_with_a_batch_axis_of_one_take_the_verified_fallback():
     clipper.verify(x[:8], y[:8])
     report = clipper.report
     assert FALLBACK in report[embed.positions.name] and "verified" in report[embed.positions.name]
+    assert reason in report[embed.positions.name]
+    assert report[embed.tokens.name].startswith("Embedding: ")
     engine = _engine(model, x, y, clip=1e-3)
     assert engine.check_sensitivity(tf.constant(x), tf.constant(y), 10) <= 1.0 + 1e-3
 

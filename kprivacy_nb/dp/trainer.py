@@ -510,10 +510,11 @@ def _input_mismatch(model: Any, xs: Any, exc: Exception) -> str:
     inputs = getattr(model, "inputs", None) or []
     want = ", ".join(str(tuple(i.shape[1:])) for i in inputs)
     names = [str(getattr(i, "name", "?")) for i in inputs]
-    if isinstance(xs, dict) and sorted(map(str, xs)) != sorted(names):
+    keys = sorted(map(str, xs)) if isinstance(xs, dict) else None
+    if keys is not None and keys != sorted(names):
         return (
-            f"x does not fit the model's input: x is a dict with keys {sorted(map(str, xs))}, "
-            f"the model's inputs are named {names} ({reason})"
+            f"x does not fit the model's input: x is a dict with keys {keys}, the model's "
+            f"inputs are named {names} ({reason})"
         )
     if want == rows:  # the shapes agree: the reason is elsewhere (a dtype…)
         return f"x does not fit the model's input: {reason}"
