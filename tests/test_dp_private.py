@@ -166,6 +166,23 @@ def test_micro_batches_of_token_inputs_give_the_same_step_in_less_memory():
     assert split_peak < 0.5 * whole_peak, (split_peak, whole_peak)
 
 
+def test_more_micro_batches_never_take_more_memory():
+    # TensorFlow ran up to ten micro-batches at once (a while_loop's default), each holding its
+    # activations and its dense table gradient: 32 micro-batches of 4 peaked at twice the
+    # memory of 4 micro-batches of 32.
+    x, y = _tokens(n=128, vocab=5000)
+
+    def peak(physical):
+        model = _token_model(vocab=5000)
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        _one_full_batch_update(model, x, y, l2_norm_clip=0.1, physical_batch_size=physical)
+        return tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+
+    few, many = peak(32), peak(4)
+    assert many < 1.2 * few, (many, few)
+
+
 def test_a_physical_batch_size_too_large_to_split_anything_is_no_split():
     # 2^31 - 1 once overflowed the chunk count in the graph: every update was silently zero
     # while the steps (and ε) were counted. Beyond 32 bits it is refused, with the limit named.

@@ -279,7 +279,12 @@ class DPSGDEngine:
             tf.constant(0), [tf.zeros(v.shape, v.dtype) for v in self.variables],
             [tf.constant(0.0)] * 4,
         )  # fmt: skip
-        _, sums, totals = tf.while_loop(lambda i, *_: i < chunks, body, start)
+        # One micro-batch at a time: by default TensorFlow runs up to ten iterations at once
+        # (they depend on each other only through the sums), each holding its activations and
+        # gradients — more micro-batches then took more memory, not less.
+        _, sums, totals = tf.while_loop(
+            lambda i, *_: i < chunks, body, start, parallel_iterations=1
+        )
         reg = self.clipper.regularization_grads()
         return sums, totals, reg
 
