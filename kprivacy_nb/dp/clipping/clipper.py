@@ -19,6 +19,7 @@ stops at a point that depends on one record.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,25 @@ class ClippedBatch:
     nonfinite: tf.Tensor  # how many examples were dropped for a non-finite loss or gradient
     kept: tf.Tensor  # (B,) bool: the example's loss and gradient were finite
     regularization_grads: list[tf.Tensor] | None = None
+
+
+class _DensifyNotice(logging.Filter):
+    """Drops TensorFlow's "Converting IndexedSlices … to a dense representation may make it
+    slow": per-example gradients of an embedding table are dense by design on the fallback path
+    (its cost is in the clipping report)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Converting IndexedSlices")
+
+
+@contextlib.contextmanager
+def _no_densify_notice() -> Iterator[None]:
+    logger, notice = logging.getLogger("tensorflow"), _DensifyNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 @contextlib.contextmanager
@@ -330,10 +350,11 @@ class FastClipper:
                 self.methods[tap.layer.name] = part.method
                 out.append(part)
         if self.fallback_variables:
-            jac = tape.jacobian(
-                losses, self.fallback_variables, unconnected_gradients=zero,
-                experimental_use_pfor=not self.exact_fallback,
-            )  # fmt: skip
+            with _no_densify_notice():
+                jac = tape.jacobian(
+                    losses, self.fallback_variables, unconnected_gradients=zero,
+                    experimental_use_pfor=not self.exact_fallback,
+                )  # fmt: skip
             label = EXACT_FALLBACK if self.exact_fallback else FALLBACK
             by_owner: dict[str, list[tuple[Any, tf.Tensor]]] = {}
             for v, g in zip(self.fallback_variables, jac, strict=True):
