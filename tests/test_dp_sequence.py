@@ -245,6 +245,22 @@ def test_positions_as_many_as_examples_are_still_exact():
     assert engine.check_sensitivity(tf.constant(x), tf.constant(y), 8) <= 1.0 + 1e-3
 
 
+def test_a_sequence_as_long_as_the_self_check_batch_keeps_its_positions_fast():
+    # The self-check ran on 8 examples: 8 position ids could not be told from 8 examples, and
+    # keras.io's position embedding took the slow fallback for every T = 8 model.
+    from kprivacy_nb import make_private
+
+    rng = np.random.default_rng(3)
+    embed = TokenAndPosition(8, VOCAB, 3)
+    model = keras.Sequential([keras.Input((8,), dtype="int32"), embed, k.Flatten(), k.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    make_private(model, noise_multiplier=1.0, delta=1e-5)
+    x, y = _ids(rng, n=64, length=8), rng.normal(size=(64, 1)).astype("float32")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    path = model.privacy.clipping[embed.positions.name]
+    assert path.startswith("Embedding (position ids): ") and "verified" in path, path
+
+
 class PositionsGivenABatchAxis(TokenAndPosition):
     """The model itself gives the positions a batch axis of 1 (``positions[None]``)."""
 

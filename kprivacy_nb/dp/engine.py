@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from .clipping import FastClipper, RepeatedTokens, repeats
-from .clipping.selfcheck import EXAMPLES as SELF_CHECK_EXAMPLES
+from .clipping.selfcheck import example_count
 from .noise import PATIENCE, GaussianNoise, lower_priority, ready_within
 
 __all__ = ["DPSGDEngine", "PRIVATE_UPDATE", "StepStats", "accuracy_fn", "private_update"]
@@ -141,8 +141,9 @@ class DPSGDEngine:
         if input_arrays is not None:
             self.check_input_ids(input_arrays)
         # The self-check (exact reference norms, no mixing of examples) before anything runs.
-        check_x = tf.nest.map_structure(lambda t: t[:SELF_CHECK_EXAMPLES], X)
-        self.clipper.verify(check_x, Y[:SELF_CHECK_EXAMPLES])
+        count = example_count(X)
+        check_x = tf.nest.map_structure(lambda t: t[:count], X)
+        self.clipper.verify(check_x, Y[:count])
         self.model, self.loss_fn, self._optimizer = model, loss_fn, optimizer
         self.variables = self.clipper.variables
         self.physical_batch_size = physical_batch_size

@@ -7,7 +7,8 @@ plain one for every Embedding, broadcasts such ids to (B, T) first: the layer's 
 batch axis (``x + positions`` is unchanged), each example's gradient is its own rows, and the
 rest is the Embedding rule. Ids are taken as unbatched when their leading size is known and is not
 the model input's — decided on the first (self-checked) run and kept, so the traced step cannot
-decide otherwise for a batch that happens to be T long.
+decide otherwise for a batch that happens to be T long. (That run's example count is chosen to
+differ from every size of the inputs, :func:`.selfcheck.example_count`.)
 """
 
 from __future__ import annotations

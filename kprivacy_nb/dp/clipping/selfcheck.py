@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from ...errors import InvalidParameterError, TrainingError
 
-__all__ = ["EXAMPLES", "TOLERANCE", "probe_sensitivity", "verify"]
+__all__ = ["EXAMPLES", "TOLERANCE", "example_count", "probe_sensitivity", "verify"]
 
 #: How many real examples the self-check uses.
 EXAMPLES = 8
@@ -190,6 +190,18 @@ def _errors(clipper: Any, x: Any, y: Any, batch: int) -> dict[str, tuple[float, 
         err = np.where(np.isfinite(f), np.abs(f - r) / (r + scale + 1e-3 * t), np.inf)
         errors[name] = (float(np.max(err)), method)
     return errors
+
+
+def example_count(x: Any) -> int:
+    """How many examples of ``x`` the self-check runs on: :data:`EXAMPLES`, or the next count
+    that is not also a size of the inputs. Position ids (:mod:`.position_embedding`) are told
+    from examples by their length on this first run: with a sequence as long as the batch they
+    could not be, and the positions would take the slow fallback."""
+    sizes = {d for t in tf.nest.flatten(x) for d in t.shape[1:] if d is not None}
+    count = EXAMPLES
+    while count in sizes:
+        count += 1
+    return count
 
 
 def verify(clipper: Any, x: Any, y: Any) -> None:
