@@ -26,7 +26,10 @@ from pathlib import Path
 from .errors import KeyFileError, KPrivacyError, MissingEnvVarError, SecretOnLineError
 
 MASK = "***"
-_MIN_SECRET_LEN = 4
+#: Shortest secret masked in output. A shorter one ("1234", "patient") turns up in ordinary
+#: values and names: masking it there would corrupt what is shown and point at the secret.
+#: (Files are encrypted only with passphrases of 10 characters or more.)
+MIN_MASKED = 8
 
 
 class Secret:
@@ -90,7 +93,7 @@ class SecretRegistry:
         with self._lock:
             added = False
             for piece in pieces:
-                if len(piece) >= _MIN_SECRET_LEN and piece not in self._secrets:
+                if len(piece) >= MIN_MASKED and piece not in self._secrets:
                     self._secrets.add(piece)
                     added = True
             if added:

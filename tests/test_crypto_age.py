@@ -140,15 +140,28 @@ def test_scrypt_work_factor_bounds():
     with pytest.raises(errors.InvalidParameterError):
         age.ScryptRecipient("pw", work_factor=23)
     with pytest.raises(errors.InvalidParameterError, match="passphrase can't be combined"):
-        age.encrypt(b"x", [age.ScryptRecipient("pw"), age.X25519Identity.generate().recipient()])
+        age.encrypt(
+            b"x",
+            [age.ScryptRecipient("pw long enough"), age.X25519Identity.generate().recipient()],
+        )
+
+
+def test_short_passphrases_are_refused_for_encryption_not_for_decryption():
+    for short in ("1234", "patient", "nine char"):
+        with pytest.raises(errors.InvalidParameterError, match="at least 10 characters"):
+            age.ScryptRecipient(short)
+    age.ScryptRecipient("ten chars!")
+    # A file another age tool made with a short passphrase still opens.
+    blob = pyrage.passphrase.encrypt(b"data", "1234")
+    assert age.decrypt(blob, [age.ScryptIdentity("1234")]) == b"data"
 
 
 @pytest.mark.slow
 def test_scrypt_header_alone_and_default_factor(ident):
-    blob = age.encrypt(b"secret data", [age.ScryptRecipient("pw")])
+    blob = age.encrypt(b"secret data", [age.ScryptRecipient("pw long enough")])
     header, _ = age.read_header(io.BytesIO(blob))
     assert header.types() == ["scrypt"] and header.stanzas[0].args[1] == "18"
-    assert age.decrypt(blob, [age.ScryptIdentity("pw")]) == b"secret data"
+    assert age.decrypt(blob, [age.ScryptIdentity("pw long enough")]) == b"secret data"
     with pytest.raises(errors.NoIdentityMatchError):
         age.decrypt(blob, [age.ScryptIdentity("wrong")])
     with pytest.raises(errors.HeaderError, match="above the limit"):

@@ -7,6 +7,7 @@ import pytest
 from IPython.core.error import UsageError
 
 from kprivacy_nb.crypto import age
+from kprivacy_nb.secrets import REGISTRY
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +56,23 @@ def test_secrets_on_the_line_are_refused(ip, tmp_path):
     with pytest.raises(UsageError, match="literal value"):
         ip.run_line_magic("secure_save", "blob x.age --passphrase hunter2hunter2")
     assert not (tmp_path / "x.age").exists()
+
+
+def test_a_short_passphrase_is_refused_and_never_masks_ordinary_output(
+    ip, tmp_path, capsys, monkeypatch
+):
+    # "1234" was accepted, then masked everywhere: "order 1234 shipped" printed as
+    # "order *** shipped", which both corrupted the output and pointed at the passphrase.
+    ip.user_ns["blob"] = b"abc"
+    monkeypatch.setenv("SHORT_PASS", "1234")
+    try:
+        with pytest.raises(UsageError, match="at least 10 characters"):
+            ip.run_line_magic("secure_save", "blob x.age --passphrase-env SHORT_PASS")
+        assert not (tmp_path / "x.age").exists()
+        ip.run_cell('print("order 1234 shipped; total 12345")')
+        assert "order 1234 shipped; total 12345" in capsys.readouterr().out
+    finally:
+        REGISTRY.forget_all()
 
 
 @pytest.mark.slow

@@ -21,6 +21,9 @@ LABEL = b"age-encryption.org/v1/scrypt"
 DEFAULT_WORK_FACTOR = 18
 MIN_WORK_FACTOR = 18
 MAX_WORK_FACTOR = 22
+#: Shortest passphrase a file is encrypted with. Whoever gets the file can try passphrases
+#: offline; short ones also read like ordinary output (see :data:`..secrets.MIN_MASKED`).
+MIN_PASSPHRASE_LENGTH = 10
 _WORK_FACTOR_RE = re.compile(rb"[1-9][0-9]{0,1}")
 
 
@@ -49,6 +52,12 @@ class ScryptRecipient:
                 f"scrypt work factor must be between {MIN_WORK_FACTOR} and {MAX_WORK_FACTOR}"
             )
         self._passphrase = as_secret(passphrase)
+        if len(self._passphrase.reveal()) < MIN_PASSPHRASE_LENGTH:
+            raise InvalidParameterError(
+                f"a passphrase to encrypt with needs at least {MIN_PASSPHRASE_LENGTH} characters: "
+                "whoever gets the file can guess short ones offline. Use several random words, "
+                "or encrypt to a key (-r/recipients=)"
+            )
         self.work_factor = work_factor
 
     def __repr__(self) -> str:
