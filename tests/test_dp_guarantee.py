@@ -177,6 +177,40 @@ def test_tiny_inputs_read_with_a_huge_output_gradient_are_still_clipped():
     assert _sensitivity(engine, x, y, 10) <= clip * (1 + 1e-4)
 
 
+def test_a_record_whose_repeated_token_gradients_cancel_cannot_erase_the_others():
+    # Per-record weights on the tokens (think TF-IDF) of +1e20, 1 and -1e20 on one token repeated
+    # three times: that token's gradient is small, so the record is not clipped. The clipped sum
+    # once added every position's row to the table in float32: adding ±1e20 wiped out what the
+    # other records had put in that row, an effect of one record of 4·C. Public API only.
+    from kprivacy_nb import make_private
+
+    vocab, n, clip = 10, 40, 0.1
+    rng = np.random.default_rng(21)
+    ids = np.stack([rng.permutation(np.arange(4, vocab))[:3] for _ in range(n)]).astype("int32")
+    ids[:, 1] = 3  # every record puts something in row 3
+    weights = np.tile(np.array([0.0, 1.0, 0.0], "float32"), (n, 1))
+    ids[5], weights[5] = 3, [1e20, 1.0, -1e20]  # the attacker (not a row the probe looks at)
+    y = np.full((n, 1), 0.6, "float32")
+
+    def table_after(sample_weight):
+        keras.utils.set_random_seed(0)
+        tokens, w = keras.Input((3,), dtype="int32"), keras.Input((3,))
+        h = k.Embedding(vocab, 1, embeddings_initializer="ones")(tokens)
+        out = k.Lambda(lambda a: keras.ops.sum(a[0][..., 0] * a[1], axis=1, keepdims=True))([h, w])
+        model = keras.Model([tokens, w], out)
+        model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+        make_private(model, noise_multiplier=0.0, sampling="shuffle", delta=1e-3,
+                     l2_norm_clip=clip)  # fmt: skip
+        model.fit([ids, weights], y, epochs=1, batch_size=n, sample_weight=sample_weight,
+                  verbose=0)  # fmt: skip
+        return model.get_weights()[0].astype(np.float64).ravel()
+
+    without = np.ones(n, "float32")
+    without[5] = 0.0  # weight 0: the record is left out of the sum
+    moved = np.linalg.norm(table_after(np.ones(n, "float32")) - table_after(without)) * n
+    assert moved <= clip * (1 + 1e-3), moved / clip
+
+
 @pytest.mark.parametrize("width", [4000, 20000])  # float32 sums / float64 sums
 def test_rounding_of_the_sums_of_squares_cannot_lift_a_record_past_c(width):
     # a = [1, δ, δ, …] with δ² just under half an ulp of 1: summed in float32 every δ² rounds

@@ -4,9 +4,14 @@ An example's gradient of the table has one row per distinct token it contains: t
 output-gradients at that token's positions. Tokens that occur once contribute their ``dz`` row as
 it is; repeated tokens are found by one sort of the batch's positions by token (on the host with
 NumPy when the layer reads the model input, see :func:`repeats`; in the graph otherwise) and
-their rows summed for the norms. The clipped sum adds every position's ``dz`` row, times its
-example's clip factor, to its token's row — by linearity exactly the sum of the clipped
-per-example rows whose norms set those factors — as one segment sum in that same sorted order.
+their rows summed once per (example, token). The norms are taken of exactly those rows, and the
+clipped sum adds those same rows, times their example's clip factor, to their tokens' rows of the
+table: one segment sum over the positions sorted by token, where each (example, repeated token)
+run is its sum in its first slot and zeros after.
+
+Summing the positions' rows straight into the table, as this module once did, let a record whose
+repeated token has huge rows that cancel (+1e20, 1, -1e20 after per-token weights) wipe out in
+float32 what the other records had put in that row: one record moved the sum by several C.
 """
 
 from __future__ import annotations
@@ -180,6 +185,7 @@ class EmbeddingHandler(Handler):
         tokens = tf.reshape(idx, [-1])
         pos_sq = tf.reduce_sum(tf.square(dz), axis=2)  # (batch, positions): one row each
         if tap.saved["idx"].shape.rank == 1 or static_positions(dz) == 1:
+            # One row per example: the rows are the per-example gradients.
 
             def clipped(c: tf.Tensor, rows: RowFilter) -> list[tuple[Any, tf.Tensor]]:
                 weighted = tf.reshape(rows(dz) * c[:, None, None], [-1, dim])
@@ -191,21 +197,29 @@ class EmbeddingHandler(Handler):
         rep = tap.saved["repeats"]  # found on the host from the input ids, or here
         if rep is None:
             rep = graph_repeats(idx, layer.input_dim)
-        # Each example's gradient rows: its dz rows, summed per (example, token) for repeated
-        # tokens — their norms make the clip factors.
+        # Each (example, repeated token) row, summed once: these rows and the single rows are the
+        # per-example gradients, and the norms and the clipped sum are taken of the same tensors.
         sums = tf.math.segment_sum(tf.gather(tf.reshape(dz, [-1, dim]), rep.rows), rep.group)
         run_sq = tf.reduce_sum(tf.square(sums), axis=1)
         sq = tf.reduce_sum(tf.where(rep.single, pos_sq, 0.0), axis=1)
         sq = sq + tf.math.unsorted_segment_sum(run_sq, rep.owner, batch)
         positions = tf.shape(idx)[1]
+        # In the sorted order every (example, repeated token) is a run of neighbours: its first
+        # slot takes the run's sum (the very tensor the norm was taken of), the others 0.
+        single = tf.gather(tf.reshape(rep.single, [-1]), rep.order)
+        firsts = tf.math.segment_min(tf.range(tf.shape(rep.rows)[0]), rep.group)
+        slots = tf.gather(tf.math.invert_permutation(rep.order), tf.gather(rep.rows, firsts))
 
         def clipped(c: tf.Tensor, rows: RowFilter) -> list[tuple[Any, tf.Tensor]]:
-            # Σ_i c_i·(example i's rows) = Σ over positions of c·dz at the position's token (a
-            # repeated token's rows add up to its sum): one segment sum over the positions
-            # sorted by token (TensorFlow's sorted segment sum is faster than the unsorted one).
-            flat = tf.gather(tf.reshape(rows(dz), [-1, dim]), rep.order)
             factor = tf.gather(tf.reshape(tf.tile(c[:, None], [1, positions]), [-1]), rep.order)
-            table = tf.math.segment_sum(flat * factor[:, None], rep.sorted_ids)
+            factor = tf.where(single, factor, 0.0)  # (rows of a kept example are finite)
+            flat = tf.gather(tf.reshape(rows(dz), [-1, dim]), rep.order) * factor[:, None]
+            runs = sums
+            if rows.active:
+                runs = tf.where(tf.gather(rows.keep, rep.owner)[:, None], sums, 0.0)
+            runs = runs * tf.gather(c, rep.owner)[:, None]
+            flat = tf.tensor_scatter_nd_update(flat, slots[:, None], runs)
+            table = tf.math.segment_sum(flat, rep.sorted_ids)
             missing = layer.input_dim - tf.shape(table)[0]  # rows after the largest id seen
             return [(layer.embeddings, tf.pad(table, [[0, missing], [0, 0]]))]
 
