@@ -115,6 +115,80 @@ def test_a_huge_sample_weight_cannot_push_one_example_past_c():
     assert np.linalg.norm(out[0] - out[1]) > 0.5 * clip / 40  # and it does count
 
 
+def test_a_callback_watching_an_unreported_training_metric_is_named_before_training():
+    # EarlyStopping(monitor="loss") did nothing at all on a private fit (training-set metrics
+    # are not reported by default); only Keras' own warning at each epoch's end hinted at it.
+    x, y = _data(n=120)
+    model = _binary()
+    kprivacy_nb.make_private(model, noise_multiplier=1.0, delta=1e-3)
+    stop = keras.callbacks.EarlyStopping(monitor="loss")
+    watch_val = keras.callbacks.EarlyStopping(monitor="val_loss")
+    with pytest.warns(UserWarning, match="EarlyStopping monitors 'loss', which a private fit does "
+                      "not report") as seen:  # fmt: skip
+        model.fit(x, y, epochs=1, batch_size=40, validation_split=0.2, verbose=0,
+                  callbacks=[stop, watch_val])  # fmt: skip
+    assert not [w for w in seen if "monitors 'val_loss'" in str(w.message)]
+
+
+def test_included_training_metrics_carry_the_compiled_accuracy():
+    # include_training_metrics=True reported the loss only, although accuracy was compiled.
+    x, y = _data(n=120)
+    model = _binary()
+    kprivacy_nb.make_private(model, noise_multiplier=1.0, delta=1e-3, include_training_metrics=True)
+    history = model.fit(x, y, epochs=2, batch_size=40, verbose=0)
+    assert {"loss", "accuracy", "epsilon"} <= set(history.history)
+    assert all(0.0 <= a <= 1.0 for a in history.history["accuracy"])
+    hidden = _binary()
+    kprivacy_nb.make_private(hidden, noise_multiplier=1.0, delta=1e-3)
+    assert "accuracy" not in hidden.fit(x, y, epochs=1, batch_size=40, verbose=0).history
+
+
+def test_a_ledger_budget_that_does_not_exist_is_refused_before_any_work(kp_home, capsys):
+    # --ledger nosuch once printed "σ = 1; checking per-example clipping on … examples" and ran
+    # the self-check before saying the budget did not exist.
+    from kprivacy_nb.errors import LedgerError
+
+    x, y = _data(n=120)
+    model = _binary()
+    kprivacy_nb.make_private(model, noise_multiplier=1.0, delta=1e-3, ledger="ghost")
+    with pytest.raises(LedgerError, match="no budget named 'ghost'"):
+        model.fit(x, y, epochs=1, batch_size=40, verbose=1)
+    assert "checking per-example clipping" not in capsys.readouterr().out
+
+
+def test_no_noise_warns_about_no_privacy_only():
+    # σ = 0 also warned "ε is huge (inf by RDP): … PLD accounting at this scale would need
+    # gigabytes of memory", which has nothing to do with it.
+    import warnings
+
+    x, y = _data(n=120)
+    model = _binary()
+    kprivacy_nb.make_private(model, noise_multiplier=0.0, delta=1e-3)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=1, batch_size=40, verbose=0)
+    messages = [str(w.message) for w in seen]
+    assert any("NO PRIVACY" in m for m in messages)
+    assert not any("huge" in m for m in messages), messages
+    assert model.privacy.epsilon == float("inf")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_weights_are_refused_with_the_fix(dtype):
+    # An Embedding(dtype="bfloat16") crashed inside the step ("TensorArray dtype is float32 but
+    # Op is trying to write dtype bfloat16").
+    from kprivacy_nb.errors import TrainingError
+
+    ids = keras.Input((8,), dtype="int32")
+    rows = keras.layers.Embedding(20, 4, dtype=dtype)(ids)
+    model = keras.Model(ids, keras.layers.Dense(1)(keras.ops.sum(rows, axis=1)))
+    model.compile(optimizer="sgd", loss="mse")
+    kprivacy_nb.make_private(model, noise_multiplier=1.0, delta=1e-3)
+    x = np.random.default_rng(0).integers(0, 20, (64, 8))
+    with pytest.raises(TrainingError, match=f"held in {dtype}.*mixed_bfloat16"):
+        model.fit(x, np.zeros((64, 1), "float32"), batch_size=16, verbose=0)
+
+
 def test_micro_batches_give_the_same_step():
     x, y = _data(n=96)
     a, b = _binary(optimizer=keras.optimizers.SGD(0.5)), None
@@ -439,6 +513,13 @@ def test_the_first_hour_label_and_data_mistakes_get_their_fix():
         "inputs are named ['"
     )
     assert "rows of shape" not in message
+    # A Python list of rows: one short line asking for an array — it listed every row's shape
+    # and echoed a row's values (4,250 characters).
+    with pytest.raises(InvalidParameterError) as caught:
+        model.fit(x.tolist(), y.tolist(), epochs=1, batch_size=10, verbose=0)
+    message = str(caught.value)
+    assert "np.asarray(x)" in message and len(message) < 300
+    assert f"{x[0, 0]:.4f}"[:6] not in message
     # A tf.data Dataset is refused for what it is (it carries its own y).
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(10)
     with pytest.raises(InvalidParameterError, match="tf.data.Dataset: .*Poisson"):

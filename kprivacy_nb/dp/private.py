@@ -643,12 +643,14 @@ def _plan_fit(
         raise InvalidParameterError(f"initial_epoch must be in [0, epochs), got {initial_epoch}")
     digests = (*_scan_finite(x, "x"), *_scan_finite(y, "y"))
     delta, delta_source = state.delta, "given"
-    if delta is None and state.ledger is not None:
+    if state.ledger is not None:
         from .ledger import resolve_ledger
 
         target = resolve_ledger(state.ledger)
-        if target is not None:  # the ε charged to the budget is at its δ: report the same
-            delta, delta_source = target.budget().delta, f"the ledger budget {target.name!r}"
+        if target is not None:  # (a budget that does not exist is refused before any work)
+            budget = target.budget()
+            if delta is None:  # the ε charged to the budget is at its δ: report the same
+                delta, delta_source = budget.delta, f"the ledger budget {target.name!r}"
     if delta is None:
         delta = accounting.default_delta(n)
         delta_source = f"defaulted (largest power of ten ≤ 1/(10·n), n={n})"
@@ -918,6 +920,68 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
+#: Compiled metrics reported as the training "accuracy" (with include_training_metrics).
+_ACCURACY_METRICS = frozenset(
+    {"accuracy", "acc", "Accuracy", "BinaryAccuracy", "CategoricalAccuracy",
+     "SparseCategoricalAccuracy"}
+)  # fmt: skip
+
+
+def _training_accuracy(model: Any, state: PrivacyState | None) -> Any:
+    """The per-example accuracy the step sums, when the training accuracy is to be reported
+    (``include_training_metrics`` and an accuracy among the compiled metrics)."""
+    if state is None or not state.include_training_metrics:
+        return None
+    try:
+        metrics = (model.get_compile_config() or {}).get("metrics") or []
+    except Exception:  # noqa: BLE001 - a model without a compile config reports no accuracy
+        return None
+    names = set()
+    for metric in _metric_leaves(metrics):
+        if isinstance(metric, str):
+            names.add(metric)
+        elif isinstance(metric, dict):
+            names.add(metric.get("class_name"))
+        else:
+            names.add(type(metric).__name__)
+    if not names & _ACCURACY_METRICS:
+        return None
+    from .engine import accuracy_fn
+
+    return accuracy_fn(model.loss)
+
+
+def _metric_leaves(structure: Any) -> list[Any]:
+    """Leaves of nested lists/tuples/dicts (a compile config's metrics)."""
+    if isinstance(structure, dict) and "class_name" not in structure:
+        return [leaf for value in structure.values() for leaf in _metric_leaves(value)]
+    if isinstance(structure, (list, tuple)):
+        return [leaf for item in structure for leaf in _metric_leaves(item)]
+    return [structure]
+
+
+def _warn_on_unreported_monitors(callbacks: Any, state: PrivacyState) -> None:
+    """Warn up front about callbacks (EarlyStopping, ReduceLROnPlateau, ModelCheckpoint…) that
+    watch a training-set metric a private fit does not report: they would silently do nothing."""
+    if state.include_training_metrics:
+        return
+    import warnings
+
+    for callback in callbacks or []:
+        monitor = getattr(callback, "monitor", None)
+        if not isinstance(monitor, str) or monitor.startswith("val_") or monitor == "epsilon":
+            continue
+        warnings.warn(
+            f"{type(callback).__name__} monitors {monitor!r}, which a private fit does not "
+            "report: training-set metrics come from the private data without noise, so they "
+            "are not covered by ε. Monitor a validation metric ('val_loss', with "
+            "validation_data or validation_split), or pass include_training_metrics=True to "
+            "make_private (the card then says they are not private)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _private_fit(
     model: Any,
     x: Any = None,
@@ -946,10 +1010,14 @@ def _private_fit(
         raise InvalidParameterError(
             "steps_per_epoch is fixed by DP-SGD's sampling (n / batch_size); leave it out"
         )
+    state = privacy_state(model)
+    if state is not None:
+        _warn_on_unreported_monitors(callbacks, state)
     plan = plan_fit(
         model, x, y, batch_size=batch_size, epochs=epochs, validation_split=validation_split,
         validation_data=validation_data, class_weight=class_weight, sample_weight=sample_weight,
         initial_epoch=initial_epoch, status=_say if verbose else None,
+        accuracy=_training_accuracy(model, state),
     )  # fmt: skip
     m = plan.mechanism
     reserve(plan, f"fit {getattr(model, 'name', 'model')}: {plan.run_epochs} epochs, batch "

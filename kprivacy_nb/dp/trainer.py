@@ -506,8 +506,17 @@ def _input_mismatch(model: Any, xs: Any, exc: Exception) -> str:
         type(exc).__name__,
     )
     reason = reason.replace("(2, ", "(batch, ")  # the check runs on two rows, not the data's n
-    rows = ", ".join(str(tuple(t.shape[1:])) for t in tf.nest.flatten(xs))
     inputs = getattr(model, "inputs", None) or []
+    leaves = tf.nest.flatten(xs)
+    if isinstance(xs, (list, tuple)) and len(leaves) > max(len(inputs), 1):
+        # A Python list of rows: Keras reads a list as one array per model input (and its
+        # message would list every row, values included).
+        return (
+            f"x does not fit the model's input: x is a list of {len(leaves)} items, which is "
+            f"read as one array per model input (the model has {max(len(inputs), 1)}). Pass "
+            "the rows as one array: np.asarray(x), or a pandas DataFrame"
+        )
+    rows = ", ".join(str(tuple(t.shape[1:])) for t in leaves)
     want = ", ".join(str(tuple(i.shape[1:])) for i in inputs)
     names = [str(getattr(i, "name", "?")) for i in inputs]
     keys = sorted(map(str, xs)) if isinstance(xs, dict) else None

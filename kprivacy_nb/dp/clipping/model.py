@@ -27,7 +27,18 @@ def flatten_layers(model: Any) -> list[Any]:
 
 
 def check_model(model: Any) -> None:
-    """Refuse models DP-SGD can't train per example (BatchNormalization, activity regularizers)."""
+    """Refuse models DP-SGD can't train per example (BatchNormalization, activity regularizers)
+    and weights held in half precision."""
+    for weight in getattr(model, "trainable_weights", []):
+        dtype = str(getattr(weight, "dtype", "float32"))
+        if dtype not in ("float32", "float64"):
+            raise TrainingError(
+                f"weight {weight.path if hasattr(weight, 'path') else weight.name!r} is held in "
+                f"{dtype}: per-example clipping and noise need float32 weights. Build the model "
+                "in float32; for half-precision compute use a mixed policy "
+                "(keras.mixed_precision.set_global_policy('mixed_bfloat16')), whose weights "
+                "stay float32"
+            )
     for layer in flatten_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             raise TrainingError(
