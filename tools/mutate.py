@@ -124,6 +124,14 @@ MUTANTS = [
         "input_arrays=None,",
         "tests/test_dp_private.py",
     ),
+    (
+        "embedding sum of raw rows, not of the rows the norms were taken of",
+        "kprivacy_nb/dp/clipping/embedding.py",
+        "            flat = tf.tensor_scatter_nd_update(flat, slots[:, None], runs)\n",
+        "            flat = tf.gather(tf.reshape(rows(dz), [-1, dim]), rep.order) * tf.gather(\n"
+        "                tf.reshape(tf.tile(c[:, None], [1, positions]), [-1]), rep.order)[:, None]\n",
+        "tests/test_dp_guarantee.py",
+    ),
 ]
 
 
