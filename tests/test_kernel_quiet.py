@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import nbformat
@@ -71,3 +72,32 @@ def test_quiet_off_lets_the_noise_through():
     assert "━" in train
     assert "fd-level noise line" in fd
     assert any(m in train for m in ("oneDNN", "cuda", "absl::InitializeLog", "cuInit"))
+
+
+RICH_SECRET = """\
+from kprivacy_nb.secrets import register_secret
+register_secret("correcthorse9")
+from IPython.display import JSON, display
+import pandas as pd
+display(JSON({"k": "correcthorse9", "nested": ["x correcthorse9"]}))
+display({"application/json": {"a": "correcthorse9"}, "image/svg+xml": "<svg>correcthorse9</svg>",
+         "text/plain": "ok"}, raw=True)
+pd.set_option("display.html.table_schema", True)
+display(pd.DataFrame({"c": ["correcthorse9"]}))
+"""
+
+
+def test_multi_line_output_keeps_its_order_and_json_outputs_are_masked():
+    # With ipykernel 7, a filtered line was filtered twice and the held partial line came first:
+    # print("a\nb\nc") showed "ca\nb\n". And secrets were masked in text outputs only, not in
+    # JSON (application/json, pandas' table schema) nor in display(..., raw=True).
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in [
+        "%load_ext kprivacy_nb", 'print("a\\nb\\nc")\nprint("p1\\np2", end="")\nprint(" tail")',
+        RICH_SECRET,
+    ]])  # fmt: skip
+    NotebookClient(nb, timeout=300, kernel_name="python3").execute(env=kernel_env())
+    printed = "".join(out.text for out in nb.cells[1].outputs if out.output_type == "stream")
+    assert printed == "a\nb\nc\np1\np2 tail\n"
+    rich = json.dumps(nb.cells[2].outputs)
+    assert len(nb.cells[2].outputs) == 3 and "correcthorse9" not in rich
+    assert rich.count("***") >= 5

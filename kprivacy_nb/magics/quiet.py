@@ -16,8 +16,14 @@ from ._base import PlainText, user_errors
 
 
 def _redact_format_data(data: Any) -> Any:
+    """Every string in a display's data or metadata masked, however deep: JSON mimetypes
+    (``application/json``, pandas' table schema, widget state…) carry nested structures."""
+    if isinstance(data, str):
+        return secrets.redact(data)
     if isinstance(data, dict):
-        return {k: secrets.redact(v) if isinstance(v, str) else v for k, v in data.items()}
+        return {_redact_format_data(k): _redact_format_data(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(_redact_format_data(v) for v in data)
     return data
 
 
@@ -82,6 +88,19 @@ class QuietMagics(Magics, Configurable):
 
         formatter.format = format
         self._wrapped.append((formatter, "format", original_format))
+
+        # display(..., raw=True) and publish_display_data() skip the formatter.
+        publisher = self.shell.display_pub
+        original_publish = publisher.publish
+
+        @functools.wraps(original_publish)
+        def publish(data: Any, metadata: Any = None, *args: Any, **kwargs: Any) -> Any:
+            return original_publish(
+                _redact_format_data(data), _redact_format_data(metadata), *args, **kwargs
+            )
+
+        publisher.publish = publish
+        self._wrapped.append((publisher, "publish", original_publish))
 
         original_showtb = self.shell._showtraceback
 

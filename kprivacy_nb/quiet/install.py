@@ -76,6 +76,11 @@ def _quiet_write_property(base: type) -> property:
             return passthrough
 
         def write(text: str) -> int:
+            # A wrapper that kept this bound write (ipykernel 7 does) and is now fed our
+            # filtered text must not filter it again: the partial line still held would be put
+            # in front of it ("a\nb\nc" came out as "ca\nb\n").
+            if getattr(_guard, "active", False):
+                return base.write(stream, text)
             return line_filter.write(text)
 
         write._kp_own = True  # type: ignore[attr-defined]
