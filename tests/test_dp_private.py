@@ -141,6 +141,17 @@ def test_included_training_metrics_carry_the_compiled_accuracy():
     hidden = _binary()
     kprivacy_nb.make_private(hidden, noise_multiplier=1.0, delta=1e-3)
     assert "accuracy" not in hidden.fit(x, y, epochs=1, batch_size=40, verbose=0).history
+    # Under the compiled metric's own name, which callbacks may then watch; AUC is not reported.
+    named = _binary()
+    named.compile(optimizer="adam", loss="binary_crossentropy",
+                  metrics=[keras.metrics.BinaryAccuracy(), keras.metrics.AUC(name="auc")])  # fmt: skip
+    kprivacy_nb.make_private(named, noise_multiplier=1.0, delta=1e-3, include_training_metrics=True)
+    watch = [keras.callbacks.EarlyStopping(monitor="binary_accuracy", mode="max"),
+             keras.callbacks.EarlyStopping(monitor="auc", mode="max")]  # fmt: skip
+    with pytest.warns(UserWarning, match="monitors 'auc'") as seen:
+        history = named.fit(x, y, epochs=1, batch_size=40, verbose=0, callbacks=watch)
+    assert "binary_accuracy" in history.history
+    assert not [w for w in seen if "monitors 'binary_accuracy'" in str(w.message)]
 
 
 def test_a_ledger_budget_that_does_not_exist_is_refused_before_any_work(kp_home, capsys):
@@ -173,10 +184,10 @@ def test_no_noise_warns_about_no_privacy_only():
     assert model.privacy.epsilon == float("inf")
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_weights_are_refused_with_the_fix(dtype):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
+def test_weights_other_than_float32_are_refused_with_the_fix(dtype):
     # An Embedding(dtype="bfloat16") crashed inside the step ("TensorArray dtype is float32 but
-    # Op is trying to write dtype bfloat16").
+    # Op is trying to write dtype bfloat16"); float64 weights with a raw TensorFlow TypeError.
     from kprivacy_nb.errors import TrainingError
 
     ids = keras.Input((8,), dtype="int32")
@@ -187,6 +198,19 @@ def test_half_precision_weights_are_refused_with_the_fix(dtype):
     x = np.random.default_rng(0).integers(0, 20, (64, 8))
     with pytest.raises(TrainingError, match=f"held in {dtype}.*mixed_bfloat16"):
         model.fit(x, np.zeros((64, 1), "float32"), batch_size=16, verbose=0)
+
+
+def test_fitting_again_past_a_spent_target_says_it_is_spent():
+    # Two fits spent target_epsilon=2; the third failed with dp-accounting's "Unable to find
+    # bracketing interval within 2**30 of initial guess" (or trained on σ = 5.9e6 noise). A fit
+    # calibrated to the target spends all of it: the next one is refused as spent.
+    x, y = _data(n=1000)
+    model = _binary()
+    kprivacy_nb.make_private(model, target_epsilon=2.0, delta=1e-5)
+    model.fit(x, y, epochs=2, batch_size=100, verbose=0)
+    assert model.privacy.epsilon <= 2.0
+    with pytest.raises(InvalidParameterError, match="already spent"):
+        model.fit(x, y, epochs=2, batch_size=100, verbose=0)
 
 
 def test_micro_batches_give_the_same_step():
@@ -570,8 +594,13 @@ def test_a_verbose_fit_says_what_it_does_before_the_first_step(capsys):
 
 def test_a_target_mostly_spent_by_earlier_fits_is_said_out_loud():
     """A second fit under the same target ε gets what is left: when that is little, the user
-    hears it (σ would otherwise jump silently to mostly noise)."""
+    hears it (σ would otherwise jump silently to mostly noise); when nothing is left (≥ 99%
+    spent), the fit is refused."""
     from kprivacy_nb.errors import PrivacyBudgetWarning
+
+    class StopAfterOne(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            self.model.stop_training = True
 
     x, y = _data(n=400)
     model = _binary()
@@ -580,14 +609,16 @@ def test_a_target_mostly_spent_by_earlier_fits_is_said_out_loud():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", PrivacyBudgetWarning)  # the first fit: nothing to say
-        model.fit(x, y, epochs=2, batch_size=40, verbose=0)
-    first_sigma = model.privacy.noise_multiplier
+        model.fit(x, y, epochs=3, batch_size=40, verbose=0, callbacks=[StopAfterOne()])
+    spent = model.privacy.epsilon
+    assert 1.0 <= spent < 1.98  # stopped after one of three epochs: most, not all, spent
     with pytest.warns(
-        PrivacyBudgetWarning, match=r"already spent ε = 2 of its target 2 .*fresh_data=True"
+        PrivacyBudgetWarning, match=r"already spent ε = 1\.\d+ of its target 2 .*fresh_data=True"
     ):
         model.fit(x, y, epochs=1, batch_size=40, verbose=0)
-    assert model.privacy.noise_multiplier > 5 * first_sigma  # why it matters
     assert model.privacy.epsilon <= 2.0 + 1e-9
+    with pytest.raises(InvalidParameterError, match="already spent"):
+        model.fit(x, y, epochs=1, batch_size=40, verbose=0)
 
 
 def test_dataframes_with_mixed_or_nullable_columns_train():

@@ -442,6 +442,7 @@ class FitPlan:
     ledger_spent: float | None = None
     strategy: Any = None  # a tf.distribute strategy with several replicas (distribute.py)
     engine_reused: bool = False  # the last fit's checked engine (no self-check ran this time)
+    accuracy_name: str = "accuracy"  # the key the training accuracy is logged under
 
     @property
     def run_epochs(self) -> int:
@@ -818,7 +819,7 @@ def epoch_callback(plan: FitPlan, counters: Any, on_epoch: Any = None) -> Any:
             loss, count, correct, dropped = counters.epoch_sums()
             train = {"loss": loss / max(count, 1.0)}
             if plan.engine.accuracy is not None:
-                train["accuracy"] = correct / max(count, 1.0)
+                train[plan.accuracy_name] = correct / max(count, 1.0)
             if plan.state.include_training_metrics:
                 logs.update(train)
             seconds = time.perf_counter() - self._started  # the epoch's training (and validation)
@@ -927,28 +928,29 @@ _ACCURACY_METRICS = frozenset(
 )  # fmt: skip
 
 
-def _training_accuracy(model: Any, state: PrivacyState | None) -> Any:
-    """The per-example accuracy the step sums, when the training accuracy is to be reported
+def _training_accuracy(model: Any, state: PrivacyState | None) -> tuple[Any, str]:
+    """The per-example accuracy the step sums and the name it is logged under (the compiled
+    metric's: "acc", "binary_accuracy"…), when the training accuracy is to be reported
     (``include_training_metrics`` and an accuracy among the compiled metrics)."""
     if state is None or not state.include_training_metrics:
-        return None
+        return None, "accuracy"
     try:
         metrics = (model.get_compile_config() or {}).get("metrics") or []
     except Exception:  # noqa: BLE001 - a model without a compile config reports no accuracy
-        return None
-    names = set()
+        return None, "accuracy"
     for metric in _metric_leaves(metrics):
         if isinstance(metric, str):
-            names.add(metric)
+            kind, name = metric, metric
         elif isinstance(metric, dict):
-            names.add(metric.get("class_name"))
+            kind = metric.get("class_name")
+            name = (metric.get("config") or {}).get("name") or "accuracy"
         else:
-            names.add(type(metric).__name__)
-    if not names & _ACCURACY_METRICS:
-        return None
-    from .engine import accuracy_fn
+            kind, name = type(metric).__name__, getattr(metric, "name", "accuracy")
+        if kind in _ACCURACY_METRICS:
+            from .engine import accuracy_fn
 
-    return accuracy_fn(model.loss)
+            return accuracy_fn(model.loss), str(name)
+    return None, "accuracy"
 
 
 def _metric_leaves(structure: Any) -> list[Any]:
@@ -960,23 +962,30 @@ def _metric_leaves(structure: Any) -> list[Any]:
     return [structure]
 
 
-def _warn_on_unreported_monitors(callbacks: Any, state: PrivacyState) -> None:
+def _warn_on_unreported_monitors(callbacks: Any, state: PrivacyState, accuracy: Any) -> None:
     """Warn up front about callbacks (EarlyStopping, ReduceLROnPlateau, ModelCheckpoint…) that
-    watch a training-set metric a private fit does not report: they would silently do nothing."""
-    if state.include_training_metrics:
-        return
+    watch a training-set metric a private fit does not report: they would silently do nothing.
+    ``accuracy``: the name the training accuracy is logged under, if it is."""
     import warnings
 
+    reported = {"epsilon"}
+    if state.include_training_metrics:
+        reported |= {"loss"} | ({accuracy} if accuracy else set())
     for callback in callbacks or []:
         monitor = getattr(callback, "monitor", None)
-        if not isinstance(monitor, str) or monitor.startswith("val_") or monitor == "epsilon":
+        if not isinstance(monitor, str) or monitor.startswith("val_") or monitor in reported:
             continue
+        fix = (
+            "Monitor a validation metric ('val_loss', with validation_data or "
+            "validation_split), or pass include_training_metrics=True to make_private (the "
+            "card then says they are not private)"
+        )
+        if state.include_training_metrics:
+            fix = "Training-set metrics reported: " + ", ".join(sorted(reported - {"epsilon"}))
         warnings.warn(
             f"{type(callback).__name__} monitors {monitor!r}, which a private fit does not "
             "report: training-set metrics come from the private data without noise, so they "
-            "are not covered by ε. Monitor a validation metric ('val_loss', with "
-            "validation_data or validation_split), or pass include_training_metrics=True to "
-            "make_private (the card then says they are not private)",
+            f"are not covered by ε. {fix}",
             UserWarning,
             stacklevel=3,
         )
@@ -1011,14 +1020,16 @@ def _private_fit(
             "steps_per_epoch is fixed by DP-SGD's sampling (n / batch_size); leave it out"
         )
     state = privacy_state(model)
+    accuracy, accuracy_name = _training_accuracy(model, state)
     if state is not None:
-        _warn_on_unreported_monitors(callbacks, state)
+        _warn_on_unreported_monitors(callbacks, state, accuracy_name if accuracy else None)
     plan = plan_fit(
         model, x, y, batch_size=batch_size, epochs=epochs, validation_split=validation_split,
         validation_data=validation_data, class_weight=class_weight, sample_weight=sample_weight,
         initial_epoch=initial_epoch, status=_say if verbose else None,
-        accuracy=_training_accuracy(model, state),
+        accuracy=accuracy,
     )  # fmt: skip
+    plan.accuracy_name = accuracy_name
     m = plan.mechanism
     reserve(plan, f"fit {getattr(model, 'name', 'model')}: {plan.run_epochs} epochs, batch "
                   f"{m.batch_size}, σ={m.noise_multiplier:.4g}, C={plan.state.l2_norm_clip:g}")  # fmt: skip

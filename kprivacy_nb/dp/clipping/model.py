@@ -31,7 +31,7 @@ def check_model(model: Any) -> None:
     and weights held in half precision."""
     for weight in getattr(model, "trainable_weights", []):
         dtype = str(getattr(weight, "dtype", "float32"))
-        if dtype not in ("float32", "float64"):
+        if dtype != "float32":
             raise TrainingError(
                 f"weight {weight.path if hasattr(weight, 'path') else weight.name!r} is held in "
                 f"{dtype}: per-example clipping and noise need float32 weights. Build the model "
