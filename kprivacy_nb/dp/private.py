@@ -104,7 +104,9 @@ def make_private(
     ≤ 1/(10·n); it is fixed at the first ``fit``.
     ``physical_batch_size`` splits each (Poisson) batch into micro-batches of at most that many
     rows: the same step in a fraction of the tensor memory (a one-block transformer at batch 64
-    holds ~3× less with 16), for some speed (its steps ~1.4× longer). ``ledger`` (a budget
+    holds ~3× less with 16), for some speed (its steps ~1.4× longer; a recurrent layer's much
+    more). The running sum holds a copy of every weight, so a small model with a large embedding
+    table can take more memory split than whole. ``ledger`` (a budget
     name, or ``(name, Ledger)``) is charged for every ``fit``. A model made private again keeps what it spent (its earlier private runs
     compose with the next) unless ``fresh_data=True`` declares that it will now train on
     different people's data — the card then says so. After ``fit``: ``history.history["epsilon"]`` (ε after each epoch, all
