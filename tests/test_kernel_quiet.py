@@ -101,3 +101,38 @@ def test_multi_line_output_keeps_its_order_and_json_outputs_are_masked():
     rich = json.dumps(nb.cells[2].outputs)
     assert len(nb.cells[2].outputs) == 3 and "correcthorse9" not in rich
     assert rich.count("***") >= 5
+
+
+def test_widget_state_help_pages_and_inspection_are_masked_too():
+    # Everything a kernel sends goes through its session: ipywidgets' state (comm messages),
+    # `pw?` (a help payload in the execute reply) and Shift-Tab inspection showed the secret.
+    from jupyter_client.manager import start_new_kernel
+
+    manager, client = start_new_kernel(kernel_name="python3", env=kernel_env())
+    seen = []
+
+    def run(code):
+        msg_id = client.execute(code)
+        while True:
+            msg = client.get_iopub_msg(timeout=120)
+            seen.append(msg["content"])
+            state = msg["content"].get("execution_state")
+            if state == "idle" and msg["parent_header"].get("msg_id") == msg_id:
+                break
+        seen.append(client.get_shell_msg(timeout=120)["content"])
+
+    try:
+        run("%load_ext kprivacy_nb")
+        run(
+            "from kprivacy_nb.secrets import register_secret\nregister_secret('correct' + 'horse9')"
+        )
+        run("import ipywidgets as w\npw = 'correct' + 'horse9'\nlabel = w.Label(value=pw)\n"
+            "display(label)\ntext = w.Text(value='a')\ndisplay(text)\ntext.value = pw")  # fmt: skip
+        run("pw?")
+        client.inspect("pw", detail_level=1)
+        seen.append(client.get_shell_msg(timeout=120)["content"])
+    finally:
+        manager.shutdown_kernel(now=True)
+    sent = json.dumps(seen)
+    assert "comm_open" in sent or '"state"' in sent  # the widgets were sent
+    assert "correcthorse9" not in sent

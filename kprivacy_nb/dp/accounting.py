@@ -534,16 +534,15 @@ def calibrate_noise(
             warnings.filterwarnings("ignore", "ε is huge", RuntimeWarning)
             return epsilon_of_event(event_of(sigma), delta, accountant)
 
-    spent = None if prior is None else eps_of_prior(prior, delta, accountant)
-    if spent is not None and spent >= SPENT * target:
-        raise InvalidParameterError(
-            f"target ε={target:g} is already spent: the earlier private runs on this data "
-            f"used ε={_round_up(spent)} of it (ε covers them all; what is left would train on "
-            "noise). Raise target_epsilon, or — if this run trains on other people's data — "
-            "say so (fresh_data=True)"
-        )
     floor = eps(MAX_NOISE_MULTIPLIER)
     if floor > target:
+        spent = None if prior is None else eps_of_prior(prior, delta, accountant)
+        if spent is not None and spent >= SPENT * target:
+            raise InvalidParameterError(
+                f"target ε={target:g} is already spent: the earlier private runs on this data "
+                f"used ε={_round_up(spent)} of it (ε covers them all). Raise target_epsilon, "
+                "or — if this run trains on other people's data — say so (fresh_data=True)"
+            )
         raise InvalidParameterError(
             f"target ε={target:g} is unreachable: even σ={MAX_NOISE_MULTIPLIER:g} gives "
             f"ε={_round_up(floor)} (δ={delta:g}, {total} steps"
@@ -577,7 +576,13 @@ def calibrate_noise(
                         break
                     hi = lo
         if bracket is None:
-            bracket = dp_accounting.LowerEndpointAndGuess(1e-3, 1.0)
+            # σ = MAX_NOISE_MULTIPLIER reaches the target (checked above on the fine grid): the
+            # search never goes past it (the coarse grid may not reach the target there).
+            if eps_of(MAX_NOISE_MULTIPLIER) > target:
+                raise dp_accounting.mechanism_calibration.NoBracketIntervalFoundError(
+                    "the target is not reached on this grid"
+                )
+            bracket = dp_accounting.ExplicitBracketInterval(1e-3, MAX_NOISE_MULTIPLIER)
         tol = 1e-4 if hi is None else max(1e-5, 5e-4 * hi)
         return float(
             dp_accounting.calibrate_dp_mechanism(
@@ -609,7 +614,7 @@ def calibrate_noise(
     return sigma
 
 
-#: A target ε of which earlier runs on the same data spent this share is refused as spent.
+#: An unreachable target of which earlier runs on the same data spent this share is called spent.
 SPENT = 0.99
 
 

@@ -925,8 +925,8 @@ def _say(message: str) -> None:
 
 #: Compiled metrics reported as the training "accuracy" (with include_training_metrics).
 _ACCURACY_METRICS = frozenset(
-    {"accuracy", "acc", "Accuracy", "BinaryAccuracy", "CategoricalAccuracy",
-     "SparseCategoricalAccuracy"}
+    {"accuracy", "acc", "binary_accuracy", "categorical_accuracy", "sparse_categorical_accuracy",
+     "Accuracy", "BinaryAccuracy", "CategoricalAccuracy", "SparseCategoricalAccuracy"}
 )  # fmt: skip
 
 

@@ -102,6 +102,28 @@ class QuietMagics(Magics, Configurable):
         publisher.publish = publish
         self._wrapped.append((publisher, "publish", original_publish))
 
+        # In a kernel, everything it sends goes through its session: widget state (comm
+        # messages), help pages (payloads), inspection replies, display ids… are masked there.
+        session = getattr(getattr(self.shell, "kernel", None), "session", None)
+        if session is not None and callable(getattr(session, "send", None)):
+            original_send = session.send
+
+            @functools.wraps(original_send)
+            def send(stream: Any, msg_or_type: Any, content: Any = None, *args: Any,
+                     **kwargs: Any) -> Any:  # fmt: skip
+                if isinstance(msg_or_type, dict):
+                    msg_or_type = dict(msg_or_type)
+                    for key in ("content", "metadata"):
+                        if key in msg_or_type:
+                            msg_or_type[key] = _redact_format_data(msg_or_type[key])
+                content = _redact_format_data(content)
+                if kwargs.get("metadata") is not None:
+                    kwargs["metadata"] = _redact_format_data(kwargs["metadata"])
+                return original_send(stream, msg_or_type, content, *args, **kwargs)
+
+            session.send = send
+            self._wrapped.append((session, "send", original_send))
+
         original_showtb = self.shell._showtraceback
 
         @functools.wraps(original_showtb)
