@@ -47,6 +47,8 @@ PLD_SEARCH_DISCRETIZATION = 1e-3
 PLD_MAX_EPSILON = 100.0
 #: Largest σ :func:`calibrate_noise` will propose; beyond it training is pointless.
 MAX_NOISE_MULTIPLIER = 1000.0
+#: An unreachable target of which earlier runs on the same data spent this share is called spent.
+SPENT = 0.99
 
 __all__ = [
     "ACCOUNTANTS",
@@ -353,13 +355,6 @@ def _round_up(value: float, digits: int = 4) -> str:
     return f"{math.ceil(value * scale - 1e-9) / scale:.{digits}g}"
 
 
-def eps_of_prior(prior: dp_accounting.DpEvent, delta: float, accountant: str) -> float:
-    """ε of what earlier runs spent (huge-ε warnings silenced: the caller explains)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "ε is huge", RuntimeWarning)
-        return epsilon_of_event(prior, delta, accountant)
-
-
 @functools.lru_cache(maxsize=256)
 def _account_cached(
     event: dp_accounting.DpEvent, delta: float, accountant: str, interval: float | None = None
@@ -529,14 +524,14 @@ def calibrate_noise(
         )
         return this if prior is None else composed([prior, this])
 
+    fine = _CachingAccountant(accountant)  # (candidates far from the answer may be "huge")
+
     def eps(sigma: float) -> float:
-        with warnings.catch_warnings():  # candidates far from the answer may be "huge": fine
-            warnings.filterwarnings("ignore", "ε is huge", RuntimeWarning)
-            return epsilon_of_event(event_of(sigma), delta, accountant)
+        return fine.compose(event_of(sigma)).get_epsilon(delta)
 
     floor = eps(MAX_NOISE_MULTIPLIER)
     if floor > target:
-        spent = None if prior is None else eps_of_prior(prior, delta, accountant)
+        spent = None if prior is None else fine.compose(prior).get_epsilon(delta)
         if spent is not None and spent >= SPENT * target:
             raise InvalidParameterError(
                 f"target ε={target:g} is already spent: the earlier private runs on this data "
@@ -550,7 +545,6 @@ def calibrate_noise(
             f"Reachable targets are ≥ {_round_up(floor)}; "
             "or train fewer epochs, use smaller batches or a larger δ"
         )
-    fine = _CachingAccountant(accountant)
 
     def solve(acct: _CachingAccountant) -> float:
         """The smallest σ within the tolerance whose ε under ``acct`` is ≤ the target."""
@@ -612,10 +606,6 @@ def calibrate_noise(
     while eps(sigma) > target:
         sigma *= 1.001
     return sigma
-
-
-#: An unreachable target of which earlier runs on the same data spent this share is called spent.
-SPENT = 0.99
 
 
 def _refine(
