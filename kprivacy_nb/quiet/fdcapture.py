@@ -58,12 +58,16 @@ class PipeReader(threading.Thread):
         open_fds = set(self.handlers)
         pending: set[int] = set()
         while open_fds:
+            # Read the flag before waiting: what was written before stop() was called is then
+            # seen by this wait. (Checked after a wait that had timed out, it let the last line
+            # written just before stop() — a CLI's --json result — be dropped unread.)
+            stopping = self.stop.is_set()
             ready, _, _ = select.select(sorted(open_fds), [], [], 0.05)
             for fd in pending - set(ready) if self.on_idle is not None else ():
                 self.on_idle(fd)
             pending &= set(ready)
             if not ready:
-                if self.stop.is_set():
+                if stopping:
                     return  # writers left open by background processes: stop anyway
                 continue
             for fd in ready:
