@@ -15,7 +15,10 @@ also trains for two epochs in fresh child processes, plain and DP, and reports t
 over the process after data and model were made: the RSS growth (``memory_ratio`` = DP ÷ plain:
 everything, TensorFlow's graphs and kernel caches and the self-check included) and the peak of
 the tensors TensorFlow's CPU allocator holds (``tensor_ratio``: the training's working set, what
-grows with the model and the batch). ``--physical-batch-size`` runs the DP side in micro-batches
+grows with the model and the batch). The children run with ``TF_CPU_ALLOCATOR_USE_BFC=true``:
+TensorFlow's default CPU allocator (oneDNN's) serves allocations under 256 KiB from a pool it
+does not count, which hid most of a plain LSTM's per-step tensors (a plain step of the ``lstm``
+case counted 2.8 MiB instead of 9.7). ``--physical-batch-size`` runs the DP side in micro-batches
 of that many rows (``make_private``'s memory knob). Prints one JSON line per case.
 
     python bench/dp_overhead.py [mlp cnn embedding transformer lstm] [--epochs 12] [--steps 30]
@@ -213,6 +216,8 @@ def _rss_kib(field: str) -> int:
 def memory_child(case: str, mode: str, path: str, steps: int, physical: int | None) -> None:
     """Train ``case`` for two epochs (plain, or DP by ``path``); print the peak RSS growth and
     the peak of TensorFlow's CPU tensor allocations."""
+    if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") != "true":
+        sys.exit("--memory-child counts every tensor only with TF_CPU_ALLOCATOR_USE_BFC=true")
     import tensorflow as tf
 
     from kprivacy_nb.dp import clipping, engine, private  # noqa: F401  (imports aren't training)
@@ -240,6 +245,10 @@ def memory_child(case: str, mode: str, path: str, steps: int, physical: int | No
                       "tensor_mib": peak / 2**20}))  # fmt: skip
 
 
+#: The memory children's environment: every tensor through an allocator that counts it.
+COUNT_EVERY_TENSOR = {**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"}
+
+
 def peak_memory(case: str, path: str, steps: int, physical: int | None = None) -> dict:
     """Peak RSS growth and peak tensor memory of plain and DP training, each in a fresh
     process."""
@@ -249,7 +258,7 @@ def peak_memory(case: str, path: str, steps: int, physical: int | None = None) -
         child = subprocess.run(
             [sys.executable, __file__, case, "--memory-child", mode, "--path", path,
              "--steps", str(steps), *extra],
-            capture_output=True, text=True, check=True,
+            capture_output=True, text=True, check=True, env=COUNT_EVERY_TENSOR,
         )  # fmt: skip
         out[mode] = json.loads(child.stdout.strip().splitlines()[-1])
     plain, dp = out["plain"], out["dp"]

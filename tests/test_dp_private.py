@@ -717,3 +717,28 @@ def test_a_multi_input_model_takes_a_list_of_arrays_as_plain_fit_does():
     kprivacy_nb.make_private(model, noise_multiplier=1.0, delta=1e-3)
     history = model.fit([a, b], y, epochs=2, batch_size=10, verbose=0)
     assert len(history.history["epsilon"]) == 2 and model.privacy.steps == 8
+
+
+def test_each_step_adds_gaussian_noise_of_the_stated_scale():
+    """The noise is what the card says: N(0, σ²C²) on the clipped sum, divided by the expected
+    batch size — measured on the updates of a kernel whose gradient is exactly 0 (zero inputs),
+    so what moves it is the noise alone."""
+    n, batch, sigma, clip, width = 512, 64, 1.5, 0.5, 64
+    x = np.zeros((n, width), np.float32)
+    y = np.zeros((n, width), np.float32)
+    model = keras.Sequential([keras.Input((width,)), keras.layers.Dense(width, use_bias=False)])
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+    kprivacy_nb.make_private(model, noise_multiplier=sigma, l2_norm_clip=clip, delta=1e-3)
+    steps = []
+    for _ in range(3):
+        before = model.get_weights()[0].copy()
+        model.fit(x, y, epochs=1, batch_size=batch, verbose=0)
+        steps.append(model.get_weights()[0] - before)
+    # An epoch is n / batch steps, each adding independent noise of std σC / batch.
+    want = sigma * clip / batch * np.sqrt(n // batch)
+    for update in steps:
+        z = update.ravel() / want  # should be N(0, 1), width² draws
+        assert abs(z.mean()) < 5 / np.sqrt(z.size)
+        assert abs(z.std() - 1) < 5 / np.sqrt(2 * z.size)
+    # fresh noise every step
+    assert np.abs(np.corrcoef(steps[0].ravel(), steps[1].ravel())[0, 1]) < 0.1

@@ -175,6 +175,59 @@ def test_recurrent_norms_equal_per_example_tapes(case, masked):
     assert "through time" in report[layer.name], report
 
 
+@pytest.mark.parametrize("case", ["lstm", "gru", "simple_rnn_backwards"])
+def test_recurrent_kernels_taken_a_few_examples_at_a_time_are_exact(case, monkeypatch):
+    # Chunks of 3 examples over 7 (the last one shorter), with one example's loss infinite:
+    # it is dropped from every chunk's sum, and the others' sum is the batch gradient.
+    from kprivacy_nb.dp.clipping import linear
+
+    rng = np.random.default_rng(12)
+    layer, model = _recurrent_model(RECURRENT[case])
+    kernels = (layer.cell.kernel, layer.cell.recurrent_kernel)
+    monkeypatch.setattr(linear, "CHUNK_FLOATS", 3 * sum(int(np.prod(k.shape)) for k in kernels))
+    x = _ids(rng, n=7)
+    _check_fast_and_exact([model], x)
+    y = rng.normal(size=(7, 2)).astype("float32")
+    y[4] = np.inf
+    clipper = FastClipper(model, per_example_loss_fn("mse"), l2_norm_clip=1e12, sample_x=x)
+    out = clipper.clipped_sum(tf.constant(x), tf.constant(y), tf.ones([7]))
+    assert out.kept.numpy().tolist() == [True] * 4 + [False] + [True] * 2
+    keep = [0, 1, 2, 3, 5, 6]
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(clipper.loss_fn(y[keep], model(x[keep], training=False)))
+    wants = tape.gradient(loss, clipper.variables)
+    for v, got, want in zip(clipper.variables, out.grads, wants, strict=True):
+        want = tf.convert_to_tensor(want).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=v.path)
+
+
+class _Scale(k.Layer):
+    """No fast rule: its weight takes the vectorised fallback, whose jacobian runs back through
+    the recurrence's hand-written backward pass."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.w
+
+
+@pytest.mark.parametrize("case", ["lstm", "gru_backwards_no_bias", "simple_rnn_backwards"])
+def test_a_fallback_layer_before_a_recurrence_is_verified(case):
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(8, T, 3)).astype("float32")
+    y = rng.normal(size=(8, 2)).astype("float32")
+    inputs = keras.Input((T, 3))
+    scale, layer = _Scale(), RECURRENT[case]()
+    h = layer(scale(inputs))
+    model = keras.Model(inputs, k.Dense(2)(k.Flatten()(h) if layer.return_sequences else h))
+    clipper = FastClipper(model, per_example_loss_fn("mse"), l2_norm_clip=1.0, sample_x=x)
+    clipper.verify(x, y)
+    assert "through time" in clipper.report[layer.name]
+    assert clipper.report[scale.name].startswith(FALLBACK)
+    assert "verified" in clipper.report[scale.name]
+
+
 def test_explicit_initial_state_takes_the_fallback_and_stays_exact():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(6, T, 3)).astype("float32")

@@ -132,6 +132,27 @@ MUTANTS = [
         "                tf.reshape(tf.tile(c[:, None], [1, positions]), [-1]), rep.order)[:, None]\n",
         "tests/test_dp_guarantee.py",
     ),
+    (
+        "recurrence backward forgets the later steps",
+        "kprivacy_nb/dp/clipping/rnn.py",
+        "return t - 1, tuple(found[1 : 1 + self.n_states]), found[-1], dz.write(t, found[0])",
+        "return t - 1, start, found[-1], dz.write(t, found[0])",
+        "tests/test_dp_sequence.py",
+    ),
+    (
+        "chunked per-example gradients skip the last, shorter chunk",
+        "kprivacy_nb/dp/clipping/linear.py",
+        "count = (batch + size - 1) // size",
+        "count = batch // size",
+        "tests/test_dp_sequence.py",
+    ),
+    (
+        "the fit draws its noise without dividing by the batch size",
+        "kprivacy_nb/dp/private.py",
+        "return self.noise.next(self.noise_std / float(denominator))",
+        "return self.noise.next(self.noise_std)",
+        "tests/test_dp_private.py",
+    ),
 ]
 
 

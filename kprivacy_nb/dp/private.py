@@ -763,6 +763,12 @@ class _Counters:
         self.steps = var(tf.int64)
         self.not_applied = var(tf.float32)
         self.sums = tf.Variable(tf.zeros([4]), trainable=False)  # loss, count, correct, dropped
+        self.noise: Any = None  # this fit's GaussianNoise (set by run_fit; None for σ = 0)
+        self.noise_std = 0.0
+
+    def draw_noise(self, denominator: Any) -> np.ndarray:
+        """The step's flat noise vector, N(0, σ²C²/denominator²) (called from the step)."""
+        return self.noise.next(self.noise_std / float(denominator))
 
     def reset_epoch(self) -> None:
         self.sums.assign([0.0, 0.0, 0.0, 0.0])
@@ -787,12 +793,22 @@ class _Counters:
 
 
 def _train_step(engine: Any, counters: _Counters) -> Any:
+    import tensorflow as tf
+
     def train_step(data: Any) -> dict[str, Any]:
         counters.traces += 1  # this Python body runs once per trace
         inputs, y, w = data
         counters.steps.assign_add(1)  # counted before anything else: every step that ran counts
         repeated = inputs.get("repeated", ())
-        out = engine.update(inputs["x"], y, w, inputs["meta"], inputs["noise"], *repeated)
+        noise = inputs["noise"]
+        if engine.noise_std > 0:
+            # Drawn here, not carried in the pipeline: the batches tf.data prefetches would
+            # each hold a copy the size of the model.
+            noise = tf.numpy_function(
+                counters.draw_noise, [inputs["meta"][0]], tf.float32, stateful=True
+            )
+            noise.set_shape([None])
+        out = engine.update(inputs["x"], y, w, inputs["meta"], noise, *repeated)
         counters.sums.assign_add([out[0], out[1], out[2], out[4]])
         counters.not_applied.assign_add(1.0 - out[3])
         # Keras needs at least one value per step; the step count is public.
@@ -858,6 +874,7 @@ def run_fit(
     counters = traced[1] if traced else _Counters()
     counters.restart()
     dataset, noise = _pipeline(plan)
+    counters.noise, counters.noise_std = noise, engine.noise_std
     original_step = model.__dict__.get("train_step")
     saved_jit = getattr(model, "jit_compile", False)
     history, interrupted, started, steps, traces = None, False, time.perf_counter(), 0, 0
@@ -1139,8 +1156,9 @@ class Element:
 
 
 def _pipeline(plan: FitPlan) -> tuple[Any, Any]:
-    """The ``tf.data`` pipeline of Poisson batches: rows gathered on the host, with the step's
-    noise (and an input-reading Embedding's repeated tokens)."""
+    """The ``tf.data`` pipeline of Poisson batches: rows gathered on the host (and an
+    input-reading Embedding's repeated tokens), and the fit's noise source, which the step
+    draws from."""
     import tensorflow as tf
 
     from .noise import GaussianNoise
@@ -1157,13 +1175,12 @@ def _pipeline(plan: FitPlan) -> tuple[Any, Any]:
 
     def batch(i: Any) -> list[np.ndarray]:
         # Batch i of the epoch; batch 0 draws the epoch's Poisson batches (tf.data calls this
-        # in order, once per batch, and again from 0 for the next epoch).
+        # in order, once per batch, and again from 0 for the next epoch). The step draws its
+        # noise itself (_Counters.draw_noise).
         if int(i) == 0 or not epoch:
             epoch[:] = [np.sort(np.asarray(b, np.int64)) for b in sampler.epoch()]
         idx = epoch[int(i)]
-        denominator = float(sampler.denominator(idx))
-        flat = noise.next(noise_std / denominator) if noise_std > 0 else empty
-        return element.arrays(idx, denominator, flat)
+        return element.arrays(idx, float(sampler.denominator(idx)), empty)
 
     def fetch(i: Any) -> Any:
         return element.unpack(tf.numpy_function(batch, [i], element.dtypes, stateful=True))

@@ -19,6 +19,7 @@ example's huge terms cannot leak past its clip factor.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ import tensorflow as tf
 
 from .registry import LayerGrads, RowFilter
 
-__all__ = ["flat3", "linear_grads", "static_positions"]
+__all__ = ["chunked_grads", "flat3", "linear_grads", "static_positions"]
 
 _EPS64 = float(np.finfo(np.float64).eps)
 _TINY32 = float(np.finfo(np.float32).tiny)  # 2⁻¹²⁶, the smallest normal float32
@@ -150,3 +151,67 @@ def linear_grads(
         return out
 
     return LayerGrads(sq, clipped, method)
+
+
+#: Per-example gradients formed at one time by :func:`chunked_grads` (floats, ~1 MiB).
+CHUNK_FLOATS = 2**18
+
+
+def chunked_grads(
+    blocks: list[tuple[Any, Callable[[Any, Any], tuple[tf.Tensor, tf.Tensor]]]],
+    batch: tf.Tensor,
+    name: str,
+) -> LayerGrads:
+    """Norms and clipped sums of kernels ``G_k = Σ_t a_tᵀ g_t`` from per-example gradients formed
+    a few examples at a time, so a batch never holds more than :data:`CHUNK_FLOATS` of them.
+
+    ``blocks``: ``(kernel, chunk)`` where ``chunk(start, stop)`` gives ``a`` (n, T, p) and ``g``
+    (n, T, o) of examples ``start:stop``. The norms take one pass over the chunks and the clipped
+    sum another, which forms the same per-example gradients again (the same computation on the
+    same data): what is summed is what was measured, each example scaled by its own clip factor
+    before it meets another example's (as :func:`linear_grads`' per-example form). Costs one more
+    pass of the per-example products than forming them all at once.
+    """
+    width = sum(math.prod(kernel.shape) for kernel, _ in blocks)
+    size = max(1, CHUNK_FLOATS // width)
+    count = (batch + size - 1) // size
+
+    def bounds(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return i * size, tf.minimum((i + 1) * size, batch)
+
+    def per_example(chunk: Callable[..., Any], start: Any, stop: Any) -> tf.Tensor:
+        a, g = chunk(start, stop)
+        return tf.matmul(a, g, transpose_a=True)  # (n, p, o)
+
+    def norm_body(i: tf.Tensor, out: tf.TensorArray) -> tuple[tf.Tensor, tf.TensorArray]:
+        start, stop = bounds(i)
+        sq = tf.add_n(
+            [tf.reduce_sum(tf.square(per_example(chunk, start, stop)), [1, 2])
+             for _, chunk in blocks]
+        )  # fmt: skip
+        return i + 1, out.write(i, sq)
+
+    pieces = tf.TensorArray(tf.float32, size=count, infer_shape=False, element_shape=[None])
+    _, pieces = tf.while_loop(
+        lambda i, _: i < count, norm_body, (tf.constant(0), pieces), parallel_iterations=1
+    )
+    sq = pieces.concat()
+
+    def clipped(c: tf.Tensor, rows: RowFilter) -> list[tuple[Any, tf.Tensor]]:
+        def body(i: tf.Tensor, sums: list[tf.Tensor]) -> tuple[tf.Tensor, list[tf.Tensor]]:
+            start, stop = bounds(i)
+            added = []
+            for (_, chunk), total in zip(blocks, sums, strict=True):
+                g = rows.rows(per_example(chunk, start, stop), start, stop)
+                added.append(total + tf.tensordot(c[start:stop], g, axes=1))
+            return i + 1, added
+
+        start = [tf.zeros(kernel.shape, tf.float32) for kernel, _ in blocks]
+        _, sums = tf.while_loop(
+            lambda i, _: i < count, body, (tf.constant(0), start), parallel_iterations=1
+        )
+        return [(kernel, s) for (kernel, _), s in zip(blocks, sums, strict=True)]
+
+    return LayerGrads(
+        sq, clipped, f"{name}: per-example kernel gradients, a few examples at a time"
+    )

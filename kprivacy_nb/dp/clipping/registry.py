@@ -102,6 +102,13 @@ class RowFilter:
         mask = tf.reshape(self.keep, [-1] + [1] * (t.shape.rank - 1))
         return tf.where(mask, t, tf.zeros_like(t))
 
+    def rows(self, t: tf.Tensor, start: Any, stop: Any) -> tf.Tensor:
+        """The filter applied to ``t``, the per-example tensor of examples ``start:stop``."""
+        if not self.active:
+            return t
+        mask = tf.reshape(self.keep[start:stop], [-1] + [1] * (t.shape.rank - 1))
+        return tf.where(mask, t, tf.zeros_like(t))
+
 
 @dataclass
 class LayerGrads:
