@@ -99,3 +99,24 @@ class ResourceLimitError(SerializationError):
 
 class UntrustedSignatureError(SignatureError):
     """A signature is required (trust policy) but the file is unsigned or its signer unknown."""
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` made by the caller of this function that points
+    at the user's code: the first frame outside kprivacy_nb, Keras, TensorFlow and the standard
+    library (the warning then shows the user's line, not ours)."""
+    import os
+    import sys
+    import sysconfig
+
+    skipped = (os.path.dirname(os.path.abspath(__file__)), sysconfig.get_paths()["stdlib"])
+    level, frame = 1, sys._getframe(1)
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        inside = any(name.startswith(path + os.sep) for path in skipped) or any(
+            f"{os.sep}{lib}{os.sep}" in name for lib in ("keras", "tensorflow")
+        )
+        if not inside:
+            return level
+        frame, level = frame.f_back, level + 1
+    return level

@@ -280,3 +280,25 @@ def test_huge_epsilon_under_pld_falls_back_to_the_rdp_bound_loudly():
     with pytest.warns(RuntimeWarning, match="uses the RDP accountant"):
         curve = acc.epsilon_curve(60000, 256, 3, 0.1, accountant="pld")
     assert curve.accountant == "rdp"
+
+
+def test_rdp_orders_left_out_are_not_logged(caplog):
+    """dp-accounting logs a warning for every RDP order whose series does not converge (7 at
+    q = 0.2, σ = 1); the order is just left out of the bound, so these stay quiet."""
+    import logging
+
+    logger = logging.getLogger("absl")
+    ours = [f for f in logger.filters if type(f).__name__ == "_OrderLeftOut"]
+    assert len(ours) == 1
+    event = acc.dpsgd_event(n=40, batch_size=8, noise_multiplier=1.0, steps=5)
+    caplog.set_level(logging.WARNING, logger="absl")
+    logger.removeFilter(ours[0])
+    try:
+        acc.make_accountant("rdp").compose(event).get_epsilon(1e-3)
+        assert any("Excluding this order" in r.getMessage() for r in caplog.records)
+    finally:
+        logger.addFilter(ours[0])
+    caplog.clear()
+    eps = acc.compute_epsilon(40, 8, 1, 1.0, 1e-3)
+    assert math.isfinite(eps)
+    assert not [r for r in caplog.records if "Excluding this order" in r.getMessage()]

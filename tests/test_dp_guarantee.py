@@ -18,7 +18,7 @@ import tensorflow as tf  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from kprivacy_nb import dp_fit  # noqa: E402
+from kprivacy_nb import dp_fit, make_private  # noqa: E402
 from kprivacy_nb.dp import accounting  # noqa: E402
 from kprivacy_nb.dp.clipping import EXACT_FALLBACK, FastClipper, per_example_loss_fn  # noqa: E402
 from kprivacy_nb.dp.engine import DPSGDEngine  # noqa: E402
@@ -182,7 +182,6 @@ def test_a_record_whose_repeated_token_gradients_cancel_cannot_erase_the_others(
     # three times: that token's gradient is small, so the record is not clipped. The clipped sum
     # once added every position's row to the table in float32: adding ±1e20 wiped out what the
     # other records had put in that row, an effect of one record of 4·C. Public API only.
-    from kprivacy_nb import make_private
 
     vocab, n, clip = 10, 40, 0.1
     rng = np.random.default_rng(21)
@@ -288,6 +287,33 @@ def test_a_huge_clipping_norm_still_applies_every_finite_update():
             assert stats.applied
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("row", [3, 30], ids=["checked-row", "later-row"])
+def test_one_extreme_label_is_dropped_wherever_it_is_not_a_reason_to_refuse(row):
+    """A label of 1e19 makes that record's float32 gradient norm² overflow: the step drops it.
+    Among the rows the self-check reads it used to refuse the whole model instead — one record
+    deciding whether training runs at all."""
+    rng = np.random.default_rng(row)
+    x = rng.normal(size=(40, 6, 3)).astype("float32")
+    y = rng.normal(size=(40, 1)).astype("float32")
+    y[row] = 1e19
+    weights = {}
+    for kept in (True, False):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6, 3)), k.LSTM(4), k.Dense(1)])
+        start = [w.copy() for w in model.get_weights()]
+        sample_weight = np.ones(40, np.float32)
+        if not kept:
+            sample_weight[row] = 0.0
+        model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+        make_private(model, noise_multiplier=0.0, l2_norm_clip=1.0, sampling="shuffle",
+                     delta=1e-3)  # fmt: skip
+        model.fit(x, y, epochs=1, batch_size=40, verbose=0, sample_weight=sample_weight)
+        weights[kept] = [w - s for w, s in zip(model.get_weights(), start, strict=True)]
+    assert max(float(np.abs(w).max()) for w in weights[True]) > 1e-4  # the others trained
+    for with_it, without in zip(weights[True], weights[False], strict=True):
+        np.testing.assert_allclose(with_it, without, rtol=1e-5, atol=1e-7)
 
 
 def test_the_self_check_never_passes_on_nan():

@@ -742,3 +742,38 @@ def test_each_step_adds_gaussian_noise_of_the_stated_scale():
         assert abs(z.std() - 1) < 5 / np.sqrt(2 * z.size)
     # fresh noise every step
     assert np.abs(np.corrcoef(steps[0].ravel(), steps[1].ravel())[0, 1]) < 0.1
+
+
+def test_a_class_label_out_of_range_is_refused_before_anything_runs():
+    """Unchecked, the first step sampling the row stopped training halfway, and TensorFlow's
+    error listed the labels of every other example in that batch."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(1, 20, (64, 5)).astype("int32")
+    y = rng.integers(0, 3, 64)
+    y[50] = 3
+    model = keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(20, 4),
+                              keras.layers.LSTM(4), keras.layers.Dense(3)])  # fmt: skip
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    kprivacy_nb.make_private(model, noise_multiplier=1.0, delta=1e-3)
+    before = model.get_weights()
+    with pytest.raises(InvalidParameterError, match="row 50 has a class label outside 0…2") as exc:
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert "Label values" not in str(exc.value)
+    assert getattr(model, "privacy", None) is None  # no run recorded: nothing was spent
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # ignore_class labels are fine, and so is every label in range
+    y[50] = -1
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(ignore_class=-1))  # fmt: skip
+    kprivacy_nb.make_private(model, noise_multiplier=1.0, delta=1e-3)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+
+
+def test_the_no_noise_warning_points_at_the_users_line():
+    x, y = _data(n=64)
+    with pytest.warns(RuntimeWarning, match="NO PRIVACY") as said:
+        kprivacy_nb.dp_fit(_binary(), x, y, epochs=1, batch_size=16, noise_multiplier=0.0,
+                           delta=1e-3, verbose=0)  # fmt: skip
+    where = [w.filename for w in said if "NO PRIVACY" in str(w.message)]
+    assert where and all(name == __file__ for name in where), where

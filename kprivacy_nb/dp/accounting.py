@@ -24,6 +24,7 @@ Sampling, and what the ε means (add-or-remove-one-example adjacency, all checkp
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import numbers
 import warnings
@@ -35,7 +36,7 @@ from dp_accounting.pld import privacy_loss_distribution as _pld
 from dp_accounting.pld import privacy_loss_mechanism as _mechanism
 from dp_accounting.rdp import rdp_privacy_accountant as _rdp
 
-from ..errors import InvalidParameterError
+from ..errors import InvalidParameterError, caller_stacklevel
 from .names import ACCOUNTANTS, SAMPLINGS  # noqa: E402  (re-exported)
 
 #: PLD grid step used by :func:`compute_epsilon` (dp_accounting's own default).
@@ -49,6 +50,18 @@ PLD_MAX_EPSILON = 100.0
 MAX_NOISE_MULTIPLIER = 1000.0
 #: An unreachable target of which earlier runs on the same data spent this share is called spent.
 SPENT = 0.99
+
+
+class _OrderLeftOut(logging.Filter):
+    """Drops dp-accounting's "… failed to converge … Excluding this order from the epsilon
+    computation" warnings (several per ε at some q, σ): the order is left out of the minimum
+    over orders, so the RDP bound stays valid — nothing for the user to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Excluding this order" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_OrderLeftOut())
 
 __all__ = [
     "ACCOUNTANTS",
@@ -434,7 +447,10 @@ class _CachingAccountant:
 
 
 def _warn_no_noise() -> None:
-    warnings.warn("noise_multiplier=0: no noise, NO PRIVACY — ε = ∞", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        "noise_multiplier=0: no noise, NO PRIVACY — ε = ∞", RuntimeWarning,
+        stacklevel=caller_stacklevel(),
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- public API

@@ -390,6 +390,40 @@ def _scan_finite(data: Any, what: str) -> tuple[str, ...]:
     return tuple(digests)
 
 
+def _sparse_categorical(loss: Any) -> tuple[bool, Any]:
+    """Whether ``loss`` takes class indices (sparse categorical cross-entropy), and the
+    ``ignore_class`` it skips."""
+    if isinstance(loss, str):
+        return loss in ("sparse_categorical_crossentropy", "SparseCategoricalCrossentropy"), None
+    fn = getattr(loss, "fn", loss)  # a Loss object wraps its function
+    name = getattr(fn, "__name__", "") or getattr(loss, "name", "")
+    ignore = (getattr(loss, "_fn_kwargs", None) or {}).get("ignore_class")
+    return name == "sparse_categorical_crossentropy", ignore
+
+
+def _check_class_labels(loss: Any, preds: Any, y: Any) -> None:
+    """Refuse class indices a sparse categorical loss cannot take, before anything is spent.
+    Unchecked, the first step that samples such a row stops training halfway, with
+    TensorFlow's error listing the labels of every other example in that batch."""
+    sparse, ignore = _sparse_categorical(loss)
+    classes = preds.shape[-1] if getattr(preds, "shape", None) is not None else None
+    if not sparse or classes is None:
+        return
+    for leaf in _leaves(y):
+        for start in range(0, len(leaf), SCAN_ROWS):
+            rows = np.asarray(leaf[start : start + SCAN_ROWS])
+            bad = (rows < 0) | (rows >= classes) | (rows != np.floor(rows))
+            if ignore is not None:
+                bad &= rows != ignore
+            if bad.any():
+                row = start + int(np.argwhere(bad)[0][0])
+                raise InvalidParameterError(
+                    f"y: row {row} has a class label outside 0…{classes - 1} (the model has "
+                    f"{classes} outputs and the loss takes class indices): fix or drop such "
+                    "rows before training (nothing was spent)"
+                )
+
+
 def _split(data: Any, start: int, stop: int) -> Any:
     return _map(lambda a: a[start:stop], data)
 
@@ -624,7 +658,7 @@ def _plan_fit(
     from .clipping import per_example_loss_fn as _loss_fn
     from .trainer import _check_fits, _head
 
-    _check_fits(model, _loss_fn(model.loss), _head(x, "x"), _head(y, "y"))
+    preds = _check_fits(model, _loss_fn(model.loss), _head(x, "x"), _head(y, "y"))
     n_all = _rows(x, "x")
     if _rows(y, "y") != n_all:
         raise InvalidParameterError(f"x has {n_all} rows but y has {len(y)}: they must match")
@@ -645,6 +679,7 @@ def _plan_fit(
     if not 0 <= initial_epoch < epochs:
         raise InvalidParameterError(f"initial_epoch must be in [0, epochs), got {initial_epoch}")
     digests = (*_scan_finite(x, "x"), *_scan_finite(y, "y"))
+    _check_class_labels(model.loss, preds, y)
     delta, delta_source = state.delta, "given"
     if state.ledger is not None:
         from .ledger import resolve_ledger

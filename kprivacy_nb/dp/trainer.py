@@ -467,8 +467,9 @@ def _finite(data: Any, what: str) -> Any:
     return tf.nest.map_structure(convert, data)
 
 
-def _check_fits(model: Any, loss_fn: Callable, X: Any, Y: Any) -> None:
-    """Run the model and loss on two examples so shape mistakes fail with a clear message."""
+def _check_fits(model: Any, loss_fn: Callable, X: Any, Y: Any) -> Any:
+    """Run the model and loss on two examples so shape mistakes fail with a clear message;
+    returns the predictions."""
     import tensorflow as tf
 
     xs = tf.nest.map_structure(lambda t: t[:2], X)
@@ -491,6 +492,7 @@ def _check_fits(model: Any, loss_fn: Callable, X: Any, Y: Any) -> None:
         raise InvalidParameterError(
             f"the loss must give one value per example; got shape {tuple(values.shape)}"
         )
+    return preds
 
 
 def _input_mismatch(model: Any, xs: Any, exc: Exception) -> str:

@@ -45,6 +45,21 @@ EXAMPLES = 8
 TOLERANCE = 1e-3
 
 
+#: An input or label value from which float32 sums of squares may overflow, and a gradient
+#: norm² close to float32's limit (2¹²⁸).
+EXTREME, EXTREME_NORM_SQ = 2.0**60, 2.0**120
+
+
+def _row_max(data: Any, batch: int) -> np.ndarray:
+    """Each example's largest |value| over every leaf of ``data`` (float64)."""
+    out = np.zeros(batch)
+    for leaf in tf.nest.flatten(data):
+        a = np.abs(np.asarray(leaf, np.float64)).reshape(batch, -1)
+        if a.shape[1]:
+            out = np.maximum(out, np.max(a, axis=1))
+    return out
+
+
 def _rows(data: Any, rows: Any) -> Any:
     return tf.nest.map_structure(lambda t: tf.gather(t, rows), data)
 
@@ -166,8 +181,17 @@ def _errors(clipper: Any, x: Any, y: Any, batch: int) -> dict[str, tuple[float, 
     fast = _fast(clipper, x, y, batch)
     total = sum(ref.values())
     # An example whose loss or gradient is not finite is dropped by the step: nothing to compare.
-    # The check must not pass on NaNs, so the others must be enough.
-    usable = np.isfinite(total)
+    # So is one whose fast norm overflows float32 because the example is extreme (a value past
+    # EXTREME, or a gradient norm² near float32's limit): the step drops it too, which adds
+    # nothing; refusing the model for it would let one record stop training. The check must
+    # not pass on NaNs, so the others must be enough.
+    fast_total = sum(sq for sq, _ in fast.values())
+    extreme = (
+        (total >= EXTREME_NORM_SQ)
+        | (_row_max(x, batch) >= EXTREME)
+        | (_row_max(y, batch) >= EXTREME)
+    )
+    usable = np.isfinite(total) & ~(~np.isfinite(fast_total) & extreme)
     if not np.any(usable):
         raise TrainingError(
             f"the self-check could not compare any gradient norm: the loss or gradient of each "
