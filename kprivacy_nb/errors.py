@@ -44,6 +44,11 @@ class BudgetExceededError(KPrivacyError):
     """A DP run would spend more privacy budget than its ledger has left."""
 
 
+class SlowPathWarning(UserWarning):
+    """A layer takes a per-example path much slower than its fast one (a recurrent layer with
+    dropout inside the recurrence, for instance): said before training, with the way back."""
+
+
 class PrivacyBudgetWarning(UserWarning):
     """A run that is allowed but probably not what was meant (e.g. a target ε mostly spent by
     the model's earlier fits, so the new fit gets almost pure noise)."""

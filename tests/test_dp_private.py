@@ -335,10 +335,43 @@ def test_an_out_of_range_id_in_a_dict_or_list_input_is_refused_before_anything_r
     kprivacy_nb.make_private(model, noise_multiplier=1.0, delta=1e-3,
                              physical_batch_size=physical)  # fmt: skip
     data = {"ids": x} if wrap == "dict" else [x]
-    with pytest.raises(InvalidParameterError, match="token id 20 is out of range"):
+    with pytest.raises(
+        InvalidParameterError, match=r"row 20 has token id 20, out of range.*spent nothing\)$"
+    ):
         model.fit(data, y, epochs=1, batch_size=8, verbose=0)
     for a, b in zip(model.get_weights(), before, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_token_ids_that_are_not_whole_numbers_are_refused_naming_the_row():
+    x, y = _tokens(n=24, vocab=20, length=16)
+    ids = x.astype("float32")
+    ids[7, 3] += 0.5
+    model = _token_model(vocab=20, length=16)
+    kprivacy_nb.make_private(model, noise_multiplier=1.0, delta=1e-3)
+    with pytest.raises(InvalidParameterError, match="row 7 has a token id that is not a whole"):
+        model.fit(ids, y, epochs=1, batch_size=8, verbose=0)
+    model.fit(x.astype("float32"), y, epochs=1, batch_size=8, verbose=0)  # whole numbers: fine
+
+
+def test_a_larger_target_after_earlier_fits_is_not_called_mostly_noise():
+    """Spent ε = 2, then a new target of 5: this fit gets less noise than the first, which is
+    not "mostly noise" however much of the new target was spent."""
+    import warnings
+
+    from kprivacy_nb.errors import PrivacyBudgetWarning
+
+    x, y = _data(n=400)
+    model = _binary()
+    kprivacy_nb.make_private(model, target_epsilon=2.0, delta=1e-4)
+    model.fit(x, y, epochs=2, batch_size=40, verbose=0)
+    first_sigma = model.privacy.noise_multiplier
+    kprivacy_nb.make_private(model, target_epsilon=5.0, delta=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrivacyBudgetWarning)
+        model.fit(x, y, epochs=2, batch_size=40, verbose=0)
+    assert model.privacy.noise_multiplier < first_sigma
+    assert model.privacy.epsilon <= 5.0 + 1e-9
 
 
 @pytest.mark.parametrize("wrap", ["dict", "list"])
@@ -358,7 +391,7 @@ def test_an_out_of_range_id_for_one_input_of_several_is_refused_before_anything_
     before = [w.copy() for w in model.get_weights()]
     kprivacy_nb.make_private(model, noise_multiplier=1.0, delta=1e-3)
     data = {"t": ids, "e": extra} if wrap == "dict" else [ids, extra]
-    with pytest.raises(InvalidParameterError, match="token id 20 is out of range"):
+    with pytest.raises(InvalidParameterError, match="row [0-9]+ has token id 20, out of range"):
         model.fit(data, y, epochs=1, batch_size=8, verbose=0)
     for a, b in zip(model.get_weights(), before, strict=True):
         np.testing.assert_array_equal(a, b)

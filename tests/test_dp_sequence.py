@@ -237,10 +237,36 @@ def test_explicit_initial_state_takes_the_fallback_and_stays_exact():
     model = keras.Model(inputs, k.Dense(2)(lstm(inputs, initial_state=[state, state])))
     y = rng.normal(size=(6, 2)).astype("float32")
     clipper = FastClipper(model, per_example_loss_fn("mse"), l2_norm_clip=1.0, sample_x=x)
-    assert "not on its fast path" in clipper.report[lstm.cell.name]
+    # reported under the layer's name, with the reason that applied
+    assert "initial_state passed explicitly" in clipper.report[lstm.name]
     clipper.verify(x, y)
-    assert FALLBACK in clipper.report[lstm.cell.name]
-    assert "verified" in clipper.report[lstm.cell.name]
+    assert FALLBACK in clipper.report[lstm.name]
+    assert "verified" in clipper.report[lstm.name]
+    assert lstm.cell.name not in clipper.report
+
+
+def test_recurrent_layers_off_their_fast_path_are_named_and_said_out_loud():
+    """Two stacked LSTMs with dropout: each reported under its own name with its reason (their
+    cells share the name "lstm_cell"), and a warning before training says what it costs."""
+    from kprivacy_nb import make_private
+    from kprivacy_nb.errors import SlowPathWarning
+
+    rng = np.random.default_rng(14)
+    x, y = _ids(rng, n=64), rng.integers(0, 2, 64)
+    first, second = k.LSTM(3, dropout=0.2, return_sequences=True), k.LSTM(3, recurrent_dropout=0.1)
+    model = keras.Sequential([keras.Input((T,), dtype="int32"), k.Embedding(VOCAB, 3), first,
+                              second, k.Dense(2)])  # fmt: skip
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    make_private(model, noise_multiplier=1.0, delta=1e-3)
+    with pytest.warns(SlowPathWarning) as said:
+        model.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    text = [str(w.message) for w in said if issubclass(w.category, SlowPathWarning)]
+    assert len(text) == 2 and all("keras.layers.Dropout" in t for t in text), text
+    assert all(w.filename == __file__ for w in said if issubclass(w.category, SlowPathWarning))
+    report = model.privacy.clipping
+    for layer in (first, second):
+        assert "dropout inside the recurrence" in report[layer.name], report
+        assert "verified" in report[layer.name]
 
 
 # --------------------------------------------------------------------------- normalisation

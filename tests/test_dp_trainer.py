@@ -274,8 +274,10 @@ def test_one_adam_step_matches_keras_adam_on_the_clipped_mean():
     adam.apply([(a / len(x)).astype("float32") for a in grads], reference.trainable_variables)
     dp_fit(model, x, y, epochs=1, batch_size=len(x), sampling="shuffle", noise_multiplier=0.0,
            l2_norm_clip=0.1, optimizer=keras.optimizers.Adam(0.05), verbose=0)  # fmt: skip
+    # (Adam's first step is about lr·g/|g|: where a gradient entry is near Adam's ε = 1e-7,
+    # float32 rounding of the two sums moves it by ~1e-6.)
     for a, b in zip(model.trainable_variables, reference.trainable_variables, strict=True):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
     # The same gradient under SGD(0.05) lands elsewhere: the test tells the optimizers apart.
     sgd = [w - 0.05 * g / len(x) for w, g in zip(initial, grads, strict=True)]
     assert not all(

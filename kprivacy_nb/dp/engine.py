@@ -224,12 +224,21 @@ class DPSGDEngine:
             ids = arrays[index] if index < len(arrays) else None
             if ids is None or ids.size == 0:
                 continue
+            if ids.dtype.kind == "f":
+                fractional = ids != np.floor(ids)
+                if fractional.any():
+                    row = int(np.argwhere(fractional)[0][0])
+                    raise InvalidParameterError(
+                        f"x: row {row} has a token id that is not a whole number (the Embedding "
+                        f"{layer.name!r} reads ids): convert the ids to integers"
+                    )
             low, high = int(ids.min()), int(ids.max())
             if high >= layer.input_dim or low < -layer.input_dim:
                 bad = high if high >= layer.input_dim else low
+                row = int(np.argwhere(ids == bad)[0][0])
                 raise InvalidParameterError(
-                    f"x: token id {bad} is out of range for the Embedding {layer.name!r} of "
-                    f"{layer.input_dim} rows"
+                    f"x: row {row} has token id {bad}, out of range for the Embedding "
+                    f"{layer.name!r} of {layer.input_dim} rows"
                 )
 
     @property

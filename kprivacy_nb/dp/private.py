@@ -526,6 +526,29 @@ def plan_fit(
 
     ``status(message)``, if given, hears what is being done while it takes time (calibrating
     σ, the self-check) — the slow part of a cold start has something on screen."""
+    try:
+        return _plan(model, x, y, batch_size=batch_size, epochs=epochs,
+                     validation_split=validation_split, validation_data=validation_data,
+                     class_weight=class_weight, sample_weight=sample_weight,
+                     initial_epoch=initial_epoch, accuracy=accuracy,
+                     build_metrics=build_metrics, status=status)  # fmt: skip
+    except (InvalidParameterError, TrainingError) as exc:
+        # Every refusal here comes before the ledger and the card: say so, once.
+        text = str(exc)
+        if "nothing was spent" in text or "spent nothing" in text or len(exc.args) != 1:
+            raise
+        try:
+            said = type(exc)(f"{text} (this fit spent nothing)")
+        except TypeError:  # (a subclass with other arguments: as it is)
+            raise exc from exc.__cause__
+        raise said from exc.__cause__
+
+
+def _plan(
+    model: Any, x: Any, y: Any, *, batch_size: int | None, epochs: int, validation_split: float,
+    validation_data: Any, class_weight: dict | None, sample_weight: Any, initial_epoch: int,
+    accuracy: Any, build_metrics: bool, status: Any,
+) -> FitPlan:  # fmt: skip
     from .distribute import check_distributable, first_replica, strategy_for
 
     strategy = strategy_for(model)
@@ -560,8 +583,9 @@ def _warn_if_mostly_spent(state: PrivacyState, delta: float, sigma: float, statu
         return
     spent = accounting.epsilon_of_event(prior, delta, state.accountant)
     target = float(state.target_epsilon)
-    if spent < MOSTLY_SPENT * target:
-        return
+    earlier = max((m.noise_multiplier for m, steps in state.runs if steps > 0), default=0.0)
+    if spent < MOSTLY_SPENT * target or sigma <= earlier:
+        return  # (σ no larger than any earlier fit's: not "mostly noise", whatever was spent)
     message = (
         f"this model's earlier private fits already spent ε = {spent:.3g} of its target "
         f"{target:g} (ε covers every private fit of a model), so this fit gets σ = {sigma:.3g}: "
@@ -570,10 +594,9 @@ def _warn_if_mostly_spent(state: PrivacyState, delta: float, sigma: float, statu
     )
     import warnings
 
-    from ..errors import PrivacyBudgetWarning
+    from ..errors import PrivacyBudgetWarning, caller_stacklevel
 
-    status(message)
-    warnings.warn(message, PrivacyBudgetWarning, stacklevel=2)
+    warnings.warn(message, PrivacyBudgetWarning, stacklevel=caller_stacklevel())
 
 
 def _engine_key(
@@ -616,6 +639,33 @@ def _reusable_engine(state: PrivacyState, key: tuple[tuple, tuple], sigma: float
         return None
     engine.noise_std = std
     return engine
+
+
+def _warn_on_slow_recurrences(model: Any, report: dict[str, str]) -> None:
+    """A recurrent layer off its fast path runs per-example gradients through the whole
+    recurrence, tens of times slower (an LSTM with dropout=0.2: ~50×): say so before training,
+    with the reason and the way back."""
+    import warnings
+
+    import keras
+
+    from ..errors import SlowPathWarning, caller_stacklevel
+    from .clipping.model import flatten_layers
+
+    for layer in flatten_layers(model):
+        path = report.get(layer.name, "")
+        if not isinstance(layer, keras.layers.RNN) or "fallback" not in path:
+            continue
+        advice = (
+            " A keras.layers.Dropout before or after the layer keeps it on the fast path."
+            if "dropout" in path
+            else ""
+        )
+        warnings.warn(
+            f"the recurrent layer {layer.name!r} takes the slow per-example path ({path}): its "
+            f"steps cost tens of times those of its fast path.{advice}",
+            SlowPathWarning, stacklevel=caller_stacklevel(),
+        )  # fmt: skip
 
 
 def _build_optimizer(plan: FitPlan) -> None:
@@ -734,6 +784,7 @@ def _plan_fit(
         )  # fmt: skip
         engine.check_sensitivity(X, Y, batch_size)
         state.engine_key, state.engine, state.traced = key, engine, None
+        _warn_on_slow_recurrences(model, engine.report)
     if build_metrics:
         # Keras reads every compiled metric at the end of an epoch: they must be built. One
         # update builds them; the values are thrown away at once (the DP step never updates

@@ -199,6 +199,15 @@ class FastClipper:
             for v in getattr(layer, "_trainable_variables", []):
                 owners[id(v)] = owners.get(id(v), 0) + 1
                 self._owner.setdefault(id(v), layer.name)
+        # An RNN's weights belong to its cell: they are reported (and self-checked) under the
+        # RNN layer's name, with the reason its rule did not apply (not the cell's generic one).
+        self._parent: dict[int, Any] = {}
+        for layer in flatten_layers(self.model):
+            cell = getattr(layer, "cell", None)
+            if isinstance(layer, keras.layers.RNN) and cell is not None:
+                self._parent[id(cell)] = layer
+                for v in cell.trainable_variables:
+                    self._owner[id(v)] = layer.name
         for key, (layer, handler) in candidates.items():
             if counts[key] != 1:
                 self._reasons[key] = (
@@ -225,9 +234,12 @@ class FastClipper:
         label = EXACT_FALLBACK if self.exact_fallback else FALLBACK
         for layer in self._layers:
             own = getattr(layer, "_trainable_variables", layer.trainable_variables)
-            if any(id(v) in fb for v in own) and layer.name not in self.methods:
-                why = self._reasons.get(id(layer), f"no fast path for {type(layer).__name__}")
-                self.methods[layer.name] = f"{label} ({why})"
+            named = self._parent.get(id(layer), layer)  # (an RNN's cell: the RNN)
+            if any(id(v) in fb for v in own) and named.name not in self.methods:
+                why = self._reasons.get(id(named)) or self._reasons.get(
+                    id(layer), f"no fast path for {type(layer).__name__}"
+                )
+                self.methods[named.name] = f"{label} ({why})"
         if any(id(v) in fb for v in getattr(self.model, "_trainable_variables", [])):
             self.methods[self.model.name] = f"{label} (weights used outside a layer)"
         # Embeddings reading the model's only input directly: their ids are known before the
