@@ -810,3 +810,25 @@ def test_the_no_noise_warning_points_at_the_users_line():
                            delta=1e-3, verbose=0)  # fmt: skip
     where = [w.filename for w in said if "NO PRIVACY" in str(w.message)]
     assert where and all(name == __file__ for name in where), where
+
+
+def test_making_a_model_private_after_plain_training_is_said_out_loud():
+    """ε covers the private fits only: a model already trained without privacy (on the same
+    data, perhaps) gets a warning instead of a card that looks like the whole story."""
+    import warnings
+
+    from kprivacy_nb.errors import PrivacyBudgetWarning
+
+    x, y = _data(n=64)
+    fresh = _binary()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrivacyBudgetWarning)
+        kprivacy_nb.make_private(fresh, noise_multiplier=1.0, delta=1e-3)  # nothing to say
+    trained = _binary()
+    trained.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    with pytest.warns(PrivacyBudgetWarning, match="already taken 4 steps outside make_private"):
+        kprivacy_nb.make_private(trained, noise_multiplier=1.0, delta=1e-3)
+    trained.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    with warnings.catch_warnings():  # made private again after private fits: nothing new
+        warnings.simplefilter("error", PrivacyBudgetWarning)
+        kprivacy_nb.make_private(trained, noise_multiplier=1.0, delta=1e-3)

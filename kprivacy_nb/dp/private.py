@@ -180,6 +180,8 @@ def make_private(
                 f"this model was already trained privately with δ={old.delta:g}; runs on the "
                 "same data compose only at one δ — keep it (or omit delta)"
             )
+    if old is None:
+        _warn_if_trained_before(model)
     _STATES[model] = state
     object.__setattr__(model, "fit", types.MethodType(_private_fit, model))
     # Every other way into Keras' training step would train without clipping or noise, and
@@ -188,6 +190,29 @@ def make_private(
     object.__setattr__(model, "train_on_batch", types.MethodType(_refuse_train_on_batch, model))
     model.train_function = None
     return model
+
+
+def _warn_if_trained_before(model: Any) -> None:
+    """ε covers the private fits only: a model whose optimizer already took steps outside
+    them may have seen the data without clipping or noise, which no ε describes."""
+    optimizer = getattr(model, "optimizer", None)
+    try:
+        taken = int(getattr(optimizer, "iterations", 0))
+    except (TypeError, ValueError):
+        return
+    if taken <= 0:
+        return
+    import warnings
+
+    from ..errors import PrivacyBudgetWarning, caller_stacklevel
+
+    warnings.warn(
+        f"this model's optimizer has already taken {taken} steps outside make_private: ε will "
+        "cover the private fits from now on only. If those steps used the data you train on "
+        "now, the model is not private at that ε; start from fresh weights (or weights trained "
+        "on public data only) and a fresh optimizer",
+        PrivacyBudgetWarning, stacklevel=caller_stacklevel(),
+    )  # fmt: skip
 
 
 def _refusal() -> TrainingError:
