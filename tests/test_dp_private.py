@@ -640,7 +640,10 @@ def test_a_verbose_fit_says_what_it_does_before_the_first_step(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "calibrating σ for ε = 2 at δ = 0.0001 (1 epochs, batch 60 of 600)…"
     sigma = model.privacy.noise_multiplier
-    assert out[1].startswith(f"σ = {sigma:.4g}; checking per-example clipping on 60 real")
+    assert out[1].startswith(
+        f"σ = {sigma:.4g}; checking per-example clipping on 8 real examples (and the traced "
+        "step on 60)"
+    )
     assert "epsilon:" in out[-1]  # then Keras' own progress
     model.fit(x, y, epochs=1, batch_size=60, verbose=0)
     assert capsys.readouterr().out == ""

@@ -799,7 +799,11 @@ def _plan_fit(
         status(f"σ = {sigma:.4g}; per-example clipping as checked for the last fit (same model, "
                "data and settings)")  # fmt: skip
     else:
-        status(f"σ = {sigma:.4g}; checking per-example clipping on {len(rows)} real examples…")
+        from .clipping.selfcheck import example_count
+
+        checked = min(example_count(X), len(rows))
+        status(f"σ = {sigma:.4g}; checking per-example clipping on {checked} real examples (and "
+               f"the traced step on {len(rows)})…")  # fmt: skip
         engine = DPSGDEngine(
             model, per_example_loss_fn(model.loss), None, l2_norm_clip=state.l2_norm_clip,
             noise_multiplier=sigma, X=X, Y=Y, accuracy=accuracy,
