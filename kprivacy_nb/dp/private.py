@@ -878,7 +878,7 @@ class _Counters:
         self.steps = var(tf.int64)
         self.not_applied = var(tf.float32)
         self.sums = tf.Variable(tf.zeros([4]), trainable=False)  # loss, count, correct, dropped
-        self.noise: Any = None  # this fit's GaussianNoise (set by run_fit; None for σ = 0)
+        self.noise: Any = None  # this fit's GaussianNoise (set by run_fit)
         self.noise_std = 0.0
 
     def draw_noise(self, denominator: Any) -> np.ndarray:
@@ -988,7 +988,10 @@ def run_fit(
     traced = state.traced if state.traced is not None and state.traced[0] is engine else None
     counters = traced[1] if traced else _Counters()
     counters.restart()
-    dataset, noise = _pipeline(plan)
+    from .noise import GaussianNoise
+
+    dataset = _pipeline(plan)
+    noise = GaussianNoise(engine.sizes, run_seed(state), prefetch=engine.noise_std > 0)
     counters.noise, counters.noise_std = noise, engine.noise_std
     original_step = model.__dict__.get("train_step")
     saved_jit = getattr(model, "jit_compile", False)
@@ -1270,19 +1273,15 @@ class Element:
         return inputs, out[k + 2], out[k + 3]
 
 
-def _pipeline(plan: FitPlan) -> tuple[Any, Any]:
+def _pipeline(plan: FitPlan) -> Any:
     """The ``tf.data`` pipeline of Poisson batches: rows gathered on the host (and an
-    input-reading Embedding's repeated tokens), and the fit's noise source, which the step
-    draws from."""
+    input-reading Embedding's repeated tokens). The step draws its noise itself."""
     import tensorflow as tf
 
-    from .noise import GaussianNoise
     from .sampling import make_rng, make_sampler
 
-    engine, mechanism = plan.engine, plan.mechanism
-    noise_std = engine.noise_std
+    mechanism = plan.mechanism
     seed = run_seed(plan.state)
-    noise = GaussianNoise(engine.sizes, seed, prefetch=noise_std > 0)
     sampler = make_sampler(mechanism.sampling, mechanism.n, mechanism.batch_size, make_rng(seed))
     empty = np.zeros(0, np.float32)
     epoch: list[np.ndarray] = []
@@ -1290,8 +1289,7 @@ def _pipeline(plan: FitPlan) -> tuple[Any, Any]:
 
     def batch(i: Any) -> list[np.ndarray]:
         # Batch i of the epoch; batch 0 draws the epoch's Poisson batches (tf.data calls this
-        # in order, once per batch, and again from 0 for the next epoch). The step draws its
-        # noise itself (_Counters.draw_noise).
+        # in order, once per batch, and again from 0 for the next epoch).
         if int(i) == 0 or not epoch:
             epoch[:] = [np.sort(np.asarray(b, np.int64)) for b in sampler.epoch()]
         idx = epoch[int(i)]
@@ -1303,7 +1301,7 @@ def _pipeline(plan: FitPlan) -> tuple[Any, Any]:
     # (numpy_function costs half of what Dataset.from_generator does per batch.)
     dataset = tf.data.Dataset.range(mechanism.steps_per_epoch).map(fetch)
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(mechanism.steps_per_epoch))
-    return dataset.prefetch(2), noise
+    return dataset.prefetch(2)
 
 
 def _dtype(a: Any) -> Any:

@@ -97,16 +97,14 @@ class RowFilter:
         self.active = active
 
     def __call__(self, t: tf.Tensor) -> tf.Tensor:
-        if not self.active:
-            return t
-        mask = tf.reshape(self.keep, [-1] + [1] * (t.shape.rank - 1))
-        return tf.where(mask, t, tf.zeros_like(t))
+        return self.rows(t, None, None)
 
     def rows(self, t: tf.Tensor, start: Any, stop: Any) -> tf.Tensor:
         """The filter applied to ``t``, the per-example tensor of examples ``start:stop``."""
         if not self.active:
             return t
-        mask = tf.reshape(self.keep[start:stop], [-1] + [1] * (t.shape.rank - 1))
+        keep = self.keep if start is None and stop is None else self.keep[start:stop]
+        mask = tf.reshape(keep, [-1] + [1] * (t.shape.rank - 1))
         return tf.where(mask, t, tf.zeros_like(t))
 
 

@@ -70,11 +70,11 @@ def _explicit_kwargs(layer: Any) -> str | None:
 
 
 def _time_major(t: tf.Tensor) -> tf.Tensor:
+    """(B, T, …) → (T, B, …); the same swap takes it back (:func:`_batch_major`)."""
     return tf.transpose(t, [1, 0, *range(2, t.shape.rank)])
 
 
-def _batch_major(t: tf.Tensor) -> tf.Tensor:
-    return tf.transpose(t, [1, 0, *range(2, t.shape.rank)])
+_batch_major = _time_major
 
 
 class _Recurrence:
